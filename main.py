@@ -418,7 +418,7 @@ def list_videos(folder: Path) -> list:
     """Return the video files under a folder, sorted; raise BadInput if the folder is missing."""
     if not folder.is_dir():
         raise BadInput(f"video folder {folder} does not exist: create it and put your videos in it")
-    return sorted(p for p in folder.rglob("*")
+    return sorted(p.resolve() for p in folder.rglob("*")
                   if p.is_file() and p.suffix.lower() in _VIDEO_EXTENSIONS)
 
 
@@ -585,6 +585,7 @@ class FaceModels:
     rec_mean: float
     rec_std: float
     providers: dict  # model file name -> providers ONNX Runtime reports as active
+    rec_max_chunk: int  # 1 for dynamically quantized recognizers (see uses_dynamic_quantization)
     det_path: str = ""
     rec_path: str = ""
 
@@ -625,6 +626,18 @@ def classify_pack_models(pack_dir: Path) -> tuple:
         raise BadInput(f"{pack_dir}: needs a SCRFD detector and an ArcFace recognizer .onnx; "
                        f"found {[p.name for p in pack_dir.glob('*.onnx')]}")
     return detector, recognizer
+
+
+def uses_dynamic_quantization(model_path: Path) -> bool:
+    """Return True if the graph quantizes activations per call (DynamicQuantizeLinear).
+
+    Such a model computes one scale over its whole input, so a face embedded together with
+    others comes out different (measured: cosine down to 0.95 on buffalo_sc_int8): results
+    would depend on how frames happened to be batched. Those models get one face per call.
+    """
+    import onnx
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return any(node.op_type == "DynamicQuantizeLinear" for node in graph.node)
 
 
 def provider_candidates(choice: str, available: list, trt_cache: Path) -> list:
@@ -695,6 +708,7 @@ def load_face_models(settings: Settings, provider_choice: str, threads: int) -> 
         rec_mean=recognizer.input_mean, rec_std=recognizer.input_std,
         providers={det_path.name: detector.session.get_providers(),
                    rec_path.name: recognizer.session.get_providers()},
+        rec_max_chunk=1 if uses_dynamic_quantization(rec_path) else 1 << 30,
         det_path=str(det_path), rec_path=str(rec_path))
 
 
@@ -812,6 +826,7 @@ def embed_faces(models: FaceModels, crops: list, chunk_size: int) -> np.ndarray:
     """Return L2-normalised embeddings [len(crops), dim] computed chunk_size crops at a time."""
     import cv2
     chunks = []
+    chunk_size = min(chunk_size, models.rec_max_chunk)
     for start in range(0, len(crops), chunk_size):
         blob = cv2.dnn.blobFromImages(crops[start:start + chunk_size], 1.0 / models.rec_std,
                                       (112, 112), (models.rec_mean,) * 3, swapRB=True)
@@ -828,7 +843,7 @@ def worker_main(name, settings, layout, videos, references, filled_q, free_q, re
     ring = ring_view(shm, layout)
     try:
         models = load_face_models(settings, settings.PROVIDERS, threads_per_session)
-        result_q.put(("ready", name, models.providers))
+        result_q.put(("ready", name, models.providers, models.rec_max_chunk == 1))
         context = WorkerContext(settings, ring, videos, *reference_matrix(references),
                                 [r.name for r in references], models)
         run_worker_threads(context, filled_q, free_q, result_q, stop_event)
@@ -1268,12 +1283,21 @@ def start_child(pipe: Pipeline, name: str, target, *args) -> None:
     pipe.processes.append(process)
 
 
-def check_children(pipe: Pipeline) -> None:
-    """Raise PipelineBroken if a child exited without saying 'done'."""
-    for process in pipe.processes:
-        if process.exitcode is not None and process.name not in pipe.finished_children:
-            raise PipelineBroken(process.name, process.exitcode,
-                                 "it exited without an error report (killed, or out of memory?)")
+def check_children(pipe: Pipeline, drain) -> None:
+    """Raise PipelineBroken if a child exited without saying 'done'.
+
+    A child's last messages can still be in the queue when its exit code is visible, so the
+    queue is drained (with drain(), for up to a second) before a silent exit counts as broken.
+    """
+    gone = [p for p in pipe.processes
+            if p.exitcode is not None and p.name not in pipe.finished_children]
+    deadline = time.monotonic() + 1.0
+    while gone and time.monotonic() < deadline:
+        drain()
+        gone = [p for p in gone if p.name not in pipe.finished_children]
+    if gone:
+        raise PipelineBroken(gone[0].name, gone[0].exitcode,
+                             "it exited without an error report (killed, or out of memory?)")
 
 
 def shutdown_pipeline(pipe: Pipeline) -> None:
@@ -1385,6 +1409,9 @@ def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) 
     elif kind == "ready":
         for model, providers in message[2].items():
             print(f"[*] {message[1]}: {model} runs on {providers[0]}", flush=True)
+        if message[3]:
+            print(f"[*] {message[1]}: the recognizer is dynamically quantized (int8): one face per "
+                  f"call, so results do not depend on batching", flush=True)
     elif kind == "done":
         pipe.finished_children.add(message[1])
         if message[1].startswith("decoder-"):
@@ -1394,8 +1421,9 @@ def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) 
                     pipe.filled_q.put(None)
     elif kind == "error":
         raise PipelineBroken(message[1], None, message[2])
-    bars["videos"].n = sum(r.finished for r in state.results)
-    bars["videos"].refresh()
+    finished = sum(r.finished for r in state.results)
+    if finished != bars["videos"].n:
+        bars["videos"].update(finished - bars["videos"].n)
 
 
 def run_pipeline(state: RunState, videos: list, references: list) -> None:
@@ -1407,11 +1435,18 @@ def run_pipeline(state: RunState, videos: list, references: list) -> None:
     bars = {"videos": tqdm(total=len(videos), desc="videos", unit="video", position=0),
             "frames": tqdm(total=total, desc="frames", unit="frame", position=1, smoothing=0.1)}
     try:
-        while len(pipe.finished_children) < len(pipe.processes):
+        def receive():
             try:
                 handle_message(pipe.result_q.get(timeout=_QUEUE_TIMEOUT_S), state, pipe, bars)
             except queue.Empty:
-                check_children(pipe)
+                pass
+
+        next_check = time.monotonic()
+        while len(pipe.finished_children) < len(pipe.processes):
+            receive()
+            if time.monotonic() >= next_check:  # also while messages keep coming
+                check_children(pipe, receive)
+                next_check = time.monotonic() + _QUEUE_TIMEOUT_S
     finally:
         for bar in bars.values():
             bar.close()

@@ -1,0 +1,232 @@
+"""Section 8, Orchestration: the whole search on the shared clips, end to end, in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import MODEL_PACK, MODEL_ROOT, REPO, TEST_THRESHOLD, TESTDATA
+
+GROUND_TRUTH = json.loads((TESTDATA / "ground_truth.json").read_text())
+DISTRACTORS = {"Kit_Harington", "Rose_Leslie"}
+
+
+def processes_with_marker(marker: str) -> list:
+    """PIDs of live processes whose environment carries the marker (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def shm_names() -> set:
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("sfv")}
+
+
+def search_command(videos: Path, refs: Path, output: Path, *extra: str) -> list:
+    return [sys.executable, str(REPO / "main.py"), "--videos", str(videos), "--refs", str(refs),
+            "--output", str(output), "--model-root", str(MODEL_ROOT), "--model-pack", MODEL_PACK,
+            "--custom-threshold", str(TEST_THRESHOLD), "--providers", "cpu",
+            "--num-cpu-loaders", "1", "--gpu-worker-threads", "2", "--batch-size", "4",
+            "--max-buffer-slots", "12", *extra]
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    """One full run on every shared clip with every reference, distractors included."""
+    base = tmp_path_factory.mktemp("e2e")
+    refs = base / "refs"
+    refs.mkdir()
+    for sub in ("refs", "refs_distractors"):
+        for photo in (TESTDATA / sub).glob("*.jpg"):
+            os.symlink(photo, refs / photo.name)
+    marker = f"SFV_TEST_{uuid.uuid4().hex}"
+    shm_before = shm_names()
+    env = {**os.environ, marker: "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(search_command(TESTDATA / "videos", refs, base / "out"), env=env,
+                          capture_output=True, text=True, timeout=900, cwd=base)
+    time.sleep(0.5)
+    return {"done": done, "out": base / "out", "marker": marker, "shm_before": shm_before,
+            "results": json.loads((base / "out" / "results.json").read_text())}
+
+
+def video_entry(search, name: str) -> dict:
+    return next(v for v in search["results"]["videos"] if Path(v["file"]).name == name)
+
+
+def test_the_run_succeeds_and_reports_the_provider(search):
+    """Exit code 0, a complete results.json, and the provider in use is printed."""
+    done = search["done"]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert search["results"]["complete"] is True
+    assert "runs on CPUExecutionProvider" in done.stdout, done.stdout[-2000:]
+
+
+def test_obama_is_found_on_at_least_90_percent_of_processed_frames(search):
+    """Barack_Obama is matched on >= 90 % of the processed frames of obama_whcd.mp4."""
+    entry = video_entry(search, "obama_whcd.mp4")
+    frames = {d["frame"] for d in entry["detections"] if d["name"] == "Barack_Obama"}
+    share = len(frames) / entry["processed_frame_count"]
+    assert entry["processed_frame_count"] == 60
+    assert share >= 0.90, f"found on {len(frames)} of {entry['processed_frame_count']} frames"
+
+
+def test_lin_manuel_miranda_is_found_in_his_medium_shot(search):
+    """Lin_Manuel_Miranda is matched inside 2.736-7.040 s of the Hamilton clip."""
+    entry = video_entry(search, "short_hamilton_clip.mp4")
+    times = [d["time"] for d in entry["detections"] if d["name"] == "Lin_Manuel_Miranda"]
+    inside = [t for t in times if 2.736 <= t <= 7.040]
+    assert len(inside) >= 30, f"{len(inside)} sightings inside the shot; all: {times[:20]}..."
+
+
+def test_no_distractor_and_nobody_in_the_crowd(search):
+    """No distractor is named anywhere and nobody is named in the negative-control crowd clip."""
+    for entry in search["results"]["videos"]:
+        named = {d["name"] for d in entry["detections"]}
+        assert not named & DISTRACTORS, f"{entry['file']}: distractors {named & DISTRACTORS}"
+    crowd = video_entry(search, "crowd_royal_opera_house.mp4")
+    assert crowd["detections"] == [] and crowd["ranges"] == [], crowd["ranges"]
+
+
+def test_every_named_frame_shows_that_person(search):
+    """Every detection lies within 0.1 s of the person's ground-truth ranges (frame precision 1.0)."""
+    for entry in search["results"]["videos"]:
+        truth = GROUND_TRUTH[Path(entry["file"]).name]
+        wrong = [(d["name"], d["time"]) for d in entry["detections"]
+                 if not any(a - 0.1 <= d["time"] <= b + 0.1 for a, b in truth.get(d["name"], []))]
+        assert not wrong, f"{entry['file']}: named where absent: {wrong[:10]}"
+
+
+def test_reports_list_both_distance_and_similarity(search):
+    """Detections and ranges carry distance and similarity = 1 - distance; CSV has a row per range."""
+    ranges = [r for v in search["results"]["videos"] for r in v["ranges"]]
+    assert ranges, "nothing found at all"
+    for entry in search["results"]["videos"]:
+        for d in entry["detections"]:
+            assert d["similarity"] == pytest.approx(1 - d["distance"], abs=1e-3), d
+            assert {"frame", "time", "name", "distance", "similarity", "bbox", "det_score"} <= set(d)
+    rows = (search["out"] / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + len(ranges), rows
+
+
+def test_snapshots_exist_for_matched_frames(search):
+    """Each video with matches has a snapshot per matched frame in <output>/<video stem>/."""
+    for entry in search["results"]["videos"]:
+        frames = {d["frame"] for d in entry["detections"]}
+        shots = list((search["out"] / entry["output_folder"]).glob("frame_*.jpg"))
+        assert len(shots) == len(frames), f"{entry['file']}: {len(shots)} snapshots, {len(frames)} frames"
+
+
+def ffprobe_streams(path: Path) -> list:
+    done = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=codec_type",
+                           "-of", "json", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"ffprobe cannot read {path}: {done.stderr}"
+    return [s["codec_type"] for s in json.loads(done.stdout)["streams"]]
+
+
+def source_frames(path: str) -> list:
+    import av
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        return [(float((f.pts - stream.start_time) * stream.time_base),
+                 f.to_ndarray(format="bgr24").astype(np.int16)) for f in container.decode(stream)]
+
+
+def first_clip_frame(path: Path) -> np.ndarray:
+    import av
+    with av.open(str(path)) as container:
+        return next(container.decode(video=0)).to_ndarray(format="bgr24").astype(np.int16)
+
+
+def test_every_clip_plays_with_audio_and_starts_within_one_frame(search):
+    """Each clip has video and audio (ffprobe) and its first frame is the range's start frame (+-1)."""
+    checked = 0
+    for entry in search["results"]["videos"]:
+        if not entry["ranges"]:
+            continue
+        frames = source_frames(entry["file"])
+        for r in entry["ranges"]:
+            clip = search["out"] / r["clip"]
+            assert clip.is_file() and not clip.with_name(clip.name + ".part").exists()
+            assert sorted(ffprobe_streams(clip)) == ["audio", "video"], clip
+            first = first_clip_frame(clip)
+            errors = [np.abs(first - image).mean() for _, image in frames]
+            shown = int(np.argmin(errors))
+            expected = next(i for i, (t, _) in enumerate(frames) if t >= r["start"] - 1e-3)
+            assert abs(shown - expected) <= 1, f"{clip.name}: starts at frame {shown}, not {expected}"
+            checked += 1
+    assert checked >= 3, f"only {checked} clips"
+
+
+def test_no_orphan_processes_and_no_shared_memory_left(search):
+    """After the run no child process is alive and no /dev/shm/sfv* block was left behind."""
+    assert processes_with_marker(search["marker"]) == []
+    assert shm_names() - search["shm_before"] == set()
+
+
+def start_search(tmp_path: Path, refs: Path, marker: str) -> tuple:
+    """Start a search in the background; return (process, output lines up to the worker's start)."""
+    env = {**os.environ, marker: "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(search_command(TESTDATA / "videos", refs, tmp_path / "out"), env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=tmp_path)
+    output = []
+    for line in process.stdout:  # wait until the worker has loaded its models
+        output.append(line)
+        if "worker-0:" in line:
+            break
+    time.sleep(2)
+    return process, output
+
+
+def worker_pid(parent_pid: int, marker: str) -> int:
+    """The PID of the run's worker: the child that loaded onnxruntime (decoders never do)."""
+    for pid in processes_with_marker(marker):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            if f"PPid:\t{parent_pid}\n" in status and "onnxruntime" in Path(f"/proc/{pid}/maps").read_text():
+                return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no worker process among {processes_with_marker(marker)}")
+
+
+@pytest.mark.parametrize("how", ["kill -9 worker", "Ctrl-C"])
+def test_a_killed_worker_or_ctrl_c_stops_the_run_cleanly(tmp_path, all_refs_dir, how):
+    """A worker killed mid-run, or Ctrl-C: the run stops within seconds, saves what it has marked
+    incomplete, exits non-zero (1, or 130 for Ctrl-C), and leaves no process or shared memory."""
+    marker = f"SFV_TEST_{uuid.uuid4().hex}"
+    shm_before = shm_names()
+    process, output = start_search(tmp_path, all_refs_dir, marker)
+    if how == "Ctrl-C":
+        os.kill(process.pid, signal.SIGINT)
+    else:
+        os.kill(worker_pid(process.pid, marker), signal.SIGKILL)
+    started = time.monotonic()
+    rest, _ = process.communicate(timeout=120)
+    elapsed = time.monotonic() - started
+    text = "".join(output) + rest
+    if how == "Ctrl-C":
+        assert process.returncode == 130 and "interrupted" in text, text[-3000:]
+    else:
+        assert process.returncode == 1, text[-3000:]
+        assert "pipeline broken: worker-0" in text, text[-3000:]
+    assert elapsed < 30, f"took {elapsed:.1f} s to stop"
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["complete"] is False
+    time.sleep(0.5)
+    assert processes_with_marker(marker) == [], "child processes outlived the run"
+    assert shm_names() - shm_before == set(), "shared memory left behind"

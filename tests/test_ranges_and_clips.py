@@ -1,0 +1,374 @@
+"""Section 6, Ranges and clips: sightings -> half-open ranges -> ffmpeg argument lists -> clips."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TESTDATA
+
+HAMILTON = TESTDATA / "videos" / "short_hamilton_clip.mp4"
+
+
+def make_info(main_module, **changes):
+    """Return a VideoInfo built directly: 20 s at 25 fps, video starting with the container."""
+    info = main_module.VideoInfo(
+        idx=0, path="/videos/stage show.mp4", output_name="stage show", width=640, height=360,
+        fps=25.0, frame_count=500, duration_s=20.0, time_base=Fraction(1, 12800), origin_pts=0,
+        video_start_offset_s=0.0, has_audio=True)
+    return dataclasses.replace(info, **changes)
+
+
+def range_settings(main_module, gap_s: float, before_s: float, after_s: float):
+    """Return Settings with the given merge gap and clip margins."""
+    return main_module.load_settings([
+        "--merge-gap-tolerance", str(gap_s), "--clip-duration-before", str(before_s),
+        "--clip-duration-after", str(after_s)])
+
+
+def time_range(main_module, start_s=12.5, end_s=15.0, name="Barack_Obama", distance=0.412):
+    """Return a TimeRange with sightings just inside its margins."""
+    return main_module.TimeRange(name, start_s, end_s, distance, start_s + 1.0, end_s - 1.0)
+
+
+# merge_sightings -----------------------------------------------------------------------------
+def test_sightings_closer_than_merge_gap_form_one_range(main_module):
+    """Sightings 1.0 and 2.5 s with a 2.0 s gap form the single range (1.0, 2.5)."""
+    merged = main_module.merge_sightings([1.0, 2.5], 2.0)
+    assert merged == [(1.0, 2.5)], f"got {merged}"
+
+
+def test_sightings_exactly_the_merge_gap_apart_split(main_module):
+    """Sightings exactly gap_s apart (1.0 and 3.0 with a 2.0 s gap) are two ranges: 'closer than' is strict."""
+    merged = main_module.merge_sightings([1.0, 3.0], 2.0)
+    assert merged == [(1.0, 1.0), (3.0, 3.0)], f"got {merged}"
+
+
+@pytest.mark.parametrize("times_s, gap_s, expected", [
+    ([], 2.0, []),
+    ([4.0], 2.0, [(4.0, 4.0)]),
+    ([1.0, 2.999], 2.0, [(1.0, 2.999)]),
+    ([1.0, 3.0], 2.0, [(1.0, 1.0), (3.0, 3.0)]),
+    ([5.0, 1.0, 2.0], 2.0, [(1.0, 2.0), (5.0, 5.0)]),  # unsorted input
+    ([0.0, 1.5, 3.0, 4.5], 2.0, [(0.0, 4.5)]),  # the gap counts from the previous sighting
+    ([1.0, 1.0, 1.5], 2.0, [(1.0, 1.5)]),  # repeated times (two faces of one person in a frame)
+    ([0.0, 0.5, 1.0], 0.25, [(0.0, 0.0), (0.5, 0.5), (1.0, 1.0)]),
+    ([10.0, 0.0, 9.0, 1.0], 2.0, [(0.0, 1.0), (9.0, 10.0)]),
+])
+def test_merge_sightings_table(main_module, times_s, gap_s, expected):
+    """merge_sightings sorts the times and joins neighbours strictly closer than gap_s."""
+    merged = main_module.merge_sightings(times_s, gap_s)
+    assert merged == expected, f"merge_sightings({times_s}, {gap_s}) = {merged}, expected {expected}"
+
+
+# widen_range ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("first_s, last_s, frame_s, before_s, after_s, duration_s, expected", [
+    (5.0, 6.0, 0.04, 2.0, 2.0, 20.0, (3.0, 8.04)),
+    (1.0, 2.0, 0.04, 2.0, 2.0, 20.0, (0.0, 4.04)),  # start clamped to 0
+    (18.0, 19.0, 0.04, 2.0, 2.0, 20.0, (16.0, 20.0)),  # end clamped to the duration
+    (0.0, 0.0, 0.04, 0.0, 0.0, 10.0, (0.0, 0.04)),  # one frame after the last sighting
+    (9.96, 9.96, 0.04, 0.0, 0.0, 10.0, (9.96, 10.0)),  # the last frame reaches the end exactly
+    (4.0, 4.0, 1 / 29.97, 0.0, 0.0, 9.0, (4.0, 4.0 + 1 / 29.97)),
+])
+def test_widen_range_adds_margins_and_one_frame_clamped_to_the_video(
+        main_module, first_s, last_s, frame_s, before_s, after_s, duration_s, expected):
+    """The range is [first - before, last + one frame + after), clamped to [0, duration]."""
+    got = main_module.widen_range(first_s, last_s, frame_s, before_s, after_s, duration_s)
+    assert got == pytest.approx(expected), \
+        f"widen_range({first_s}, {last_s}, {frame_s}, {before_s}, {after_s}, {duration_s}) = {got}"
+    assert 0.0 <= got[0] <= got[1] <= duration_s, f"{got} is outside [0, {duration_s}]"
+
+
+def test_widened_range_includes_the_last_sighting_s_frame(main_module):
+    """Half-open [start, end): the frame of the last sighting lies inside, so end > last_s."""
+    start_s, end_s = main_module.widen_range(3.0, 3.0, 0.04, 0.0, 0.0, 20.0)
+    assert start_s <= 3.0 < end_s and end_s == pytest.approx(3.04), f"range [{start_s}, {end_s})"
+
+
+# person_ranges -------------------------------------------------------------------------------
+def test_person_ranges_gives_one_range_per_cluster_with_its_own_best_distance(main_module):
+    """Two clusters 8.5 s apart give two ranges; each best_distance is the min inside that range."""
+    info = make_info(main_module)
+    sightings = [(10.0, 0.45), (1.0, 0.5), (1.5, 0.4), (10.5, 0.30)]
+    ranges = main_module.person_ranges("Lin_Manuel_Miranda", sightings, info,
+                                       range_settings(main_module, 2.0, 1.0, 1.0))
+    got = [(r.name, r.start_s, r.end_s, r.best_distance, r.first_sighting_s, r.last_sighting_s)
+           for r in ranges]
+    expected = [("Lin_Manuel_Miranda", 0.0, 2.54, 0.4, 1.0, 1.5),
+                ("Lin_Manuel_Miranda", 9.0, 11.54, 0.30, 10.0, 10.5)]
+    assert len(got) == 2 and all(g == pytest.approx(e) for g, e in zip(got, expected)), \
+        f"ranges {got}, expected {expected}"
+
+
+def test_overlapping_widened_ranges_merge_into_one(main_module):
+    """Sightings 3 s apart (gap 2 s) widened by 2 s each side overlap, so they form one range."""
+    info = make_info(main_module)
+    ranges = main_module.person_ranges("Barack_Obama", [(5.0, 0.5), (8.0, 0.3)], info,
+                                       range_settings(main_module, 2.0, 2.0, 2.0))
+    got = [(r.start_s, r.end_s, r.best_distance, r.first_sighting_s, r.last_sighting_s) for r in ranges]
+    assert len(got) == 1 and got[0] == pytest.approx((3.0, 10.04, 0.3, 5.0, 8.0)), f"ranges {got}"
+
+
+def test_ranges_that_do_not_overlap_after_widening_stay_apart(main_module):
+    """Sightings 3 s apart widened by 1 s each side ([4, 6.04) and [7, 9.04)) stay two ranges."""
+    info = make_info(main_module)
+    ranges = main_module.person_ranges("Barack_Obama", [(5.0, 0.5), (8.0, 0.3)], info,
+                                       range_settings(main_module, 2.0, 1.0, 1.0))
+    got = [(r.start_s, r.end_s, r.best_distance) for r in ranges]
+    assert len(got) == 2 and got[0] == pytest.approx((4.0, 6.04, 0.5)) \
+        and got[1] == pytest.approx((7.0, 9.04, 0.3)), f"ranges {got}"
+
+
+def test_person_ranges_are_clamped_to_the_video(main_module):
+    """Ranges near both ends stay within [0, duration_s]."""
+    info = make_info(main_module, duration_s=12.0)
+    ranges = main_module.person_ranges("Michelle_Obama", [(0.2, 0.5), (11.9, 0.4)], info,
+                                       range_settings(main_module, 2.0, 2.0, 2.0))
+    got = [(r.start_s, r.end_s) for r in ranges]
+    assert len(got) == 2 and got[0] == pytest.approx((0.0, 2.24)) \
+        and got[1] == pytest.approx((9.9, 12.0)), f"ranges {got}, expected [(0, 2.24), (9.9, 12)]"
+
+
+def test_person_ranges_of_no_sightings_is_empty(main_module):
+    """No sightings, no ranges."""
+    ranges = main_module.person_ranges("Nobody", [], make_info(main_module),
+                                       range_settings(main_module, 2.0, 2.0, 2.0))
+    assert ranges == [], f"ranges {ranges}"
+
+
+# clip_file_name ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, start_s, distance, expected", [
+    ("Barack_Obama", 12.5, 0.412, "12.50s_Barack_Obama_d0.412.mp4"),
+    ("Lin_Manuel_Miranda", 0.0, 0.5, "0.00s_Lin_Manuel_Miranda_d0.500.mp4"),
+    ("Michelle_Obama", 125.126, 0.0614, "125.13s_Michelle_Obama_d0.061.mp4"),
+    ("AC/DC: Live?", 1.0, 0.3, "1.00s_AC_DC_ Live__d0.300.mp4"),
+    ('a<b>c"d\\e|f*g', 1.0, 0.3, "1.00s_a_b_c_d_e_f_g_d0.300.mp4"),
+    ("tab\there", 1.0, 0.3, "1.00s_tab_here_d0.300.mp4"),
+])
+def test_clip_file_name_is_start_name_and_distance(main_module, name, start_s, distance, expected):
+    """Clip names read '[StartSec]s_[Name]_d[Distance].mp4', unsafe characters replaced by '_'."""
+    got = main_module.clip_file_name(time_range(main_module, start_s, start_s + 4, name, distance))
+    assert got == expected, f"clip_file_name for {name!r} at {start_s} s, d={distance}: {got!r}"
+    assert Path(got).name == got, f"{got!r} would leave the clip folder"
+
+
+# container_seek_s ----------------------------------------------------------------------------
+@pytest.mark.parametrize("time_s, offset_s, expected", [
+    (5.04, 0.844, 5.884),  # Hamilton: the video starts 0.844 s after the container
+    (0.0, 0.844, 0.844),
+    (3.0, 0.0, 3.0),
+    (0.1, -0.5, 0.0),  # never negative
+    (0.0, -0.01, 0.0),
+    (2.0, -0.5, 1.5),
+])
+def test_container_seek_adds_the_video_start_offset(main_module, time_s, offset_s, expected):
+    """ffmpeg's -ss = frame time + video_start_offset_s, never below 0."""
+    got = main_module.container_seek_s(time_s, make_info(main_module, video_start_offset_s=offset_s))
+    assert got == pytest.approx(expected), f"seek for {time_s} s with offset {offset_s}: {got}"
+
+
+def test_hamilton_frame_zero_seeks_to_its_late_video_start(main_module):
+    """In the Hamilton clip, frame time 0 is container time 0.844 s."""
+    info = main_module.probe_video(HAMILTON, 0, HAMILTON.stem)
+    got = main_module.container_seek_s(0.0, info)
+    assert got == pytest.approx(0.844, abs=1e-3), f"seek for frame time 0: {got}"
+
+
+# build_clip_command --------------------------------------------------------------------------
+@pytest.fixture()
+def clip_command(main_module):
+    """The command for [5.04, 8.5) of a video whose stream starts 0.844 s late (path has a space)."""
+    info = make_info(main_module, video_start_offset_s=0.844)
+    part = Path("/out/stage show/clips/5.04s_X_d0.400.mp4.part")
+    return main_module.build_clip_command("/opt/ffmpeg", info, time_range(main_module, 5.04, 8.5),
+                                          part), info, part
+
+
+def option_value(cmd: list, option: str) -> str:
+    """Return the argument after an option."""
+    assert option in cmd, f"{option} missing from {cmd}"
+    return cmd[cmd.index(option) + 1]
+
+
+def test_clip_command_is_a_list_of_strings(clip_command):
+    """The command is an argument list of str starting with the ffmpeg path, never a shell string."""
+    cmd, info, part = clip_command
+    assert isinstance(cmd, list) and all(isinstance(a, str) for a in cmd), f"not a list of str: {cmd!r}"
+    assert cmd[0] == "/opt/ffmpeg", f"program {cmd[0]!r}"
+    assert info.path in cmd and str(part) in cmd, f"paths with spaces must be single arguments: {cmd}"
+    assert "-nostdin" in cmd and "-y" in cmd, f"missing -nostdin/-y: {cmd}"
+
+
+def test_clip_command_seeks_before_the_input_on_the_container_clock(clip_command):
+    """-ss comes before -i (fast seek) and is the range start plus the stream offset: 5.884."""
+    cmd, info, _ = clip_command
+    assert cmd.index("-ss") < cmd.index("-i"), f"-ss after -i: {cmd}"
+    assert (option_value(cmd, "-ss"), option_value(cmd, "-i")) == ("5.884", info.path), f"{cmd}"
+
+
+def test_clip_command_gives_the_duration_with_t(clip_command):
+    """-t is the range's duration (8.5 - 5.04 = 3.460 s), not its end time."""
+    cmd, _, _ = clip_command
+    assert option_value(cmd, "-t") == "3.460" and "-to" not in cmd, f"{cmd}"
+    assert cmd.index("-t") > cmd.index("-i"), f"-t should limit the output: {cmd}"
+
+
+def test_clip_command_maps_the_video_and_optional_audio(clip_command):
+    """It maps the first video stream and, optionally ('?'), audio, so silent videos still cut."""
+    cmd, _, _ = clip_command
+    maps = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "-map"]
+    assert "0:v:0" in maps, f"maps {maps}"
+    assert any(m in ("0:a:0?", "0:a?") for m in maps), f"no optional audio map in {maps}"
+
+
+def test_clip_command_writes_the_part_file_as_mp4(clip_command):
+    """The output is the .part path (renamed later), with the format given since .part says nothing."""
+    cmd, _, part = clip_command
+    assert cmd[-1] == str(part), f"last argument {cmd[-1]!r}, expected {str(part)!r}"
+    assert option_value(cmd, "-f") == "mp4", f"{cmd}"
+
+
+# run_checked ---------------------------------------------------------------------------------
+def test_run_checked_raises_clip_error_with_exit_code_and_stderr(main_module, ffmpeg_exe, tmp_path):
+    """A failing ffmpeg (missing input) raises ClipError naming what, the exit code and stderr."""
+    missing = tmp_path / "missing.mp4"
+    cmd = [ffmpeg_exe, "-nostdin", "-v", "error", "-i", str(missing), "-f", "null", "-"]
+    expected_code = subprocess.run(cmd, capture_output=True).returncode
+    with pytest.raises(main_module.ClipError) as caught:
+        main_module.run_checked(cmd, what="missing.mp4 1.00-2.00s")
+    message = str(caught.value)
+    assert expected_code != 0 and f"exit code {expected_code}" in message, \
+        f"exit code {expected_code} not in {message!r}"
+    assert "missing.mp4 1.00-2.00s" in message and "No such file" in message, f"{message!r}"
+
+
+def test_run_checked_keeps_only_the_last_lines_of_stderr(main_module):
+    """The error carries stderr's tail: the last line is there, the first is not."""
+    script = "import sys\nfor i in range(40): print(f'line {i:02d}', file=sys.stderr)\nsys.exit(3)"
+    with pytest.raises(main_module.ClipError) as caught:
+        main_module.run_checked([sys.executable, "-c", script], what="tail test")
+    message = str(caught.value)
+    assert "exit code 3" in message and "line 39" in message and "line 00" not in message, \
+        f"{message!r}"
+
+
+def test_run_checked_turns_a_missing_program_into_clip_error(main_module, tmp_path):
+    """A program that cannot start raises ClipError naming it, not a bare OSError."""
+    program = str(tmp_path / "no-such-ffmpeg")
+    with pytest.raises(main_module.ClipError, match="no-such-ffmpeg"):
+        main_module.run_checked([program, "-version"], what="x.mp4 0.00-1.00s")
+
+
+def test_run_checked_turns_a_timeout_into_clip_error(main_module):
+    """A command running past its timeout is stopped and raises ClipError naming what ran."""
+    with pytest.raises(main_module.ClipError, match="slow.mp4"):
+        main_module.run_checked([sys.executable, "-c", "import time; time.sleep(30)"],
+                                what="slow.mp4 0.00-1.00s", timeout_s=0.5)
+
+
+def test_run_checked_returns_quietly_on_success(main_module):
+    """Exit code 0 raises nothing."""
+    assert main_module.run_checked([sys.executable, "-c", "pass"], what="ok") is None
+
+
+# find_ffmpeg ---------------------------------------------------------------------------------
+def fake_program(folder: Path, name: str) -> Path:
+    """Create an executable shell script that exits 0."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("name", ["ffmpeg", "ffmpeg.exe"])
+def test_find_ffmpeg_prefers_the_local_folder_over_path(main_module, tmp_path, monkeypatch, name):
+    """FFMPEG_DIR/ffmpeg(.exe) wins over an ffmpeg on PATH."""
+    local = fake_program(tmp_path / "local", name)
+    fake_program(tmp_path / "bin", "ffmpeg")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    got = main_module.find_ffmpeg(str(tmp_path / "local"))
+    assert got == str(local.resolve()), f"find_ffmpeg chose {got}, expected {local}"
+
+
+@pytest.mark.parametrize("local_folder", ["empty", "missing"])
+def test_find_ffmpeg_falls_back_to_path(main_module, tmp_path, monkeypatch, local_folder):
+    """With no ffmpeg in FFMPEG_DIR (empty or missing folder), the one on PATH is used."""
+    (tmp_path / "empty").mkdir()
+    on_path = fake_program(tmp_path / "bin", "ffmpeg")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    got = main_module.find_ffmpeg(str(tmp_path / local_folder))
+    assert got is not None and Path(got).resolve() == on_path.resolve(), \
+        f"find_ffmpeg chose {got}, expected {on_path}"
+
+
+# cut_clip on real media ----------------------------------------------------------------------
+def decoded_frames(path: Path, count: int | None = None) -> list:
+    """Return the first count (or all) video frames of a file as BGR arrays, decoded with PyAV."""
+    import av
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="bgr24"))
+            if count is not None and len(frames) == count:
+                break
+    return frames
+
+
+@pytest.fixture(scope="module")
+def hamilton_clip(main_module, ffmpeg_exe, tmp_path_factory):
+    """The clip [5.04, 7.04) cut from the Hamilton video, with its folder and probe."""
+    info = main_module.probe_video(HAMILTON, 0, HAMILTON.stem)
+    clip_dir = tmp_path_factory.mktemp("clips")
+    span = main_module.TimeRange("Lin_Manuel_Miranda", 5.04, 7.04, 0.41, 5.5, 6.0)
+    return main_module.cut_clip(ffmpeg_exe, info, span, clip_dir), clip_dir, info, span
+
+
+def test_cut_clip_writes_the_named_clip_and_no_part_file(main_module, hamilton_clip):
+    """cut_clip leaves exactly the final clip, named by clip_file_name, and no .part file."""
+    clip, clip_dir, _, span = hamilton_clip
+    names = sorted(p.name for p in clip_dir.iterdir())
+    assert names == [main_module.clip_file_name(span)] and clip == clip_dir / names[0], \
+        f"clip folder holds {names}; cut_clip returned {clip}"
+
+
+def test_cut_clip_keeps_video_and_audio(hamilton_clip):
+    """The clip has a video stream and the source's audio stream, and lasts the range (2 s)."""
+    import av
+    clip, _, _, span = hamilton_clip
+    with av.open(str(clip)) as container:
+        video_count, audio_count = len(container.streams.video), len(container.streams.audio)
+        stream = container.streams.video[0]
+        video_s = float(stream.duration * stream.time_base) if stream.duration else 0.0
+    assert (video_count, audio_count) == (1, 1), f"{clip.name}: {video_count} video, {audio_count} audio"
+    assert video_s == pytest.approx(span.end_s - span.start_s, abs=0.1), f"video lasts {video_s} s"
+
+
+def test_cut_clip_starts_at_the_frame_of_the_range_start(main_module, hamilton_clip):
+    """The clip's first frame is the source frame at 5.04 s (index 151 or 152), not 0.844 s earlier."""
+    clip, _, info, span = hamilton_clip
+    first = decoded_frames(clip, 1)[0].astype(np.int16)
+    source = decoded_frames(HAMILTON, 200)
+    differences = [float(np.abs(frame.astype(np.int16) - first).mean()) for frame in source]
+    closest = int(np.argmin(differences))
+    expected = round(span.start_s * info.fps)  # 151; frame 152 starts at 5.072 s
+    assert abs(closest - expected) <= 1 and closest in (151, 152), \
+        f"clip starts at source frame {closest} (mean abs difference {differences[closest]:.2f}), " \
+        f"expected {expected}±1; differences near it: " \
+        f"{ {i: round(differences[i], 2) for i in range(max(0, closest - 3), closest + 4)} }"
+
+
+def test_failed_cut_raises_clip_error_and_leaves_no_part_file(main_module, ffmpeg_exe, tmp_path):
+    """A cut that fails raises ClipError and leaves neither a clip nor a .part file behind."""
+    info = make_info(main_module, path=str(tmp_path / "gone.mp4"))
+    clip_dir = tmp_path / "clips"
+    with pytest.raises(main_module.ClipError, match="gone.mp4"):
+        main_module.cut_clip(ffmpeg_exe, info, time_range(main_module, 1.0, 2.0), clip_dir)
+    left = sorted(os.listdir(clip_dir))
+    assert left == [], f"left behind: {left}"

@@ -1,0 +1,131 @@
+"""Section 3, Ring buffer: slots are sized to the largest video, every slot comes back, no leak."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TESTDATA, VIDEOS
+
+
+def shm_entries(prefix: str) -> set:
+    """Names under /dev/shm starting with prefix (Linux; empty elsewhere)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.iterdir() if p.name.startswith(prefix)} if shm.is_dir() else set()
+
+
+def test_slots_fit_the_largest_frame_of_any_video(main_module):
+    """The layout takes the largest width and the largest height over all videos."""
+    infos = [main_module.probe_video(p, i, p.stem) for i, p in enumerate(VIDEOS)]
+    layout = main_module.ring_layout_for(infos, 8, "t1")
+    assert (layout.width, layout.height) == (1920, 1080), layout
+    assert layout.slot_bytes == 1920 * 1080 * 3
+    assert layout.name.startswith("sfv")
+
+
+def test_free_slot_queue_holds_every_slot_once(main_module):
+    """A new free-slot queue hands out slot 0..n-1, each exactly once."""
+    ctx = mp.get_context("spawn")
+    free_q = main_module.new_slot_queue(ctx, 5)
+    slots = sorted(free_q.get(timeout=5) for _ in range(5))
+    assert slots == [0, 1, 2, 3, 4]
+    with pytest.raises(queue.Empty):
+        free_q.get(timeout=0.2)
+
+
+def test_get_with_stop_returns_none_once_stopped(main_module):
+    """A blocking get gives up (returns None) once the stop event is set, instead of hanging."""
+    ctx = mp.get_context("spawn")
+    q, stop = ctx.Queue(), ctx.Event()
+    stop.set()
+    assert main_module.get_with_stop(q, stop) is None
+
+
+def test_decoder_process_streams_a_video_through_few_slots_and_returns_all(main_module):
+    """A real decoder process pushes 60 frames through 3 slots; pixels arrive intact; all slots return."""
+    ctx = mp.get_context("spawn")
+    path = TESTDATA / "videos" / "obama_whcd.mp4"
+    info = main_module.probe_video(path, 0, path.stem)
+    layout = main_module.ring_layout_for([info], 3, f"{os.getpid()}t")
+    shm = main_module.create_ring(layout)
+    jobs_q, filled_q, result_q, stop = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Event()
+    free_q = main_module.new_slot_queue(ctx, layout.slot_count)
+    jobs_q.put(info)
+    jobs_q.put(None)
+    process = ctx.Process(target=main_module.decoder_main, name="decoder-0",
+                          args=("decoder-0", layout, jobs_q, free_q, filled_q, result_q, stop, 1))
+    process.start()
+    ring = main_module.ring_view(shm, layout)
+    try:
+        expected = main_module.decode_frames(info, 1)
+        for frame_idx, time_s, image in expected:
+            video_idx, got_idx, got_time, h, w, slot = filled_q.get(timeout=30)
+            assert (video_idx, got_idx) == (0, frame_idx)
+            assert got_time == time_s
+            assert np.array_equal(ring[slot, :h, :w], image), f"frame {frame_idx} differs in slot {slot}"
+            free_q.put(slot)
+        messages = [result_q.get(timeout=30), result_q.get(timeout=30)]
+        assert messages == [("video_done", 0, 60, None), ("done", "decoder-0")], messages
+        process.join(timeout=30)
+        assert process.exitcode == 0
+        returned = sorted(free_q.get(timeout=5) for _ in range(layout.slot_count))
+        assert returned == [0, 1, 2], returned
+    finally:
+        stop.set()
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+        del ring
+        shm.close()
+        shm.unlink()
+    assert layout.name not in shm_entries("sfv"), "the ring's shared memory was left behind"
+
+
+def test_decoder_finishes_a_truncated_video_early_and_goes_on(main_module, tmp_path, ffmpeg_exe):
+    """A truncated video ends early with its 'video_done'; the next video still decodes fully."""
+    import subprocess
+    source = TESTDATA / "videos" / "obama_whcd.mp4"
+    stream = tmp_path / "whole.ts"
+    subprocess.run([ffmpeg_exe, "-nostdin", "-v", "error", "-i", str(source), "-map", "0:v:0",
+                    "-c", "copy", "-f", "mpegts", str(stream)], check=True)
+    broken = tmp_path / "broken.ts"
+    broken.write_bytes(stream.read_bytes()[: stream.stat().st_size // 3])
+    ctx = mp.get_context("spawn")
+    infos = [main_module.probe_video(broken, 0, "broken"), main_module.probe_video(source, 1, "ok")]
+    layout = main_module.ring_layout_for(infos, 4, f"{os.getpid()}u")
+    shm = main_module.create_ring(layout)
+    jobs_q, filled_q, result_q, stop = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Event()
+    free_q = main_module.new_slot_queue(ctx, layout.slot_count)
+    for item in (*infos, None):
+        jobs_q.put(item)
+    process = ctx.Process(target=main_module.decoder_main, name="decoder-0",
+                          args=("decoder-0", layout, jobs_q, free_q, filled_q, result_q, stop, 1))
+    process.start()
+    done = []
+    try:
+        while len(done) < 3:
+            try:
+                item = filled_q.get(timeout=0.1)
+                free_q.put(item[5])
+            except queue.Empty:
+                pass
+            try:
+                done.append(result_q.get_nowait())
+            except queue.Empty:
+                pass
+        assert done[0][:2] == ("video_done", 0)
+        assert done[1] == ("video_done", 1, 60, None), done[1]
+        assert done[2] == ("done", "decoder-0")
+        sent_broken = done[0][2]
+        assert sent_broken < 60, f"a third of the file cannot hold all 60 frames ({sent_broken})"
+    finally:
+        stop.set()
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+        shm.close()
+        shm.unlink()
