@@ -50,6 +50,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
@@ -62,7 +63,7 @@ import numpy as np
 # SETTINGS: edit these, or override any of them on the command line (python main.py --help).
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 # Performance
-NUM_GPU_PROCESSES = 1  # inference worker processes, 1..16; spread over the visible GPUs
+NUM_GPU_PROCESSES = 1  # inference worker processes, 1..16
 GPU_WORKER_THREADS = 2  # threads per worker process, 1..16; overlap pre/post-processing with inference
 NUM_CPU_LOADERS = 2  # decoder processes, 1..32; each decodes one video at a time
 BATCH_SIZE = 8  # frames a worker thread takes at once, 1..256
@@ -153,15 +154,29 @@ class PipelineBroken(Exception):
 
 @dataclass(frozen=True)
 class Settings:
-    """The effective settings of one run; children receive this, never the module constants."""
+    """The effective settings of one run; children receive this, never the module constants.
 
-    values: dict
+    Read-only: the pairs are a tuple, and `values` hands out a copy.
+    """
+
+    pairs: tuple  # ((name, value), ...) in SETTING_NAMES order
+
+    def __post_init__(self):
+        object.__setattr__(self, "_lookup", dict(self.pairs))
+
+    def __reduce__(self):  # children rebuild it from the pairs alone
+        return Settings, (self.pairs,)
 
     def __getattr__(self, name):
         try:
-            return self.__dict__["values"][name]
+            return self.__dict__["_lookup"][name]
         except KeyError:
             raise AttributeError(name) from None
+
+    @property
+    def values(self) -> types.MappingProxyType:
+        """Return a read-only view of the settings by name."""
+        return types.MappingProxyType(self._lookup)
 
 
 @dataclass(frozen=True)
@@ -225,7 +240,7 @@ class VideoResult:
     info: VideoInfo
     detections: list = field(default_factory=list)
     processed_frame_count: int = 0
-    decoded_frame_count: int | None = None  # set when its decoder finishes the video
+    sent_frame_count: int | None = None  # frames its decoder sent; set when it finished the video
     ranges: list = field(default_factory=list)
     clips: list = field(default_factory=list)
     errors: list = field(default_factory=list)
@@ -327,7 +342,7 @@ def load_settings(argv=None) -> Settings:
     values = {name: getattr(args, name) for name in SETTING_NAMES}
     values["DET_SIZE"] = tuple(values["DET_SIZE"])
     validate_settings(values)
-    return Settings(values)
+    return Settings(tuple(values.items()))
 
 
 def changed_settings(settings: Settings) -> dict:
@@ -378,8 +393,8 @@ def largest_face_index(boxes: np.ndarray) -> int:
 
 
 def load_references(folder: Path, models, settings: Settings) -> tuple:
-    """Return ([Reference], [messages about skipped photos]); embeds the largest face per photo."""
-    references, problems = [], []
+    """Return ([Reference], [skipped photos], [notes]); embeds the largest face of each photo."""
+    references, problems, notes = [], [], []
     for label, paths in list_reference_photos(folder).items():
         embeddings, used = [], []
         for path in paths:
@@ -395,13 +410,13 @@ def load_references(folder: Path, models, settings: Settings) -> tuple:
                 continue
             pick = largest_face_index(faces[0])
             if len(faces[0]) > 1:
-                problems.append(f"{path}: {len(faces[0])} faces found, using the largest")
+                notes.append(f"{path}: {len(faces[0])} faces found, using the largest")
             crop = align_face(image, faces[1][pick])
             embeddings.append(embed_faces(models, [crop], settings.REC_CHUNK_SIZE)[0])
             used.append(str(path))
         if embeddings:
             references.append(Reference(label, used, np.stack(embeddings)))
-    return references, problems
+    return references, problems, notes
 
 
 def reference_matrix(references: list) -> tuple:
@@ -422,11 +437,15 @@ def list_videos(folder: Path) -> list:
                   if p.is_file() and p.suffix.lower() in _VIDEO_EXTENSIONS)
 
 
-def unique_output_names(paths: list) -> list:
-    """Return one output folder name per video: its stem, plus the extension where stems clash."""
+def unique_output_names(paths: list, root: Path) -> list:
+    """Return one output folder name per video: its stem, or where stems clash, its path under
+    root with the extension (a/x.mp4 -> a_x_mp4)."""
     stems = [p.stem for p in paths]
-    return [p.stem if stems.count(p.stem) == 1 else f"{p.stem}_{p.suffix.lstrip('.')}"
-            for p in paths]
+
+    def long_name(path: Path) -> str:
+        relative = path.relative_to(root) if path.is_relative_to(root) else Path(path.name)
+        return "_".join([*relative.parent.parts, relative.stem, relative.suffix.lstrip(".")])
+    return [p.stem if stems.count(p.stem) == 1 else long_name(p) for p in paths]
 
 
 def probe_video(path: Path, idx: int, output_name: str) -> VideoInfo:
@@ -602,9 +621,9 @@ def find_model_pack(model_root: str, pack: str) -> Path:
     except Exception as error:  # any download failure becomes one clear message
         raise BadInput(
             f"model pack {pack!r} not found in {root / 'models' / pack} and could not be downloaded "
-            f"({type(error).__name__}: {error}). Put the pack's .onnx files there (for {pack}: a "
-            f"detector such as det_10g.onnx and a recognizer such as w600k_r50.onnx), or set "
-            f"--model-root / --model-pack") from None
+            f"({type(error).__name__}: {error}). Put the pack's .onnx files there (a SCRFD "
+            f"detector such as det_10g.onnx and an ArcFace recognizer such as w600k_r50.onnx), or "
+            f"set --model-root / --model-pack") from None
 
 
 def classify_pack_models(pack_dir: Path) -> tuple:
@@ -619,9 +638,9 @@ def classify_pack_models(pack_dir: Path) -> tuple:
         dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
         if len(graph.output) >= 5 and detector is None:
             detector = path
-        elif len(dims) == 4 and dims[2] == dims[3] and dims[2] >= 112 and dims[2] % 16 == 0 \
-                and len(graph.output) == 1 and recognizer is None:
-            recognizer = path
+        elif len(dims) == 4 and dims[2] == dims[3] and dims[2] not in (96, 192) \
+                and dims[2] >= 112 and dims[2] % 16 == 0 and recognizer is None:
+            recognizer = path  # insightface's rule; 192 px are landmark and 96 px attribute models
     if detector is None or recognizer is None:
         raise BadInput(f"{pack_dir}: needs a SCRFD detector and an ArcFace recognizer .onnx; "
                        f"found {[p.name for p in pack_dir.glob('*.onnx')]}")
@@ -656,7 +675,7 @@ def provider_candidates(choice: str, available: list, trt_cache: Path) -> list:
 
 
 def session_options(threads: int):
-    """Return ONNX Runtime session options that do not spin idle threads (see NOTES.md)."""
+    """Return ONNX Runtime session options that do not spin idle threads."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -1029,8 +1048,8 @@ def save_debug_detections(context: WorkerContext, frame: tuple, image: np.ndarra
 def person_distances(embeddings: np.ndarray, ref_embeddings: np.ndarray, ref_owners: np.ndarray,
                      person_count: int) -> np.ndarray:
     """Return cosine distances [faces, people]: 1 - similarity to each person's closest photo."""
-    similarity = embeddings @ ref_embeddings.T
-    best = np.full((len(embeddings), person_count), -1.0, dtype=np.float32)
+    similarity = embeddings.astype(np.float64) @ ref_embeddings.astype(np.float64).T
+    best = np.full((len(embeddings), person_count), -1.0)
     for person in range(person_count):
         best[:, person] = similarity[:, ref_owners == person].max(axis=1)
     return 1.0 - best
@@ -1062,9 +1081,9 @@ def widen_range(first_s: float, last_s: float, frame_s: float, before_s: float, 
     """Return [start_s, end_s): the sightings' span plus one frame, widened, clamped to the video."""
     start_s = max(0.0, first_s - before_s)
     end_s = last_s + frame_s + after_s
-    if duration_s > 0:
-        end_s = min(duration_s, end_s)
-    return start_s, max(end_s, start_s)
+    if duration_s > 0:  # a header duration shorter than the frames seen is not trusted
+        end_s = min(max(duration_s, last_s + frame_s), end_s)
+    return start_s, end_s
 
 
 def person_ranges(name: str, sightings: list, info: VideoInfo, settings: Settings) -> list:
@@ -1170,9 +1189,9 @@ def video_report(result: VideoResult, output_dir: Path, frame_interval: int) -> 
         "duration_s": round(info.duration_s, 6), "width": info.width, "height": info.height,
         "video_start_offset_s": round(info.video_start_offset_s, 6),
         "frame_interval": frame_interval, "processed_frame_count": result.processed_frame_count,
-        "decoded_frame_count": result.decoded_frame_count,
         "detections": sorted(result.detections, key=lambda d: (d["frame"], d["name"])),
-        "ranges": [range_report(r, clip, output_dir) for r, clip in zip(result.ranges, result.clips)],
+        "ranges": [range_report(r, result.clips[i] if i < len(result.clips) else None, output_dir)
+                   for i, r in enumerate(result.ranges)],
     }
 
 
@@ -1359,7 +1378,7 @@ class RunState:
     def video_decoded(self, video_idx: int, sent: int, error: str | None) -> None:
         """Note that a video's decoder has sent all its frames."""
         result = self.results[video_idx]
-        result.decoded_frame_count = sent
+        result.sent_frame_count = sent
         if error and error != "stopped":
             result.errors.append(error)
             self.failures.append(error)
@@ -1368,9 +1387,9 @@ class RunState:
     def maybe_finish(self, video_idx: int) -> None:
         """Finalise a video once every frame its decoder sent has come back."""
         result = self.results[video_idx]
-        if result.finished or result.decoded_frame_count is None:
+        if result.finished or result.sent_frame_count is None:
             return
-        if result.processed_frame_count < result.decoded_frame_count:
+        if result.processed_frame_count < result.sent_frame_count:
             return
         result.finished = True
         self.finish_video(result)
@@ -1408,10 +1427,10 @@ def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) 
         state.video_decoded(*message[1:])
     elif kind == "ready":
         for model, providers in message[2].items():
-            print(f"[*] {message[1]}: {model} runs on {providers[0]}", flush=True)
+            bars["frames"].write(f"[*] {message[1]}: {model} runs on {providers[0]}")
         if message[3]:
-            print(f"[*] {message[1]}: the recognizer is dynamically quantized (int8): one face per "
-                  f"call, so results do not depend on batching", flush=True)
+            bars["frames"].write(f"[*] {message[1]}: the recognizer is dynamically quantized (int8): "
+                                 f"one face per call, so results do not depend on batching")
     elif kind == "done":
         pipe.finished_children.add(message[1])
         if message[1].startswith("decoder-"):
@@ -1456,17 +1475,19 @@ def run_pipeline(state: RunState, videos: list, references: list) -> None:
 def prepare_references(settings: Settings) -> tuple:
     """Return (references, problems) computed with the CPU provider in the parent."""
     models = load_face_models(settings, "cpu", max(1, (os.cpu_count() or 2)))
-    references, problems = load_references(Path(settings.REFERENCE_DIR), models, settings)
+    references, problems, notes = load_references(Path(settings.REFERENCE_DIR), models, settings)
+    report_problems("reference photos skipped", problems)
+    report_problems("reference photos", notes)
     if not references:
         raise BadInput(f"no usable reference photo in {settings.REFERENCE_DIR}: add a photo per "
                        f"person named after them (e.g. Barack_Obama.jpg) showing the face clearly")
     return references, problems
 
 
-def probe_all(paths: list) -> tuple:
+def probe_all(paths: list, video_dir: Path) -> tuple:
     """Return ([VideoInfo] for the usable videos, [problems])."""
     videos, problems = [], []
-    for path, output_name in zip(paths, unique_output_names(paths)):
+    for path, output_name in zip(paths, unique_output_names(paths, video_dir.resolve())):
         try:
             videos.append(probe_video(path, len(videos), output_name))
         except BadInput as error:
@@ -1493,7 +1514,11 @@ def report_problems(title: str, problems: list) -> None:
 
 
 def main(argv=None) -> int:
-    """Run the whole search; return 0 when all went well, 1 when something was skipped or failed."""
+    """Run the whole search; return the exit code.
+
+    0: all went well; 1: something was skipped or failed (listed at the end); 2: bad settings,
+    no videos, no usable reference or no models; 130: interrupted (results so far are saved).
+    """
     try:
         settings = load_settings(argv)
     except ValueError as error:
@@ -1511,11 +1536,13 @@ def main(argv=None) -> int:
     except BadInput as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    report_problems("reference photos", ref_problems)
     print(f"[*] people: {', '.join(f'{r.name} ({len(r.photos)} photo(s))' for r in references)}")
     ffmpeg = find_ffmpeg(settings.FFMPEG_DIR)
     print(f"[*] ffmpeg: {ffmpeg or 'NOT FOUND - clips will not be cut (pip install imageio-ffmpeg)'}")
-    videos, video_problems = probe_all(video_paths)
+    if ffmpeg is None:
+        ref_problems.append(f"no ffmpeg in {settings.FFMPEG_DIR}/, on PATH or from imageio-ffmpeg: "
+                            f"clips were not cut")
+    videos, video_problems = probe_all(video_paths, Path(settings.VIDEO_DIR))
     report_problems("videos skipped", video_problems)
     run = run_header(settings, references, ffmpeg)
     state = RunState(videos, settings, ffmpeg, run)

@@ -103,6 +103,8 @@ def test_a_file_that_is_not_a_video_is_reported_by_name(main_module, tmp_path, c
 
 
 def test_output_names_stay_unique_when_stems_clash(main_module):
-    """a.mp4 and a.mkv get different output folders; unique stems are kept as they are."""
-    names = main_module.unique_output_names([Path("x/a.mp4"), Path("x/a.mkv"), Path("x/b.mp4")])
-    assert names == ["a_mp4", "a_mkv", "b"], names
+    """a.mp4, a.mkv and sub/a.mp4 get different output folders; unique stems stay as they are."""
+    root = Path("/videos")
+    paths = [root / "a.mp4", root / "a.mkv", root / "sub" / "a.mp4", root / "b.mp4"]
+    names = main_module.unique_output_names(paths, root)
+    assert names == ["a_mp4", "a_mkv", "sub_a_mp4", "b"], names

@@ -166,6 +166,27 @@ def test_pack_models_are_classified_by_their_graphs(main_module):
     assert (detector.name, recognizer.name) == ("det_500m.onnx", "w600k_mbf_int8.onnx")
 
 
+def tiny_model(path: Path, side: int, outputs: int) -> None:
+    """Write a minimal ONNX graph with a [1,3,side,side] input and the given output count."""
+    import onnx
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("Identity", ["input"], [f"out{i}"]) for i in range(outputs)]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, side, side])],
+        [helper.make_tensor_value_info(f"out{i}", TensorProto.FLOAT, None) for i in range(outputs)])
+    onnx.save(helper.make_model(graph), str(path))
+
+
+def test_buffalo_l_layout_picks_det_10g_and_w600k_r50(main_module, tmp_path):
+    """In buffalo_l's file set the landmark (192 px) and attribute (96 px) models are not taken."""
+    for name, side, outputs in [("1k3d68.onnx", 192, 1), ("2d106det.onnx", 192, 1),
+                                ("det_10g.onnx", 640, 9), ("genderage.onnx", 96, 1),
+                                ("w600k_r50.onnx", 112, 1)]:
+        tiny_model(tmp_path / name, side, outputs)
+    detector, recognizer = main_module.classify_pack_models(tmp_path)
+    assert (detector.name, recognizer.name) == ("det_10g.onnx", "w600k_r50.onnx")
+
+
 @pytest.mark.parametrize("choice, available, expected", [
     ("auto", ["CPUExecutionProvider"], ["CPUExecutionProvider"]),
     ("auto", ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],

@@ -53,7 +53,7 @@ def test_photos_are_grouped_per_person(main_module, mixed_refs):
 def test_bad_photos_are_reported_by_name_and_the_rest_load(main_module, mixed_refs, cpu_models,
                                                          test_settings):
     """A photo with no face and a corrupt photo are named in the problems; the others are used."""
-    references, problems = main_module.load_references(mixed_refs, cpu_models, test_settings)
+    references, problems, _ = main_module.load_references(mixed_refs, cpu_models, test_settings)
     names = {r.name: len(r.embeddings) for r in references}
     assert names == {"Barack_Obama": 2, "Michelle_Obama": 1}, names
     text = "\n".join(problems)
@@ -63,7 +63,7 @@ def test_bad_photos_are_reported_by_name_and_the_rest_load(main_module, mixed_re
 
 def test_a_person_matches_on_their_closest_photo(main_module, mixed_refs, cpu_models, test_settings):
     """With two Obama photos, his distance to each photo's own embedding is 0 via the closest one."""
-    references, _ = main_module.load_references(mixed_refs, cpu_models, test_settings)
+    references, _, _ = main_module.load_references(mixed_refs, cpu_models, test_settings)
     embeddings, owners = main_module.reference_matrix(references)
     obama = references[[r.name for r in references].index("Barack_Obama")]
     distances = main_module.person_distances(obama.embeddings, embeddings, owners, len(references))
@@ -83,10 +83,11 @@ def test_the_largest_face_of_a_group_photo_is_used(main_module, tmp_path, cpu_mo
     folder = tmp_path / "group"
     folder.mkdir()
     cv2.imwrite(str(folder / "Group.jpg"), canvas)
-    references, problems = main_module.load_references(folder, cpu_models, test_settings)
-    alone, _ = main_module.load_references(TESTDATA / "refs", cpu_models, test_settings)
+    references, problems, notes = main_module.load_references(folder, cpu_models, test_settings)
+    alone, _, _ = main_module.load_references(TESTDATA / "refs", cpu_models, test_settings)
     obama = [r for r in alone if r.name == "Barack_Obama"][0].embeddings[0]
-    assert any("faces found, using the largest" in p for p in problems), problems
+    assert problems == [], "a group photo is used, not skipped"
+    assert any("faces found, using the largest" in n for n in notes), notes
     assert float(references[0].embeddings[0] @ obama) > 0.95
 
 

@@ -1,0 +1,183 @@
+"""Section 7, Reports: results.json and results.csv, written atomically, one CSV row per range."""
+from __future__ import annotations
+
+import csv
+import json
+from fractions import Fraction
+
+import pytest
+
+
+def make_info(main_module, idx=0, path="/videos/obama_whcd.mp4", output_name="obama_whcd"):
+    """Return a VideoInfo built directly (4 s at 15 fps)."""
+    return main_module.VideoInfo(
+        idx=idx, path=path, output_name=output_name, width=844, height=614, fps=15.0,
+        frame_count=60, duration_s=4.0, time_base=Fraction(1, 15360), origin_pts=0,
+        video_start_offset_s=0.0, has_audio=True)
+
+
+def make_range(main_module, name, start_s, end_s, distance):
+    """Return a TimeRange whose sightings are one second inside its ends."""
+    return main_module.TimeRange(name, start_s, end_s, distance, start_s + 1.0, end_s - 1.0)
+
+
+@pytest.fixture()
+def two_videos(main_module, tmp_path):
+    """Two finished videos: three ranges (one without a clip) in the first, nothing in the second."""
+    out = tmp_path / "out"
+    first = main_module.VideoResult(make_info(main_module), processed_frame_count=60,
+                                    sent_frame_count=60, finished=True)
+    first.ranges = [make_range(main_module, "Barack_Obama", 0.0, 4.0, 0.412),
+                    make_range(main_module, "Barack_Obama", 10.0, 14.5, 0.5),
+                    make_range(main_module, "Michelle_Obama", 2.0, 5.0, 0.55)]
+    first.clips = [str(out / "obama_whcd" / "clips" / "0.00s_Barack_Obama_d0.412.mp4"), None,
+                   str(out / "obama_whcd" / "clips" / "2.00s_Michelle_Obama_d0.550.mp4")]
+    second = main_module.VideoResult(
+        make_info(main_module, 1, "/videos/crowd.mp4", "crowd"), processed_frame_count=105,
+        sent_frame_count=105, finished=True)
+    out.mkdir()
+    return out, [first, second]
+
+
+def read_csv(path):
+    """Return results.csv as a list of dicts."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+# format_hms ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("time_s, expected", [
+    (0, "00:00:00.000"),
+    (0.0, "00:00:00.000"),
+    (3661.5, "01:01:01.500"),
+    (5.04, "00:00:05.040"),
+    (123.456, "00:02:03.456"),
+    (0.0004, "00:00:00.000"),  # rounds down below half a millisecond
+    (0.0006, "00:00:00.001"),  # rounds up above it
+    (59.9996, "00:01:00.000"),  # rounding carries into the minutes: never '00:00:60.000'
+    (3599.9996, "01:00:00.000"),  # ... and into the hours
+    (36000, "10:00:00.000"),
+    (100 * 3600 + 1.25, "100:00:01.250"),  # hours do not wrap at 24 or 100
+])
+def test_format_hms_gives_hours_minutes_seconds_and_milliseconds(main_module, time_s, expected):
+    """format_hms writes HH:MM:SS.mmm, rounded to the millisecond, carrying into minutes and hours."""
+    got = main_module.format_hms(time_s)
+    assert got == expected, f"format_hms({time_s}) = {got!r}, expected {expected!r}"
+
+
+# write_json_atomic ---------------------------------------------------------------------------
+def test_write_json_atomic_leaves_valid_json_and_no_part_file(main_module, tmp_path):
+    """The JSON reads back equal (non-ASCII names included), and no .part file is left."""
+    data = {"people": [{"name": "Zoë Saldaña", "distance": 0.412}], "complete": True, "n": None}
+    path = tmp_path / "results.json"
+    main_module.write_json_atomic(path, data)
+    assert json.loads(path.read_text(encoding="utf-8")) == data, path.read_text(encoding="utf-8")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["results.json"], f"folder holds {left}"
+
+
+def test_write_json_atomic_replaces_an_existing_file(main_module, tmp_path):
+    """Writing again replaces the previous content completely (no leftover tail)."""
+    path = tmp_path / "results.json"
+    main_module.write_json_atomic(path, {"videos": list(range(1000))})
+    main_module.write_json_atomic(path, {"videos": []})
+    assert json.loads(path.read_text(encoding="utf-8")) == {"videos": []}, path.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+# write_reports -------------------------------------------------------------------------------
+def test_write_reports_writes_one_csv_row_per_range(main_module, tmp_path, two_videos):
+    """results.csv has a header and one row per range of every video, clips relative to the output."""
+    out, results = two_videos
+    main_module.write_reports({"tool": "test"}, results, out, main_module.load_settings([]))
+    rows = read_csv(out / "results.csv")
+    got = [(r["video"], r["name"], r["start_s"], r["end_s"], r["best_distance"], r["clip"])
+           for r in rows]
+    expected = [
+        ("/videos/obama_whcd.mp4", "Barack_Obama", "0.0", "4.0", "0.412",
+         "obama_whcd/clips/0.00s_Barack_Obama_d0.412.mp4"),
+        ("/videos/obama_whcd.mp4", "Barack_Obama", "10.0", "14.5", "0.5", ""),
+        ("/videos/obama_whcd.mp4", "Michelle_Obama", "2.0", "5.0", "0.55",
+         "obama_whcd/clips/2.00s_Michelle_Obama_d0.550.mp4"),
+    ]
+    assert got == expected, f"CSV rows {got}"
+    left = sorted(p.name for p in out.iterdir())
+    assert left == ["results.csv", "results.json"], f"output folder holds {left}"
+
+
+def test_csv_rows_report_distance_and_similarity_consistently(main_module, two_videos):
+    """Each CSV row's best_similarity is 1 - best_distance, and the hms columns match the seconds."""
+    out, results = two_videos
+    main_module.write_reports({"tool": "test"}, results, out, main_module.load_settings([]))
+    wrong = [r for r in read_csv(out / "results.csv")
+             if float(r["best_similarity"]) != pytest.approx(1 - float(r["best_distance"]), abs=1e-4)
+             or r["start_hms"] != main_module.format_hms(float(r["start_s"]))
+             or r["end_hms"] != main_module.format_hms(float(r["end_s"]))]
+    assert wrong == [], f"inconsistent rows: {wrong}"
+
+
+def test_write_reports_json_holds_run_videos_and_ranges(main_module, two_videos):
+    """results.json keeps the run fields and lists every video with its status and ranges."""
+    out, results = two_videos
+    main_module.write_reports({"tool": "test", "complete": True}, results, out,
+                              main_module.load_settings(["--frame-interval", "2"]))
+    report = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    summary = [(v["file"], v["status"], v["frame_interval"], len(v["ranges"])) for v in report["videos"]]
+    assert (report["tool"], report["complete"]) == ("test", True), f"run fields lost: {report}"
+    assert summary == [("/videos/obama_whcd.mp4", "ok", 2, 3), ("/videos/crowd.mp4", "ok", 2, 0)], \
+        f"videos {summary}"
+
+
+def test_every_range_gets_a_csv_row_even_before_its_clip_is_cut(main_module, two_videos):
+    """A range whose clip is not cut yet (run interrupted while cutting) is still reported, clip empty."""
+    out, results = two_videos
+    results[0].clips = results[0].clips[:1]  # Ctrl-C arrived while the second clip was being cut
+    main_module.write_reports({"tool": "test"}, results, out, main_module.load_settings([]))
+    rows = read_csv(out / "results.csv")
+    report = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    json_ranges = [(r["name"], r["start"], r["clip"]) for r in report["videos"][0]["ranges"]]
+    assert [(r["name"], r["start_s"], r["clip"]) for r in rows] == [
+        ("Barack_Obama", "0.0", "obama_whcd/clips/0.00s_Barack_Obama_d0.412.mp4"),
+        ("Barack_Obama", "10.0", ""), ("Michelle_Obama", "2.0", "")], \
+        f"3 ranges but CSV rows {rows}"
+    assert len(json_ranges) == 3, f"3 ranges but results.json lists {json_ranges}"
+
+
+def test_range_report_gives_distance_similarity_and_relative_clip(main_module, tmp_path):
+    """A range's JSON entry has rounded seconds, hms, distance, similarity = 1 - distance, clip path."""
+    time_range = main_module.TimeRange("Barack_Obama", 12.5, 15.04, 0.41234, 13.0, 14.0)
+    entry = main_module.range_report(time_range, str(tmp_path / "v" / "clips" / "c.mp4"), tmp_path)
+    got = {k: entry[k] for k in ("name", "start", "end", "start_hms", "end_hms", "best_distance",
+                                 "best_similarity", "first_sighting", "last_sighting", "clip")}
+    expected = {"name": "Barack_Obama", "start": 12.5, "end": 15.04, "start_hms": "00:00:12.500",
+                "end_hms": "00:00:15.040", "best_distance": 0.4123, "best_similarity": 0.5877,
+                "first_sighting": 13.0, "last_sighting": 14.0, "clip": "v/clips/c.mp4"}
+    assert got == expected, f"range_report gave {got}"
+
+
+# video_report status -------------------------------------------------------------------------
+@pytest.mark.parametrize("finished, processed, decoded, errors, expected", [
+    (True, 60, 60, [], "ok"),  # every frame came back, nothing went wrong
+    (False, 30, None, [], "incomplete"),  # interrupted halfway through
+    (False, 30, 60, [], "incomplete"),  # decoded, but not every frame came back
+    (True, 30, 30, ["x.mp4: decoding stopped after 30 processed frames"], "incomplete"),
+    (True, 0, 0, ["x.mp4: decoding stopped after 0 processed frames"], "failed"),
+    (False, 0, None, ["x.mp4: cannot be opened"], "failed"),
+])
+def test_video_report_status_says_ok_incomplete_or_failed(main_module, finished, processed,
+                                                          decoded, errors, expected):
+    """'ok' = finished without errors; 'incomplete' = some frames processed; 'failed' = none."""
+    result = main_module.VideoResult(make_info(main_module), processed_frame_count=processed,
+                                     sent_frame_count=decoded, errors=list(errors),
+                                     finished=finished)
+    status = main_module.video_report(result, main_module.Path("."), 1)["status"]
+    assert status == expected, \
+        f"finished={finished} processed={processed} decoded={decoded} errors={errors}: {status!r}"
+
+
+def test_video_report_lists_detections_in_frame_order(main_module):
+    """Detections arrive from several workers out of order; the report sorts them by frame, then name."""
+    result = main_module.VideoResult(make_info(main_module), finished=True, processed_frame_count=3)
+    result.detections = [{"frame": 9, "name": "B"}, {"frame": 2, "name": "B"}, {"frame": 2, "name": "A"}]
+    got = [(d["frame"], d["name"]) for d in main_module.video_report(result, main_module.Path("."), 1)["detections"]]
+    assert got == [(2, "A"), (2, "B"), (9, "B")], f"detections in order {got}"
