@@ -77,6 +77,11 @@ det_prob_threshold = 0.25  # 0..1; minimum SCRFD face score kept before recognit
 BOX_PADDING_PERCENTAGE = 10  # %, 0..100; box padding on each side in snapshots
 # Matching
 CUSTOM_THRESHOLD = 0.60  # cosine DISTANCE (1 - cosine similarity), 0..2; match when <= this; lower is stricter
+MATCH_MARGIN = 0.05  # cosine distance, 0..2; the best person must beat the second best by this much
+MIN_TRACK_HITS = 2  # 1..100; recognitions of a face track that must agree before it is named
+MIN_FACE_SIZE = 20  # px, 0..1000; smaller faces are tracked but not recognised
+RECOGNITION_INTERVAL = 5  # processed frames, 1..1000; re-recognise a track this often (x4 once named)
+TRACK_MAX_GAP = 1.0  # s, 0..60; a face track ends after this long unseen (and at every shot cut)
 # Clips
 FRAME_INTERVAL = 1  # process every N-th decoded frame, 1..1000
 CLIP_DURATION_BEFORE = 2.0  # s, 0..600; clip starts this long before the first sighting
@@ -98,7 +103,8 @@ debug_rec = False  # log every face's distance to every person (also to OUTPUT_D
 SETTING_NAMES = (
     "NUM_GPU_PROCESSES", "GPU_WORKER_THREADS", "NUM_CPU_LOADERS", "BATCH_SIZE", "MAX_BUFFER_SLOTS",
     "REC_CHUNK_SIZE", "MODEL_PACK_NAME", "DET_SIZE", "PRE_UPSCALE_FACTOR", "det_prob_threshold",
-    "BOX_PADDING_PERCENTAGE", "CUSTOM_THRESHOLD", "FRAME_INTERVAL", "CLIP_DURATION_BEFORE",
+    "BOX_PADDING_PERCENTAGE", "CUSTOM_THRESHOLD", "MATCH_MARGIN", "MIN_TRACK_HITS", "MIN_FACE_SIZE",
+    "RECOGNITION_INTERVAL", "TRACK_MAX_GAP", "FRAME_INTERVAL", "CLIP_DURATION_BEFORE",
     "CLIP_DURATION_AFTER", "MERGE_GAP_TOLERANCE", "VIDEO_DIR", "REFERENCE_DIR", "OUTPUT_DIR",
     "MODEL_ROOT", "TRT_CACHE_DIR", "FFMPEG_DIR", "PROVIDERS", "debug_det", "debug_det_dir", "debug_rec",
 )
@@ -129,6 +135,14 @@ _PROVIDER_ORDER = {  # --providers value -> ONNX Runtime providers to try, best 
     "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
     "cpu": ("CPUExecutionProvider",),
 }
+# Face tracks (section 5): why each value, in the comment.
+_LINK_MIN_IOU = 0.3  # a detection continues a track when their boxes overlap at least this much
+_SPLIT_MAX_SIMILARITY = 0.3  # cosine: a track's new embedding below this is someone else: split
+_RELINK_MIN_SIMILARITY = 0.5  # cosine: a new face this close to a recently unseen track continues it
+_SHOT_CUT_MAD = 20.0  # grey levels: mean change of a 64x36 thumbnail; the shared clips' cuts: 27-31
+_GROWTH_FOR_RECHECK = 1.3  # re-recognise when a face is this much larger than at its best look
+_FRONTAL_GAIN_FOR_RECHECK = 0.25  # ... or this much more frontal (0 = profile, 1 = frontal)
+_MAX_PENDING_SNAPSHOTS = 8  # snapshots kept in memory per track until it is named
 _PALETTE_BGR = [(0, 200, 255), (255, 120, 0), (80, 220, 80), (200, 60, 255), (255, 255, 0),
                 (60, 60, 255), (0, 255, 180), (255, 0, 160), (160, 160, 255), (0, 140, 255)]
 
@@ -241,6 +255,7 @@ class VideoResult:
     detections: list = field(default_factory=list)
     processed_frame_count: int = 0
     sent_frame_count: int | None = None  # frames its decoder sent; set when it finished the video
+    tracked: bool = False  # its worker has ended all its face tracks
     ranges: list = field(default_factory=list)
     clips: list = field(default_factory=list)
     errors: list = field(default_factory=list)
@@ -254,7 +269,9 @@ _LIMITS = {  # name -> (minimum, maximum) for numbers; choices for strings
     "NUM_GPU_PROCESSES": (1, 16), "GPU_WORKER_THREADS": (1, 16), "NUM_CPU_LOADERS": (1, 32),
     "BATCH_SIZE": (1, 256), "MAX_BUFFER_SLOTS": (2, 4096), "REC_CHUNK_SIZE": (1, 1024),
     "DET_SIZE": (32, 4096), "PRE_UPSCALE_FACTOR": (1.0, 4.0), "det_prob_threshold": (0.0, 1.0),
-    "BOX_PADDING_PERCENTAGE": (0, 100), "CUSTOM_THRESHOLD": (0.0, 2.0), "FRAME_INTERVAL": (1, 1000),
+    "BOX_PADDING_PERCENTAGE": (0, 100), "CUSTOM_THRESHOLD": (0.0, 2.0), "MATCH_MARGIN": (0.0, 2.0),
+    "MIN_TRACK_HITS": (1, 100), "MIN_FACE_SIZE": (0, 1000), "RECOGNITION_INTERVAL": (1, 1000),
+    "TRACK_MAX_GAP": (0.0, 60.0), "FRAME_INTERVAL": (1, 1000),
     "CLIP_DURATION_BEFORE": (0.0, 600.0), "CLIP_DURATION_AFTER": (0.0, 600.0),
     "MERGE_GAP_TOLERANCE": (0.0, 3600.0), "PROVIDERS": tuple(_PROVIDER_ORDER),
 }
@@ -501,14 +518,21 @@ def decode_frames(info: VideoInfo, frame_interval: int):
                     frame.to_ndarray(format="bgr24")
 
 
-def decoder_main(name, layout, jobs_q, free_q, filled_q, result_q, stop_event, frame_interval):
-    """Decode each video from jobs_q into ring slots; report per video; exit on a None job."""
+def decoder_main(name, layout, jobs_q, free_q, filled_qs, result_q, stop_event, frame_interval):
+    """Decode each video from jobs_q into ring slots; report per video; exit on a None job.
+
+    All frames of a video go to one worker's queue (filled_qs[video_idx % workers]), in order,
+    followed by an end marker, because that worker follows the video's faces frame by frame.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     shm = shared_memory.SharedMemory(name=layout.name)
     ring = ring_view(shm, layout)
     try:
         while (info := get_with_stop(jobs_q, stop_event)) is not None:
+            filled_q = filled_qs[info.idx % len(filled_qs)]
             sent, error = decode_into_ring(info, ring, free_q, filled_q, stop_event, frame_interval)
+            if not stop_event.is_set():
+                filled_q.put((info.idx, sent, None, None, 0, 0, None))  # end marker
             result_q.put(("video_done", info.idx, sent, error))
         result_q.put(("done", name))
     except BaseException:
@@ -532,7 +556,7 @@ def decode_into_ring(info, ring, free_q, filled_q, stop_event, frame_interval) -
             if slot is None:
                 return sent, "stopped"
             write_slot(ring, slot, image)
-            filled_q.put((info.idx, frame_idx, time_s, image.shape[0], image.shape[1], slot))
+            filled_q.put((info.idx, sent, frame_idx, time_s, image.shape[0], image.shape[1], slot))
             sent += 1
     except (av.error.FFmpegError, OSError) as error:
         return sent, (f"{info.path}: decoding stopped after {sent} processed frames ({error}); "
@@ -864,8 +888,8 @@ def worker_main(name, settings, layout, videos, references, filled_q, free_q, re
         models = load_face_models(settings, settings.PROVIDERS, threads_per_session)
         result_q.put(("ready", name, models.providers, models.rec_max_chunk == 1))
         context = WorkerContext(settings, ring, videos, *reference_matrix(references),
-                                [r.name for r in references], models)
-        run_worker_threads(context, filled_q, free_q, result_q, stop_event)
+                                [r.name for r in references], models, free_q, result_q)
+        run_worker_threads(context, filled_q, stop_event)
         result_q.put(("done", name))
     except BaseException:
         result_q.put(("error", name, traceback.format_exc()))
@@ -886,16 +910,28 @@ class WorkerContext:
     ref_owners: np.ndarray
     people: list
     models: FaceModels
+    free_q: object
+    result_q: object
+    sequencers: dict = field(default_factory=dict)  # video_idx -> FrameSequencer
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def sequencer(self, video_idx: int) -> "FrameSequencer":
+        """Return the video's sequencer, made on first use."""
+        with self.lock:
+            if video_idx not in self.sequencers:
+                tracker = VideoTracker(self.videos[video_idx], self, self.result_q.put)
+                self.sequencers[video_idx] = FrameSequencer(video_idx, tracker, self)
+            return self.sequencers[video_idx]
 
 
-def run_worker_threads(context, filled_q, free_q, result_q, stop_event) -> None:
+def run_worker_threads(context: WorkerContext, filled_q, stop_event) -> None:
     """Run the worker threads to the end; re-raise the first error any of them hit."""
     errors = []
 
     def thread_body():
         try:
             while (batch := take_batch(filled_q, stop_event, context.settings.BATCH_SIZE)):
-                result_q.put(("frames", process_batch(context, batch, free_q)))
+                process_batch(context, batch)
                 if batch[-1] is None:
                     return
         except BaseException as error:  # passed to the worker's main thread below
@@ -918,61 +954,85 @@ def take_batch(filled_q, stop_event, batch_size: int) -> list:
     if first is None:
         return []
     batch = [first]
-    while len(batch) < batch_size:
+    while len(batch) < batch_size and batch[-1] is not None:
         try:
-            item = filled_q.get_nowait()
+            batch.append(filled_q.get_nowait())
         except queue.Empty:
-            break
-        batch.append(item)
-        if item is None:
             break
     return batch
 
 
-def process_batch(context: WorkerContext, batch: list, free_q) -> list:
-    """Return one (video_idx, frame_idx, time_s, faces) per frame; frees each slot when done."""
-    frames = [item for item in batch if item is not None]
-    if not frames:
-        return []
-    settings, models = context.settings, context.models
-    images = [context.ring[slot, :h, :w] for (_, _, _, h, w, slot) in frames]
-    try:
-        detections = detect_faces(models, images, settings)
-        if settings.debug_det:
-            for frame, image, found in zip(frames, images, detections):
-                save_debug_detections(context, frame, image, found)
-        crops = [align_face(images[i], kps) for i, (_, all_kps) in enumerate(detections)
-                 for kps in all_kps]
-        embeddings = embed_faces(models, crops, settings.REC_CHUNK_SIZE) if crops else None
-        distances = (person_distances(embeddings, context.ref_embeddings, context.ref_owners,
-                                      len(context.people)) if crops else None)
-        results, face_idx = [], 0
-        for frame, image, (boxes, kps) in zip(frames, images, detections):
-            faces = describe_faces(context, boxes, distances, face_idx)
-            face_idx += len(boxes)
-            if any(f["name"] for f in faces):
-                save_snapshot(context, frame, image, faces)
-            results.append((frame[0], frame[1], frame[2], faces))
-        return results
-    finally:
-        del images
-        for frame in frames:
-            free_q.put(frame[5])
+def process_batch(context: WorkerContext, batch: list) -> None:
+    """Detect the faces of a batch of frames (in parallel with other threads), then hand each
+    frame, or a video's end marker, to its video's sequencer."""
+    frames = [item for item in batch if item is not None and item[6] is not None]
+    images = [context.ring[slot, :h, :w] for (_, _, _, _, h, w, slot) in frames]
+    detections = detect_faces(context.models, images, context.settings)
+    if context.settings.debug_det:
+        for frame, image, found in zip(frames, images, detections):
+            save_debug_detections(context, frame, image, found)
+    thumbs = [thumbnail(image) for image in images]
+    del images
+    for frame, (boxes, kps), thumb in zip(frames, detections, thumbs):
+        context.sequencer(frame[0]).submit(frame[1], (frame, boxes, kps, thumb))
+    for item in batch:
+        if item is not None and item[6] is None:  # end of a video: (video_idx, frame count, ...)
+            context.sequencer(item[0]).submit(item[1], None)
 
 
-def describe_faces(context: WorkerContext, boxes, distances, first: int) -> list:
-    """Return a dict per face of one frame: box, score, closest person, distance, and the match."""
-    faces = []
-    for i, box in enumerate(boxes):
-        row = distances[first + i]
-        best, name, distance = match_face(row, context.settings.CUSTOM_THRESHOLD)
-        face = {"bbox": [round(float(v), 1) for v in box[:4]], "det_score": round(float(box[4]), 4),
-                "closest": context.people[best], "distance": round(float(distance), 4),
-                "name": context.people[best] if name else None}
-        if context.settings.debug_rec:
-            face["all_distances"] = {p: round(float(d), 4) for p, d in zip(context.people, row)}
-        faces.append(face)
-    return faces
+class FrameSequencer:
+    """Feeds one video's detected frames to its tracker in decode order.
+
+    Threads finish detection out of order; each deposits its frames and, if no other thread is
+    feeding the tracker, feeds every frame that is next in order (then frees its ring slot).
+    None at position n marks the end of the video after n frames.
+    """
+
+    def __init__(self, video_idx: int, tracker: VideoTracker, context: WorkerContext):
+        self.video_idx, self.tracker, self.context = video_idx, tracker, context
+        self.pending, self.next_seq = {}, 0
+        self.pending_lock, self.feed_lock = threading.Lock(), threading.Lock()
+
+    def submit(self, seq: int, item) -> None:
+        """Deposit one frame (or the end marker) and feed the tracker whatever is next in order."""
+        with self.pending_lock:
+            self.pending[seq] = item
+        while self.feed_lock.acquire(blocking=False):
+            try:
+                fed = self.feed_ready()
+            finally:
+                self.feed_lock.release()
+            if fed:
+                self.context.result_q.put(("progress", self.video_idx, fed))
+            with self.pending_lock:
+                if self.next_seq not in self.pending:
+                    return
+
+    def feed_ready(self) -> int:
+        """Feed consecutive ready frames to the tracker; return how many frames were fed."""
+        fed = 0
+        while True:
+            with self.pending_lock:
+                if self.next_seq not in self.pending:
+                    return fed
+                item = self.pending.pop(self.next_seq)
+            self.next_seq += 1
+            if item is None:
+                self.tracker.finish()
+                self.context.result_q.put(("video_tracked", self.video_idx))
+                return fed
+            self.feed_frame(*item)
+            fed += 1
+
+    def feed_frame(self, frame: tuple, boxes: np.ndarray, kps: np.ndarray, thumb: np.ndarray) -> None:
+        """Run the tracker on one frame, then return its slot to the decoders."""
+        _, seq, frame_idx, time_s, height, width, slot = frame
+        try:
+            image = self.context.ring[slot, :height, :width]
+            self.tracker.step(seq, frame_idx, time_s, image, boxes, kps, thumb)
+            del image
+        finally:
+            self.context.free_q.put(slot)
 
 
 def padded_box(box: list, padding_pct: float, width: int, height: int) -> tuple:
@@ -983,45 +1043,39 @@ def padded_box(box: list, padding_pct: float, width: int, height: int) -> tuple:
             min(width - 1, int(x2 + pad_x)), min(height - 1, int(y2 + pad_y)))
 
 
-def person_color(name: str, people: list) -> tuple:
-    """Return the BGR colour of a person (stable for the run)."""
-    return _PALETTE_BGR[people.index(name) % len(_PALETTE_BGR)]
+def person_color(person_idx: int) -> tuple:
+    """Return the BGR colour of a person (by their index, stable for the run)."""
+    return _PALETTE_BGR[person_idx % len(_PALETTE_BGR)]
 
 
-def snapshot_path(output_dir: Path, info: VideoInfo, frame_idx: int, time_s: float) -> Path:
-    """Return where the snapshot of one frame goes."""
-    return output_dir / info.output_name / f"frame_{frame_idx:07d}_{time_s:09.3f}s.jpg"
+def snapshot_path(output_dir: Path, info: VideoInfo, frame_idx: int, time_s: float, name: str) -> Path:
+    """Return where the snapshot of one person in one frame goes."""
+    return output_dir / info.output_name / f"frame_{frame_idx:07d}_{time_s:09.3f}s_{name}.jpg"
 
 
-def save_snapshot(context: WorkerContext, frame: tuple, image: np.ndarray, faces: list) -> None:
-    """Write the frame with each matched face boxed and labelled with its distance."""
+def encode_snapshot(image: np.ndarray, box, name: str, distance: float, person_idx: int,
+                    settings: Settings) -> bytes:
+    """Return a JPEG of the frame with this face boxed (padded) and labelled with its distance."""
     import cv2
-    canvas = np.ascontiguousarray(image)
+    canvas = np.array(image)  # a copy: the ring slot is handed back to the decoders
     height, width = canvas.shape[:2]
-    for face in faces:
-        if not face["name"]:
-            continue
-        color = person_color(face["name"], context.people)
-        x1, y1, x2, y2 = padded_box(face["bbox"], context.settings.BOX_PADDING_PERCENTAGE, width, height)
-        thickness = max(2, round(min(width, height) / 360))
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness)
-        label = f"{face['name']} d={face['distance']:.3f}"
-        cv2.putText(canvas, label, (x1, max(14, y1 - 6)), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.5 * thickness / 2 + 0.1, color, thickness, cv2.LINE_AA)
-    info = context.videos[frame[0]]
-    path = snapshot_path(Path(context.settings.OUTPUT_DIR), info, frame[1], frame[2])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_image(path, canvas)
-
-
-def write_image(path: Path, image: np.ndarray) -> None:
-    """Write a JPEG atomically (a .part file renamed), so no half-written image is left."""
-    import cv2
-    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    color = person_color(person_idx)
+    x1, y1, x2, y2 = padded_box(box[:4], settings.BOX_PADDING_PERCENTAGE, width, height)
+    thickness = max(2, round(min(width, height) / 360))
+    cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness)
+    cv2.putText(canvas, f"{name} d={distance:.3f}", (x1, max(14, y1 - 6)), cv2.FONT_HERSHEY_SIMPLEX,
+                0.25 * thickness + 0.1, color, thickness, cv2.LINE_AA)
+    ok, data = cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, 92])
     if not ok:
-        raise OSError(f"could not encode {path}")
+        raise OSError(f"could not encode a snapshot of {name}")
+    return data.tobytes()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a file through a .part file renamed into place, so no half-written file is left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
-    part.write_bytes(data.tobytes())
+    part.write_bytes(data)
     os.replace(part, path)
 
 
@@ -1036,10 +1090,10 @@ def save_debug_detections(context: WorkerContext, frame: tuple, image: np.ndarra
                     0.4, (0, 0, 255), 1, cv2.LINE_AA)
         for x, y in kps:
             cv2.circle(canvas, (int(x), int(y)), 1, (0, 255, 0), 2)
+    import cv2
     info = context.videos[frame[0]]
-    path = Path(context.settings.debug_det_dir) / info.output_name / f"frame_{frame[1]:07d}.jpg"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_image(path, canvas)
+    path = Path(context.settings.debug_det_dir) / info.output_name / f"frame_{frame[2]:07d}.jpg"
+    write_bytes_atomic(path, cv2.imencode(".jpg", canvas)[1].tobytes())
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -1060,6 +1114,279 @@ def match_face(distances: np.ndarray, threshold: float) -> tuple:
     best = int(np.argmin(distances))
     distance = float(distances[best])
     return best, distance <= threshold, distance
+
+
+def agreeing_person(distances: np.ndarray, threshold: float, margin: float) -> int | None:
+    """Return the person one recognition names: closest within threshold, beating the next by margin."""
+    order = np.argsort(distances, kind="stable")
+    best = float(distances[order[0]])
+    second = float(distances[order[1]]) if len(order) > 1 else math.inf
+    if best <= threshold and second - best >= margin:
+        return int(order[0])
+    return None
+
+
+def evaluate_evidence(distances: np.ndarray, threshold: float, margin: float, min_hits: int) -> tuple:
+    """Return (person index or None, best distance to them, hits) for a track's recognitions.
+
+    distances is [recognitions, people]. A recognition agrees with a person when that person is
+    within threshold and ahead of the second best by margin. The track is named when one person
+    has at least min_hits agreeing recognitions and more than all other people together.
+    """
+    votes = [agreeing_person(row, threshold, margin) for row in distances]
+    counts = {p: votes.count(p) for p in set(votes) if p is not None}
+    if not counts:
+        return None, math.inf, 0
+    person = max(counts, key=lambda p: (counts[p], -float(distances[:, p].min())))
+    hits = counts[person]
+    if hits < min_hits or hits <= sum(counts.values()) - hits:
+        return None, float(distances[:, person].min()), hits
+    return person, float(distances[:, person].min()), hits
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Return the [len(a), len(b)] intersection-over-union of x1,y1,x2,y2 boxes."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def link_detections(track_boxes: np.ndarray, det_boxes: np.ndarray, min_iou: float) -> tuple:
+    """Return ({det: track} greedy by overlap, set of ambiguous det indices).
+
+    A detection is ambiguous when it overlaps two tracks (or a track two detections) by at least
+    min_iou: faces crossing, where overlap alone cannot tell who is who.
+    """
+    iou = box_iou(track_boxes, det_boxes)
+    candidates = iou >= min_iou
+    crowded_tracks = candidates.sum(axis=1) > 1
+    ambiguous = {int(d) for d in np.nonzero((candidates.sum(axis=0) > 1) |
+                                            candidates[crowded_tracks].any(axis=0))[0]}
+    links = {}
+    for flat in np.argsort(-iou, axis=None, kind="stable"):
+        t, d = divmod(int(flat), iou.shape[1])
+        if iou[t, d] < min_iou:
+            break
+        if d not in links and t not in links.values():
+            links[d] = t
+    return links, ambiguous
+
+
+def face_size_px(box) -> float:
+    """Return a face's size: the shorter side of its box, in px."""
+    return float(min(box[2] - box[0], box[3] - box[1]))
+
+
+def frontal_score(kps: np.ndarray) -> float:
+    """Return 1 for a frontal face, 0 for a profile: how centred the nose is between the eyes."""
+    eye_mid_x = (kps[0, 0] + kps[1, 0]) / 2
+    half_span = max(abs(kps[1, 0] - kps[0, 0]) / 2, 1e-6)
+    return float(max(0.0, 1.0 - abs(kps[2, 0] - eye_mid_x) / half_span))
+
+
+def thumbnail(image: np.ndarray) -> np.ndarray:
+    """Return a 64x36 grey thumbnail (float32) for shot-cut detection."""
+    import cv2
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    return cv2.resize(grey, (64, 36), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+def is_shot_cut(previous: np.ndarray | None, current: np.ndarray) -> bool:
+    """Return True when the picture changed as much as at a cut between shots."""
+    return previous is not None and float(np.abs(current - previous).mean()) > _SHOT_CUT_MAD
+
+
+@dataclass(eq=False)  # identity: a track is itself, whatever its contents
+class Track:
+    """One face followed across consecutive processed frames of one video."""
+
+    track_id: int
+    box: np.ndarray  # last x1,y1,x2,y2
+    last_time_s: float
+    frames: list = field(default_factory=list)  # [frame_idx, time_s, bbox, det_score, rec index]
+    rec_distances: list = field(default_factory=list)  # one [people] row per recognition
+    rec_frames: list = field(default_factory=list)  # (frame_idx, time_s) per recognition
+    embedding: np.ndarray | None = None  # of the latest recognition
+    last_rec_seq: int = -(10 ** 9)
+    best_size_px: float = 0.0
+    best_frontal: float = 0.0
+    name_idx: int | None = None  # named from the evidence so far
+    pending: list = field(default_factory=list)  # (person, distance, path, jpeg) until named
+    written: list = field(default_factory=list)  # (person, path) snapshots on disk
+
+
+def recognition_due(track: Track | None, size_px: float, frontal: float, seq: int,
+                    ambiguous: bool, settings: Settings) -> bool:
+    """Return True when this face of this track should go through the recognizer now."""
+    if size_px < settings.MIN_FACE_SIZE:
+        return False
+    if track is None or ambiguous:
+        return True
+    interval = settings.RECOGNITION_INTERVAL * (4 if track.name_idx is not None else 1)
+    return (seq - track.last_rec_seq >= interval
+            or size_px >= track.best_size_px * _GROWTH_FOR_RECHECK
+            or frontal >= track.best_frontal + _FRONTAL_GAIN_FOR_RECHECK)
+
+
+class VideoTracker:
+    """Follows the faces of one video frame by frame (in order) and names each track.
+
+    It decides which faces go to the recognizer, writes snapshots of recognised faces, and calls
+    emit(("track", video_idx, summary)) when a track ends. Not thread-safe: FrameSequencer
+    serialises the calls.
+    """
+
+    def __init__(self, info: VideoInfo, context, emit):
+        self.info, self.context, self.emit = info, context, emit
+        self.settings = context.settings
+        self.active: list = []
+        self.previous_thumb = None
+        self.next_id = 0
+
+    def step(self, seq: int, frame_idx: int, time_s: float, image: np.ndarray, boxes: np.ndarray,
+             kps: np.ndarray, thumb: np.ndarray) -> None:
+        """Advance every track by one processed frame."""
+        if is_shot_cut(self.previous_thumb, thumb):
+            self.end_tracks(list(self.active))
+        self.previous_thumb = thumb
+        self.end_tracks([t for t in self.active if time_s - t.last_time_s > self.settings.TRACK_MAX_GAP])
+        links, ambiguous = link_detections(np.array([t.box for t in self.active]).reshape(-1, 4),
+                                           boxes[:, :4], _LINK_MIN_IOU)
+        owners = {d: self.active[t] for d, t in links.items()}
+        due = [d for d in range(len(boxes))
+               if recognition_due(owners.get(d), face_size_px(boxes[d]), frontal_score(kps[d]), seq,
+                                  d in ambiguous, self.settings)]
+        embeddings, distances = self.recognise(image, kps, due)
+        for d in range(len(boxes)):
+            rec = due.index(d) if d in due else None
+            track = owners.get(d)
+            if rec is not None:
+                track = self.check_identity(track, embeddings[rec], set(owners.values()), time_s)
+            if track is None:
+                track = self.new_track(boxes[d], time_s)
+            self.extend(track, seq, frame_idx, time_s, image, boxes[d], kps[d],
+                        None if rec is None else (embeddings[rec], distances[rec]))
+
+    def recognise(self, image: np.ndarray, kps: np.ndarray, due: list) -> tuple:
+        """Return (embeddings, distances [faces, people]) of the faces due for recognition."""
+        if not due:
+            return None, None
+        context = self.context
+        crops = [align_face(image, kps[d]) for d in due]
+        embeddings = embed_faces(context.models, crops, self.settings.REC_CHUNK_SIZE)
+        return embeddings, person_distances(embeddings, context.ref_embeddings,
+                                            context.ref_owners, len(context.people))
+
+    def check_identity(self, track: Track | None, embedding: np.ndarray, taken: set,
+                       time_s: float) -> Track | None:
+        """Return the track this recognised face continues: its own unless the face changed
+        (then a new one), or for a new face a track unseen in this frame with the same face."""
+        if track is not None:
+            if track.embedding is None or float(embedding @ track.embedding) >= _SPLIT_MAX_SIMILARITY:
+                return track
+            self.end_tracks([track])  # boxes crossed or swapped: a different face now
+            return None
+        unseen = [t for t in self.active if t not in taken and t.embedding is not None
+                  and t.last_time_s < time_s]
+        if unseen:
+            best = max(unseen, key=lambda t: float(embedding @ t.embedding))
+            if float(embedding @ best.embedding) >= _RELINK_MIN_SIMILARITY:
+                return best
+        return None
+
+    def new_track(self, box: np.ndarray, time_s: float) -> Track:
+        """Start a track at this face."""
+        track = Track(self.next_id, box[:4].copy(), time_s)
+        self.next_id += 1
+        self.active.append(track)
+        return track
+
+    def extend(self, track: Track, seq: int, frame_idx: int, time_s: float, image: np.ndarray,
+               box: np.ndarray, kps: np.ndarray, recognition) -> None:
+        """Add this frame's face (and its recognition, if any) to the track."""
+        track.box, track.last_time_s = box[:4].copy(), time_s
+        rec_index = None
+        if recognition is not None:
+            embedding, distances = recognition
+            rec_index = len(track.rec_distances)
+            track.rec_distances.append(distances)
+            track.rec_frames.append((frame_idx, time_s))
+            track.embedding, track.last_rec_seq = embedding, seq
+            track.best_size_px = max(track.best_size_px, face_size_px(box))
+            track.best_frontal = max(track.best_frontal, frontal_score(kps))
+        track.frames.append([frame_idx, time_s, [round(float(v), 1) for v in box[:4]],
+                             round(float(box[4]), 4), rec_index])
+        if recognition is not None:
+            self.after_recognition(track, frame_idx, time_s, image, box, distances)
+
+    def after_recognition(self, track: Track, frame_idx: int, time_s: float, image: np.ndarray,
+                          box: np.ndarray, distances: np.ndarray) -> None:
+        """Name the track once the evidence allows; keep or write a snapshot of this face."""
+        settings = self.settings
+        person = agreeing_person(distances, settings.CUSTOM_THRESHOLD, settings.MATCH_MARGIN)
+        if track.name_idx is None:
+            track.name_idx = evaluate_evidence(np.array(track.rec_distances), settings.CUSTOM_THRESHOLD,
+                                               settings.MATCH_MARGIN, settings.MIN_TRACK_HITS)[0]
+        if person is None:
+            return
+        path = snapshot_path(Path(settings.OUTPUT_DIR), self.info, frame_idx, time_s,
+                             self.context.people[person])
+        jpeg = encode_snapshot(image, box, self.context.people[person], float(distances[person]),
+                               person, settings)
+        track.pending.append((person, float(distances[person]), path, jpeg))
+        track.pending.sort(key=lambda item: item[1])
+        del track.pending[_MAX_PENDING_SNAPSHOTS:]
+        if track.name_idx is not None:
+            self.write_snapshots(track, track.name_idx)
+
+    def write_snapshots(self, track: Track, person: int) -> None:
+        """Write the track's kept snapshots of this person; drop the others."""
+        for who, _, path, jpeg in track.pending:
+            if who == person:
+                write_bytes_atomic(path, jpeg)
+                track.written.append((who, path))
+        track.pending.clear()
+
+    def end_tracks(self, tracks: list) -> None:
+        """End these tracks: decide each name from all its evidence and report it."""
+        settings = self.settings
+        for track in tracks:
+            self.active.remove(track)
+            person, best, hits = (None, math.inf, 0) if not track.rec_distances else evaluate_evidence(
+                np.array(track.rec_distances), settings.CUSTOM_THRESHOLD, settings.MATCH_MARGIN,
+                settings.MIN_TRACK_HITS)
+            for who, path in track.written:
+                if who != person:  # later evidence overruled the early name
+                    path.unlink(missing_ok=True)
+            if person is not None:
+                self.write_snapshots(track, person)
+            if person is not None or settings.debug_rec:
+                self.emit(("track", self.info.idx, self.summary(track, person, best, hits)))
+
+    def summary(self, track: Track, person: int | None, best: float, hits: int) -> dict:
+        """Return what the parent needs of an ended track."""
+        people = self.context.people
+        frames = [[f, t, box, score, None if rec is None or person is None
+                   else round(float(track.rec_distances[rec][person]), 4)]
+                  for f, t, box, score, rec in track.frames]
+        summary = {"track": track.track_id, "name": None if person is None else people[person],
+                   "best_distance": round(best, 4), "hits": hits,
+                   "recognitions": len(track.rec_distances), "frames": frames}
+        if self.settings.debug_rec:
+            summary["debug_rec"] = [[f, t, {p: round(float(d), 4) for p, d in zip(people, row)}]
+                                    for (f, t), row in zip(track.rec_frames, track.rec_distances)]
+        return summary
+
+    def finish(self) -> None:
+        """End every track at the end of the video."""
+        self.end_tracks(list(self.active))
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -1262,7 +1589,7 @@ class Pipeline:
     shm: shared_memory.SharedMemory
     jobs_q: object
     free_q: object
-    filled_q: object
+    filled_qs: list  # one per worker process
     result_q: object
     stop_event: object
     processes: list = field(default_factory=list)
@@ -1275,19 +1602,21 @@ def start_pipeline(settings: Settings, videos: list, references: list) -> Pipeli
     layout = ring_layout_for(videos, settings.MAX_BUFFER_SLOTS, str(os.getpid()))
     shm = create_ring(layout)
     try:
+        # filled queues need no bound of their own: at most slot_count frames exist at once.
+        filled_qs = [ctx.Queue() for _ in range(settings.NUM_GPU_PROCESSES)]
         pipe = Pipeline(ctx, layout, shm, ctx.Queue(), new_slot_queue(ctx, layout.slot_count),
-                        ctx.Queue(maxsize=layout.slot_count + 64), ctx.Queue(), ctx.Event())
+                        filled_qs, ctx.Queue(), ctx.Event())
         for info in videos:
             pipe.jobs_q.put(info)
         for _ in range(settings.NUM_CPU_LOADERS):
             pipe.jobs_q.put(None)
         for i in range(settings.NUM_CPU_LOADERS):
             start_child(pipe, f"decoder-{i}", decoder_main, layout, pipe.jobs_q, pipe.free_q,
-                        pipe.filled_q, pipe.result_q, pipe.stop_event, settings.FRAME_INTERVAL)
+                        pipe.filled_qs, pipe.result_q, pipe.stop_event, settings.FRAME_INTERVAL)
         threads = max(1, (os.cpu_count() or 2) // (settings.NUM_GPU_PROCESSES * settings.GPU_WORKER_THREADS))
         for i in range(settings.NUM_GPU_PROCESSES):
             start_child(pipe, f"worker-{i}", worker_main, settings, layout, videos, references,
-                        pipe.filled_q, pipe.free_q, pipe.result_q, pipe.stop_event, threads)
+                        pipe.filled_qs[i], pipe.free_q, pipe.result_q, pipe.stop_event, threads)
     except BaseException:
         shm.close()
         shm.unlink()
@@ -1332,7 +1661,7 @@ def shutdown_pipeline(pipe: Pipeline) -> None:
         if process.is_alive():
             process.kill()
             process.join()
-    for q in (pipe.jobs_q, pipe.free_q, pipe.filled_q, pipe.result_q):
+    for q in (pipe.jobs_q, pipe.free_q, *pipe.filled_qs, pipe.result_q):
         q.cancel_join_thread()
         q.close()
     pipe.shm.close()
@@ -1350,30 +1679,39 @@ class RunState:
         self.failures = []
         self.debug_rec_file = None
 
-    def record_frames(self, frames: list) -> int:
-        """Store one batch of frame results; return how many frames it held."""
-        for video_idx, frame_idx, time_s, faces in frames:
-            result = self.results[video_idx]
-            result.processed_frame_count += 1
-            for face in faces:
-                if self.debug_rec_file and "all_distances" in face:
-                    self.log_debug_rec(result.info, frame_idx, time_s, face)
-                if face["name"]:
-                    result.detections.append({
-                        "frame": frame_idx, "time": round(time_s, 6), "time_hms": format_hms(time_s),
-                        "name": face["name"], "distance": face["distance"],
-                        "similarity": round(1 - face["distance"], 4), "bbox": face["bbox"],
-                        "det_score": face["det_score"]})
-            self.maybe_finish(video_idx)
-        return len(frames)
+    def record_progress(self, video_idx: int, count: int) -> int:
+        """Count frames a worker has finished; return the count."""
+        self.results[video_idx].processed_frame_count += count
+        return count
 
-    def log_debug_rec(self, info: VideoInfo, frame_idx: int, time_s: float, face: dict) -> None:
-        """Print and log one face's distances to every person (debug_rec)."""
-        line = "\t".join([Path(info.path).name, str(frame_idx), f"{time_s:.3f}",
-                          ",".join(f"{v:.0f}" for v in face["bbox"]), face["name"] or "-",
-                          *(f"{p}={d:.4f}" for p, d in face["all_distances"].items())])
-        self.debug_rec_file.write(line + "\n")
-        print("[debug_rec]", line)
+    def record_track(self, video_idx: int, track: dict) -> None:
+        """Store an ended face track: every frame of a named track is a sighting of that person."""
+        result = self.results[video_idx]
+        if self.debug_rec_file:
+            self.log_debug_rec(result.info, track)
+        if track["name"] is None:
+            return
+        for frame_idx, time_s, bbox, det_score, own_distance in track["frames"]:
+            distance = track["best_distance"] if own_distance is None else own_distance
+            result.detections.append({
+                "frame": frame_idx, "time": round(time_s, 6), "time_hms": format_hms(time_s),
+                "name": track["name"], "distance": distance, "similarity": round(1 - distance, 4),
+                "bbox": bbox, "det_score": det_score, "track": track["track"],
+                "recognized": own_distance is not None})
+
+    def log_debug_rec(self, info: VideoInfo, track: dict) -> None:
+        """Print and log each recognition's distance to every person (debug_rec)."""
+        for frame_idx, time_s, distances in track["debug_rec"]:
+            line = "\t".join([Path(info.path).name, str(frame_idx), f"{time_s:.3f}",
+                              f"track {track['track']}", track["name"] or "-",
+                              *(f"{p}={d:.4f}" for p, d in distances.items())])
+            self.debug_rec_file.write(line + "\n")
+            print("[debug_rec]", line)
+
+    def video_tracked(self, video_idx: int) -> None:
+        """Note that the worker has ended every track of a video."""
+        self.results[video_idx].tracked = True
+        self.maybe_finish(video_idx)
 
     def video_decoded(self, video_idx: int, sent: int, error: str | None) -> None:
         """Note that a video's decoder has sent all its frames."""
@@ -1387,9 +1725,7 @@ class RunState:
     def maybe_finish(self, video_idx: int) -> None:
         """Finalise a video once every frame its decoder sent has come back."""
         result = self.results[video_idx]
-        if result.finished or result.sent_frame_count is None:
-            return
-        if result.processed_frame_count < result.sent_frame_count:
+        if result.finished or result.sent_frame_count is None or not result.tracked:
             return
         result.finished = True
         self.finish_video(result)
@@ -1421,8 +1757,12 @@ class RunState:
 def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) -> None:
     """Apply one message from a child to the run state."""
     kind = message[0]
-    if kind == "frames":
-        bars["frames"].update(state.record_frames(message[1]))
+    if kind == "progress":
+        bars["frames"].update(state.record_progress(*message[1:]))
+    elif kind == "track":
+        state.record_track(*message[1:])
+    elif kind == "video_tracked":
+        state.video_tracked(message[1])
     elif kind == "video_done":
         state.video_decoded(*message[1:])
     elif kind == "ready":
@@ -1436,8 +1776,9 @@ def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) 
         if message[1].startswith("decoder-"):
             state.decoders_done += 1
             if state.decoders_done == state.settings.NUM_CPU_LOADERS:
-                for _ in range(state.settings.NUM_GPU_PROCESSES * state.settings.GPU_WORKER_THREADS):
-                    pipe.filled_q.put(None)
+                for filled_q in pipe.filled_qs:  # one stop sentinel per worker thread
+                    for _ in range(state.settings.GPU_WORKER_THREADS):
+                        filled_q.put(None)
     elif kind == "error":
         raise PipelineBroken(message[1], None, message[2])
     finished = sum(r.finished for r in state.results)
