@@ -80,7 +80,7 @@ CUSTOM_THRESHOLD = 0.60  # cosine DISTANCE (1 - cosine similarity), 0..2; match 
 MATCH_MARGIN = 0.05  # cosine distance, 0..2; the best person must beat the second best by this much
 MIN_TRACK_HITS = 2  # 1..100; recognitions of a face track that must agree before it is named
 MIN_FACE_SIZE = 20  # px, 0..1000; smaller faces are tracked but not recognised
-RECOGNITION_INTERVAL = 5  # processed frames, 1..1000; re-recognise a track this often (x4 once named)
+RECOGNITION_INTERVAL = 5  # processed frames, 1..1000; re-recognise a track after this, doubling up to 8x
 TRACK_MAX_GAP = 1.0  # s, 0..60; a face track ends after this long unseen (and at every shot cut)
 # Clips
 FRAME_INTERVAL = 1  # process every N-th decoded frame, 1..1000
@@ -137,12 +137,14 @@ _PROVIDER_ORDER = {  # --providers value -> ONNX Runtime providers to try, best 
 }
 # Face tracks (section 5): why each value, in the comment.
 _LINK_MIN_IOU = 0.3  # a detection continues a track when their boxes overlap at least this much
+_TOUCH_IOU = 0.05  # boxes overlapping more than this touch (see link_detections)
 _SPLIT_MAX_SIMILARITY = 0.3  # cosine: a track's new embedding below this is someone else: split
 _RELINK_MIN_SIMILARITY = 0.5  # cosine: a new face this close to a recently unseen track continues it
 _SHOT_CUT_MAD = 20.0  # grey levels: mean change of a 64x36 thumbnail; the shared clips' cuts: 27-31
 _GROWTH_FOR_RECHECK = 1.3  # re-recognise when a face is this much larger than at its best look
 _FRONTAL_GAIN_FOR_RECHECK = 0.25  # ... or this much more frontal (0 = profile, 1 = frontal)
 _MAX_PENDING_SNAPSHOTS = 8  # snapshots kept in memory per track until it is named
+_SURE_FACE_SCORE = 0.5  # SCRFD score from which a new track is recognised at once (insightface's default)
 _PALETTE_BGR = [(0, 200, 255), (255, 120, 0), (80, 220, 80), (200, 60, 255), (255, 255, 0),
                 (60, 60, 255), (0, 255, 180), (255, 0, 160), (160, 160, 255), (0, 140, 255)]
 
@@ -224,6 +226,24 @@ class RingLayout:
     @property
     def slot_bytes(self) -> int:
         return self.height * self.width * self.channels
+
+
+class StageClock:
+    """Seconds spent per pipeline stage in one process (thread-safe), reported at its end."""
+
+    def __init__(self):
+        self.seconds, self.counts, self.lock = {}, {}, threading.Lock()
+
+    def add(self, stage: str, seconds: float, count: int = 1) -> None:
+        """Add time (and a count of items) to a stage."""
+        with self.lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+            self.counts[stage] = self.counts.get(stage, 0) + count
+
+    def report(self) -> dict:
+        """Return {stage: {"s": seconds, "n": count}}."""
+        with self.lock:
+            return {k: {"s": round(v, 3), "n": self.counts[k]} for k, v in self.seconds.items()}
 
 
 @dataclass
@@ -528,12 +548,15 @@ def decoder_main(name, layout, jobs_q, free_q, filled_qs, result_q, stop_event, 
     shm = shared_memory.SharedMemory(name=layout.name)
     ring = ring_view(shm, layout)
     try:
+        clock = StageClock()
         while (info := get_with_stop(jobs_q, stop_event)) is not None:
             filled_q = filled_qs[info.idx % len(filled_qs)]
-            sent, error = decode_into_ring(info, ring, free_q, filled_q, stop_event, frame_interval)
+            sent, error = decode_into_ring(info, ring, free_q, filled_q, stop_event, frame_interval,
+                                           clock)
             if not stop_event.is_set():
                 filled_q.put((info.idx, sent, None, None, 0, 0, None))  # end marker
             result_q.put(("video_done", info.idx, sent, error))
+        result_q.put(("stats", name, clock.report()))
         result_q.put(("done", name))
     except BaseException:
         result_q.put(("error", name, traceback.format_exc()))
@@ -543,18 +566,24 @@ def decoder_main(name, layout, jobs_q, free_q, filled_qs, result_q, stop_event, 
         shm.close()
 
 
-def decode_into_ring(info, ring, free_q, filled_q, stop_event, frame_interval) -> tuple:
+def decode_into_ring(info, ring, free_q, filled_q, stop_event, frame_interval,
+                     clock: StageClock) -> tuple:
     """Return (frames sent, error text or None) after streaming one video into the ring."""
     import av
     sent = 0
     try:
+        started = time.perf_counter()
         for frame_idx, time_s, image in decode_frames(info, frame_interval):
+            waited = time.perf_counter()
+            clock.add("decode", waited - started)
             if image.shape[0] > ring.shape[1] or image.shape[1] > ring.shape[2]:
                 return sent, (f"{info.path}: frame {frame_idx} is {image.shape[1]}x{image.shape[0]}, "
                               f"larger than the header said; the rest of the video was skipped")
             slot = get_with_stop(free_q, stop_event)
             if slot is None:
                 return sent, "stopped"
+            started = time.perf_counter()
+            clock.add("wait_for_slot", started - waited)
             write_slot(ring, slot, image)
             filled_q.put((info.idx, sent, frame_idx, time_s, image.shape[0], image.shape[1], slot))
             sent += 1
@@ -755,23 +784,40 @@ def load_face_models(settings: Settings, provider_choice: str, threads: int) -> 
         det_path=str(det_path), rec_path=str(rec_path))
 
 
-def detector_input_size(models: FaceModels, settings: Settings) -> tuple:
-    """Return the (width, height) fed to the detector: DET_SIZE x PRE_UPSCALE_FACTOR, or fixed."""
+def detector_input_size(models: FaceModels, settings: Settings, frame_hw: tuple | None = None) -> tuple:
+    """Return the (width, height) fed to the detector for frames of this size.
+
+    The frame is scaled to fit DET_SIZE x PRE_UPSCALE_FACTOR exactly as insightface letterboxes
+    it, but the input is trimmed to the scaled frame (rounded up to the 32 px SCRFD needs): a
+    16:9 frame at 640x640 is fed as 640x384 with the same scale and the same faces, and 40 %
+    less work. Models with a fixed input size get that size.
+    """
     if models.det_fixed_size:
         return models.det_fixed_size
-    return tuple(int(round(side * settings.PRE_UPSCALE_FACTOR / 32)) * 32
-                 for side in settings.DET_SIZE)
+    box_w, box_h = (int(round(side * settings.PRE_UPSCALE_FACTOR / 32)) * 32 for side in settings.DET_SIZE)
+    if frame_hw is None:
+        return box_w, box_h
+    new_w, new_h = letterbox_size(frame_hw, (box_w, box_h))
+    trimmed = min(box_w, -(-new_w // 32) * 32), min(box_h, -(-new_h // 32) * 32)
+    # Rounding can, rarely, make the other side the limiting one: then keep the full box.
+    return trimmed if letterbox_size(frame_hw, trimmed) == (new_w, new_h) else (box_w, box_h)
+
+
+def letterbox_size(frame_hw: tuple, input_size: tuple) -> tuple:
+    """Return the (width, height) a frame is resized to inside the detector input (insightface's rule)."""
+    height, width = frame_hw
+    input_w, input_h = input_size
+    if height / width > input_h / input_w:
+        return int(input_h / (height / width)), input_h
+    return input_w, int(input_w * (height / width))
 
 
 def letterbox(image: np.ndarray, input_size: tuple) -> tuple:
     """Return (detector blob [1,3,H,W] float32, scale) with the image resized into the top-left."""
     import cv2
     input_w, input_h = input_size
-    height, width = image.shape[:2]
-    if height / width > input_h / input_w:
-        new_h, new_w = input_h, int(input_h / (height / width))
-    else:
-        new_w, new_h = input_w, int(input_w * (height / width))
+    height = image.shape[0]
+    new_w, new_h = letterbox_size(image.shape[:2], input_size)
     canvas = np.zeros((input_h, input_w, 3), dtype=np.uint8)
     canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
     blob = cv2.dnn.blobFromImage(canvas, 1.0 / _DET_STD, (input_w, input_h),
@@ -831,9 +877,9 @@ def nms(boxes: np.ndarray, iou_threshold: float) -> list:
 
 def detect_faces(models: FaceModels, images: list, settings: Settings) -> list:
     """Return [(boxes [N,5], kps [N,5,2])] per image, in that image's pixels."""
-    input_size = detector_input_size(models, settings)
     results = []
     for image in images:
+        input_size = detector_input_size(models, settings, image.shape[:2])
         blob, scale = letterbox(image, input_size)
         outputs = models.det_session.run(models.det_output_names, {models.det_input_name: blob})
         results.append(decode_scrfd(outputs, models.det_strides, models.det_anchors, input_size,
@@ -890,6 +936,7 @@ def worker_main(name, settings, layout, videos, references, filled_q, free_q, re
         context = WorkerContext(settings, ring, videos, *reference_matrix(references),
                                 [r.name for r in references], models, free_q, result_q)
         run_worker_threads(context, filled_q, stop_event)
+        result_q.put(("stats", name, context.clock.report()))
         result_q.put(("done", name))
     except BaseException:
         result_q.put(("error", name, traceback.format_exc()))
@@ -912,6 +959,7 @@ class WorkerContext:
     models: FaceModels
     free_q: object
     result_q: object
+    clock: StageClock = field(default_factory=StageClock)
     sequencers: dict = field(default_factory=dict)  # video_idx -> FrameSequencer
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -967,7 +1015,9 @@ def process_batch(context: WorkerContext, batch: list) -> None:
     frame, or a video's end marker, to its video's sequencer."""
     frames = [item for item in batch if item is not None and item[6] is not None]
     images = [context.ring[slot, :h, :w] for (_, _, _, _, h, w, slot) in frames]
+    started = time.perf_counter()
     detections = detect_faces(context.models, images, context.settings)
+    context.clock.add("detect", time.perf_counter() - started, len(frames))
     if context.settings.debug_det:
         for frame, image, found in zip(frames, images, detections):
             save_debug_detections(context, frame, image, found)
@@ -1029,7 +1079,9 @@ class FrameSequencer:
         _, seq, frame_idx, time_s, height, width, slot = frame
         try:
             image = self.context.ring[slot, :height, :width]
+            started = time.perf_counter()
             self.tracker.step(seq, frame_idx, time_s, image, boxes, kps, thumb)
+            self.context.clock.add("track", time.perf_counter() - started)
             del image
         finally:
             self.context.free_q.put(slot)
@@ -1161,14 +1213,21 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def link_detections(track_boxes: np.ndarray, det_boxes: np.ndarray, min_iou: float) -> tuple:
     """Return ({det: track} greedy by overlap, set of ambiguous det indices).
 
-    A detection is ambiguous when it overlaps two tracks (or a track two detections) by at least
-    min_iou: faces crossing, where overlap alone cannot tell who is who.
+    track_boxes are where each track is expected now (last box moved by its last motion). A
+    detection is ambiguous when its second-best track overlaps it at least half as much as the
+    best (or a track overlaps two detections so): faces crossing, where overlap alone cannot
+    tell who is who. Neighbours in a crowd that merely touch are not ambiguous.
     """
     iou = box_iou(track_boxes, det_boxes)
-    candidates = iou >= min_iou
-    crowded_tracks = candidates.sum(axis=1) > 1
-    ambiguous = {int(d) for d in np.nonzero((candidates.sum(axis=0) > 1) |
-                                            candidates[crowded_tracks].any(axis=0))[0]}
+    ambiguous = set()
+    for matrix, axis in ((iou, 0), (iou.T, 1)):  # per detection, then per track
+        if matrix.shape[0] < 2:
+            continue
+        top_two = -np.sort(-matrix, axis=0)[:2]
+        close = (top_two[1] > _TOUCH_IOU) & (top_two[1] >= 0.5 * top_two[0])
+        rows = np.nonzero(close)[0]
+        ambiguous |= ({int(d) for d in rows} if axis == 0 else
+                      {int(d) for t in rows for d in np.nonzero(iou[t] > _TOUCH_IOU)[0]})
     links = {}
     for flat in np.argsort(-iou, axis=None, kind="stable"):
         t, d = divmod(int(flat), iou.shape[1])
@@ -1210,6 +1269,8 @@ class Track:
     track_id: int
     box: np.ndarray  # last x1,y1,x2,y2
     last_time_s: float
+    last_seq: int  # processed-frame number it was last seen in
+    motion: np.ndarray = field(default_factory=lambda: np.zeros(4, np.float32))  # box change per frame
     frames: list = field(default_factory=list)  # [frame_idx, time_s, bbox, det_score, rec index]
     rec_distances: list = field(default_factory=list)  # one [people] row per recognition
     rec_frames: list = field(default_factory=list)  # (frame_idx, time_s) per recognition
@@ -1222,14 +1283,18 @@ class Track:
     written: list = field(default_factory=list)  # (person, path) snapshots on disk
 
 
-def recognition_due(track: Track | None, size_px: float, frontal: float, seq: int,
-                    ambiguous: bool, settings: Settings) -> bool:
+def recognition_due(track: Track | None, size_px: float, frontal: float, det_score: float,
+                    seq: int, ambiguous: bool, settings: Settings) -> bool:
     """Return True when this face of this track should go through the recognizer now."""
     if size_px < settings.MIN_FACE_SIZE:
         return False
-    if track is None or ambiguous:
+    if track is None:  # a doubtful new detection waits one frame: many never come back
+        return det_score >= _SURE_FACE_SCORE
+    if ambiguous or not track.rec_distances:
         return True
-    interval = settings.RECOGNITION_INTERVAL * (4 if track.name_idx is not None else 1)
+    # The interval doubles with each recognition, up to 8x: a face seen several times (named,
+    # or clearly a stranger) needs little re-checking unless it grows or turns to the camera.
+    interval = settings.RECOGNITION_INTERVAL * 2 ** min(len(track.rec_distances) - 1, 3)
     return (seq - track.last_rec_seq >= interval
             or size_px >= track.best_size_px * _GROWTH_FOR_RECHECK
             or frontal >= track.best_frontal + _FRONTAL_GAIN_FOR_RECHECK)
@@ -1257,12 +1322,15 @@ class VideoTracker:
             self.end_tracks(list(self.active))
         self.previous_thumb = thumb
         self.end_tracks([t for t in self.active if time_s - t.last_time_s > self.settings.TRACK_MAX_GAP])
-        links, ambiguous = link_detections(np.array([t.box for t in self.active]).reshape(-1, 4),
-                                           boxes[:, :4], _LINK_MIN_IOU)
+        expected = [t.box + t.motion * (seq - t.last_seq) for t in self.active]
+        links, ambiguous = link_detections(np.array(expected).reshape(-1, 4), boxes[:, :4],
+                                           _LINK_MIN_IOU)
         owners = {d: self.active[t] for d, t in links.items()}
+        # A face back after a gap, at the same place, may be someone else: check it like a crossing.
+        ambiguous |= {d for d, t in owners.items() if t.last_seq != seq - 1}
         due = [d for d in range(len(boxes))
-               if recognition_due(owners.get(d), face_size_px(boxes[d]), frontal_score(kps[d]), seq,
-                                  d in ambiguous, self.settings)]
+               if recognition_due(owners.get(d), face_size_px(boxes[d]), frontal_score(kps[d]),
+                                  float(boxes[d, 4]), seq, d in ambiguous, self.settings)]
         embeddings, distances = self.recognise(image, kps, due)
         for d in range(len(boxes)):
             rec = due.index(d) if d in due else None
@@ -1270,7 +1338,7 @@ class VideoTracker:
             if rec is not None:
                 track = self.check_identity(track, embeddings[rec], set(owners.values()), time_s)
             if track is None:
-                track = self.new_track(boxes[d], time_s)
+                track = self.new_track(boxes[d], time_s, seq)
             self.extend(track, seq, frame_idx, time_s, image, boxes[d], kps[d],
                         None if rec is None else (embeddings[rec], distances[rec]))
 
@@ -1279,8 +1347,10 @@ class VideoTracker:
         if not due:
             return None, None
         context = self.context
+        started = time.perf_counter()
         crops = [align_face(image, kps[d]) for d in due]
         embeddings = embed_faces(context.models, crops, self.settings.REC_CHUNK_SIZE)
+        context.clock.add("track.recognise", time.perf_counter() - started, len(due))
         return embeddings, person_distances(embeddings, context.ref_embeddings,
                                             context.ref_owners, len(context.people))
 
@@ -1301,9 +1371,9 @@ class VideoTracker:
                 return best
         return None
 
-    def new_track(self, box: np.ndarray, time_s: float) -> Track:
+    def new_track(self, box: np.ndarray, time_s: float, seq: int) -> Track:
         """Start a track at this face."""
-        track = Track(self.next_id, box[:4].copy(), time_s)
+        track = Track(self.next_id, box[:4].copy(), time_s, seq)
         self.next_id += 1
         self.active.append(track)
         return track
@@ -1311,7 +1381,9 @@ class VideoTracker:
     def extend(self, track: Track, seq: int, frame_idx: int, time_s: float, image: np.ndarray,
                box: np.ndarray, kps: np.ndarray, recognition) -> None:
         """Add this frame's face (and its recognition, if any) to the track."""
-        track.box, track.last_time_s = box[:4].copy(), time_s
+        if track.frames and seq > track.last_seq:
+            track.motion = (box[:4] - track.box) / (seq - track.last_seq)
+        track.box, track.last_time_s, track.last_seq = box[:4].copy(), time_s, seq
         rec_index = None
         if recognition is not None:
             embedding, distances = recognition
@@ -1338,8 +1410,10 @@ class VideoTracker:
             return
         path = snapshot_path(Path(settings.OUTPUT_DIR), self.info, frame_idx, time_s,
                              self.context.people[person])
+        started = time.perf_counter()
         jpeg = encode_snapshot(image, box, self.context.people[person], float(distances[person]),
                                person, settings)
+        self.context.clock.add("track.snapshot", time.perf_counter() - started)
         track.pending.append((person, float(distances[person]), path, jpeg))
         track.pending.sort(key=lambda item: item[1])
         del track.pending[_MAX_PENDING_SNAPSHOTS:]
@@ -1678,9 +1752,29 @@ class RunState:
         self.decoders_done = 0
         self.failures = []
         self.debug_rec_file = None
+        self.started = time.monotonic()
+        self.lock = threading.RLock()  # the clip thread and the message loop share the results
+        self.clip_jobs, self.stop_clips, self.clips_s = queue.Queue(), threading.Event(), 0.0
+        self.first_frame_s = None  # when the first processed frame came back, from the start
+        self.last_frame_s = None  # ... and the last one
+        self.stages = {}  # process name -> StageClock report
+
+    def stats(self) -> dict:
+        """Return the run's timing: wall time, frames/s and seconds per stage and process."""
+        wall_s = time.monotonic() - self.started
+        frames = sum(r.processed_frame_count for r in self.results)
+        steady_s = (self.last_frame_s or 0.0) - (self.first_frame_s or 0.0)
+        return {"wall_s": round(wall_s, 3), "first_frame_s": self.first_frame_s,
+                "last_frame_s": self.last_frame_s, "processed_frames": frames,
+                "frames_per_s": round(frames / wall_s, 3) if wall_s > 0 else None,
+                "frames_per_s_first_to_last": round(frames / steady_s, 3) if steady_s > 0 else None,
+                "clips_s": round(self.clips_s, 3), "stages": self.stages}
 
     def record_progress(self, video_idx: int, count: int) -> int:
         """Count frames a worker has finished; return the count."""
+        self.last_frame_s = round(time.monotonic() - self.started, 3)
+        if self.first_frame_s is None:
+            self.first_frame_s = self.last_frame_s
         self.results[video_idx].processed_frame_count += count
         return count
 
@@ -1731,16 +1825,37 @@ class RunState:
         self.finish_video(result)
 
     def finish_video(self, result: VideoResult) -> None:
-        """Compute ranges, cut clips and rewrite the reports for one finished video."""
+        """Compute the ranges of one finished video, save them, and queue its clips."""
         by_person = {}
         for d in result.detections:
             by_person.setdefault(d["name"], []).append((d["time"], d["distance"]))
         for name in sorted(by_person):
             result.ranges.extend(person_ranges(name, by_person[name], result.info, self.settings))
-        clip_dir = self.output_dir / result.info.output_name / "clips"
-        for time_range in result.ranges:
-            result.clips.append(self.cut_one(result, time_range, clip_dir))
-        write_reports(self.run, self.results, self.output_dir, self.settings)
+        self.save_reports()
+        self.clip_jobs.put(result)
+
+    def save_reports(self) -> None:
+        """Rewrite results.json and results.csv with everything found so far."""
+        with self.lock:
+            write_reports(self.run, self.results, self.output_dir, self.settings)
+
+    def cut_clips(self) -> None:
+        """Clip-cutting thread: cut each queued video's ranges; a None job ends it.
+
+        ffmpeg runs beside the inference (on a GPU machine the CPU is free for it), and the
+        parent keeps reading results meanwhile.
+        """
+        while (result := self.clip_jobs.get()) is not None:
+            clip_dir = self.output_dir / result.info.output_name / "clips"
+            for time_range in result.ranges:
+                if self.stop_clips.is_set():
+                    break
+                started = time.monotonic()
+                clip = self.cut_one(result, time_range, clip_dir)
+                with self.lock:
+                    result.clips.append(clip)
+                    self.clips_s += time.monotonic() - started
+            self.save_reports()
 
     def cut_one(self, result: VideoResult, time_range: TimeRange, clip_dir: Path) -> str | None:
         """Cut one clip; on failure record the error and return None."""
@@ -1749,8 +1864,9 @@ class RunState:
         try:
             return str(cut_clip(self.ffmpeg, result.info, time_range, clip_dir))
         except (ClipError, OSError) as error:
-            result.errors.append(str(error))
-            self.failures.append(str(error))
+            with self.lock:
+                result.errors.append(str(error))
+                self.failures.append(str(error))
             return None
 
 
@@ -1763,6 +1879,8 @@ def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) 
         state.record_track(*message[1:])
     elif kind == "video_tracked":
         state.video_tracked(message[1])
+    elif kind == "stats":
+        state.stages[message[1]] = message[2]
     elif kind == "video_done":
         state.video_decoded(*message[1:])
     elif kind == "ready":
@@ -1794,12 +1912,17 @@ def run_pipeline(state: RunState, videos: list, references: list) -> None:
     pipe = start_pipeline(settings, videos, references)
     bars = {"videos": tqdm(total=len(videos), desc="videos", unit="video", position=0),
             "frames": tqdm(total=total, desc="frames", unit="frame", position=1, smoothing=0.1)}
+    cutter = threading.Thread(target=state.cut_clips, name="clip-cutter", daemon=True)
+    cutter.start()
+    finished = False
     try:
         def receive():
             try:
-                handle_message(pipe.result_q.get(timeout=_QUEUE_TIMEOUT_S), state, pipe, bars)
+                message = pipe.result_q.get(timeout=_QUEUE_TIMEOUT_S)
             except queue.Empty:
-                pass
+                return
+            with state.lock:
+                handle_message(message, state, pipe, bars)
 
         next_check = time.monotonic()
         while len(pipe.finished_children) < len(pipe.processes):
@@ -1807,10 +1930,15 @@ def run_pipeline(state: RunState, videos: list, references: list) -> None:
             if time.monotonic() >= next_check:  # also while messages keep coming
                 check_children(pipe, receive)
                 next_check = time.monotonic() + _QUEUE_TIMEOUT_S
+        finished = True
     finally:
         for bar in bars.values():
             bar.close()
         shutdown_pipeline(pipe)
+        if not finished:  # broken or interrupted: cut no more clips
+            state.stop_clips.set()
+        state.clip_jobs.put(None)
+        cutter.join()
 
 
 def prepare_references(settings: Settings) -> tuple:
@@ -1906,8 +2034,12 @@ def main(argv=None) -> int:
         if state.debug_rec_file:
             state.debug_rec_file.close()
         run["failures"] = state.failures
+        run["stats"] = state.stats()
         write_reports(run, state.results, output_dir, settings)
     print(summary_table(state.results))
+    stats = run["stats"]
+    print(f"[*] {stats['processed_frames']} frames in {stats['wall_s']:.1f} s "
+          f"({stats['frames_per_s'] or 0:.1f} frames/s; first frame after {stats['first_frame_s']} s)")
     report_problems("problems", state.failures)
     print(f"[*] results: {output_dir / 'results.json'}")
     if exit_code == 0 and (state.failures or not run["complete"]):

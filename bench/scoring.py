@@ -46,8 +46,8 @@ def summarize(counts: dict) -> dict:
     for person, c in counts.items():
         recall = c["tp"] / (c["tp"] + c["fn"]) if c["tp"] + c["fn"] else None
         precision = c["tp"] / (c["tp"] + c["fp"]) if c["tp"] + c["fp"] else None
-        f1 = (2 * recall * precision / (recall + precision)
-              if recall is not None and precision and recall else (0.0 if recall == 0 else None))
+        judged = 2 * c["tp"] + c["fp"] + c["fn"]
+        f1 = 2 * c["tp"] / judged if judged else None
         summary[person] = {**c, "recall": recall, "precision": precision, "f1": f1}
     return summary
 

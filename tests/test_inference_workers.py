@@ -49,7 +49,8 @@ def test_detections_equal_insightface_scrfd_detect(main_module, images, tmp_path
     total = 0
     for n, image in enumerate(images):
         boxes, kps = main_module.detect_faces(ours, [image], settings)[0]
-        ref_boxes, ref_kps = theirs.detect(image, input_size=(640, 640))
+        input_size = main_module.detector_input_size(ours, settings, image.shape[:2])
+        ref_boxes, ref_kps = theirs.detect(image, input_size=input_size)
         assert len(boxes) == len(ref_boxes), f"image {n}: {len(boxes)} faces vs {len(ref_boxes)}"
         if len(boxes):
             assert np.abs(boxes[:, :4] - ref_boxes[:, :4]).max() <= 1.0, f"image {n} boxes differ"
@@ -57,6 +58,30 @@ def test_detections_equal_insightface_scrfd_detect(main_module, images, tmp_path
             assert np.abs(kps - ref_kps).max() <= 1.0, f"image {n} keypoints differ"
         total += len(boxes)
     assert total >= len(images), f"only {total} faces in {len(images)} images: the test saw too little"
+
+
+def test_trimmed_detector_input_finds_the_same_faces_as_the_full_square(main_module, images,
+                                                                       cpu_models, test_settings):
+    """Feeding a 16:9 frame as 640x384 instead of 640x640 (same scale) finds the same faces."""
+    import dataclasses
+    square = dataclasses.replace(cpu_models, det_fixed_size=(640, 640))
+    compared = 0
+    for n, image in enumerate(images):
+        trimmed_size = main_module.detector_input_size(cpu_models, test_settings, image.shape[:2])
+        boxes, _ = main_module.detect_faces(cpu_models, [image], test_settings)[0]
+        full, _ = main_module.detect_faces(square, [image], test_settings)[0]
+        assert len(boxes) == len(full), f"image {n} at {trimmed_size}: {len(boxes)} vs {len(full)} faces"
+        if len(boxes):  # scores differ slightly, so compare each box with its nearest twin
+            nearest = main_module.box_iou(boxes[:, :4], full[:, :4]).argmax(axis=1)
+            # In detector pixels: within 1 px; 3 px for a face cut by the frame's bottom or right
+            # edge, where the network sees the end of the picture instead of black padding.
+            scale = 640 / max(image.shape[:2])  # the letterbox scale into 640x640
+            diff = np.abs(boxes[:, :4] - full[nearest, :4]).max(axis=1) * scale
+            at_edge = (boxes[:, 3] >= image.shape[0] - 2) | (boxes[:, 2] >= image.shape[1] - 2)
+            allowed = np.where(at_edge, 3.0, 1.0)
+            assert (diff <= allowed).all(), f"image {n} at {trimmed_size}: {diff.round(2)} px vs {allowed}"
+        compared += trimmed_size != (640, 640)
+    assert compared >= 5, f"only {compared} images had a trimmed input"
 
 
 def test_unknown_detector_layout_is_refused_naming_the_file(main_module, tmp_path):

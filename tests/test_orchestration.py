@@ -122,12 +122,17 @@ def test_reports_list_both_distance_and_similarity(search):
     assert len(rows) == 1 + len(ranges), rows
 
 
-def test_snapshots_exist_for_matched_frames(search):
-    """Each video with matches has a snapshot per matched frame in <output>/<video stem>/."""
+def test_snapshots_show_recognised_frames_of_every_named_track(search):
+    """Every named face track has a snapshot, each at a frame where that person was recognised."""
     for entry in search["results"]["videos"]:
-        frames = {d["frame"] for d in entry["detections"]}
-        shots = list((search["out"] / entry["output_folder"]).glob("frame_*.jpg"))
-        assert len(shots) == len(frames), f"{entry['file']}: {len(shots)} snapshots, {len(frames)} frames"
+        folder = search["out"] / entry["output_folder"]
+        recognised = {(d["frame"], d["name"]) for d in entry["detections"] if d["recognized"]}
+        shots = {(int(p.name.split("_")[1]), p.stem.split("s_", 1)[1]) for p in folder.glob("frame_*.jpg")}
+        assert shots <= recognised, f"{entry['file']}: snapshots of unrecognised frames {shots - recognised}"
+        tracks = {(d["track"], d["name"]) for d in entry["detections"]}
+        shot_tracks = {(d["track"], d["name"]) for d in entry["detections"]
+                       if (d["frame"], d["name"]) in shots}
+        assert shot_tracks == tracks, f"{entry['file']}: tracks without a snapshot {tracks - shot_tracks}"
 
 
 def ffprobe_streams(path: Path) -> list:

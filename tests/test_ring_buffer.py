@@ -57,19 +57,22 @@ def test_decoder_process_streams_a_video_through_few_slots_and_returns_all(main_
     jobs_q.put(info)
     jobs_q.put(None)
     process = ctx.Process(target=main_module.decoder_main, name="decoder-0",
-                          args=("decoder-0", layout, jobs_q, free_q, filled_q, result_q, stop, 1))
+                          args=("decoder-0", layout, jobs_q, free_q, [filled_q], result_q, stop, 1))
     process.start()
     ring = main_module.ring_view(shm, layout)
     try:
         expected = main_module.decode_frames(info, 1)
-        for frame_idx, time_s, image in expected:
-            video_idx, got_idx, got_time, h, w, slot = filled_q.get(timeout=30)
-            assert (video_idx, got_idx) == (0, frame_idx)
+        for seq, (frame_idx, time_s, image) in enumerate(expected):
+            video_idx, got_seq, got_idx, got_time, h, w, slot = filled_q.get(timeout=30)
+            assert (video_idx, got_seq, got_idx) == (0, seq, frame_idx)
             assert got_time == time_s
             assert np.array_equal(ring[slot, :h, :w], image), f"frame {frame_idx} differs in slot {slot}"
             free_q.put(slot)
-        messages = [result_q.get(timeout=30), result_q.get(timeout=30)]
-        assert messages == [("video_done", 0, 60, None), ("done", "decoder-0")], messages
+        assert filled_q.get(timeout=30) == (0, 60, None, None, 0, 0, None), "end marker after 60 frames"
+        messages = [result_q.get(timeout=30) for _ in range(3)]
+        assert messages[0] == ("video_done", 0, 60, None), messages
+        assert messages[1][:2] == ("stats", "decoder-0") and messages[1][2]["decode"]["n"] == 60
+        assert messages[2] == ("done", "decoder-0"), messages
         process.join(timeout=30)
         assert process.exitcode == 0
         returned = sorted(free_q.get(timeout=5) for _ in range(layout.slot_count))
@@ -103,14 +106,15 @@ def test_decoder_finishes_a_truncated_video_early_and_goes_on(main_module, tmp_p
     for item in (*infos, None):
         jobs_q.put(item)
     process = ctx.Process(target=main_module.decoder_main, name="decoder-0",
-                          args=("decoder-0", layout, jobs_q, free_q, filled_q, result_q, stop, 1))
+                          args=("decoder-0", layout, jobs_q, free_q, [filled_q], result_q, stop, 1))
     process.start()
     done = []
     try:
-        while len(done) < 3:
+        while len(done) < 4:
             try:
                 item = filled_q.get(timeout=0.1)
-                free_q.put(item[5])
+                if item[6] is not None:
+                    free_q.put(item[6])
             except queue.Empty:
                 pass
             try:
@@ -119,7 +123,7 @@ def test_decoder_finishes_a_truncated_video_early_and_goes_on(main_module, tmp_p
                 pass
         assert done[0][:2] == ("video_done", 0)
         assert done[1] == ("video_done", 1, 60, None), done[1]
-        assert done[2] == ("done", "decoder-0")
+        assert done[2][0] == "stats" and done[3] == ("done", "decoder-0"), done
         sent_broken = done[0][2]
         assert sent_broken < 60, f"a third of the file cannot hold all 60 frames ({sent_broken})"
     finally:
