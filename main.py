@@ -7,16 +7,20 @@ Run (after `pip install -r requirements.txt`):
 
 Data flow (all processes come from one `spawn` context owned by the parent):
 
-    parent ──jobs_q──> decoder-i  (NUM_CPU_LOADERS processes, PyAV)
+    parent ──jobs_q──> decoder-i  (NUM_CPU_LOADERS processes, PyAV; one video at a time)
                           │  free_q: slot indices ready to be written   (parent fills, workers return)
                           │  ring:   shared memory, MAX_BUFFER_SLOTS frames of the largest video
-                          v  filled_q: (video_idx, frame_idx, time_s, height, width, slot)
+                          v  filled_qs[video_idx % workers]: (video_idx, seq, frame_idx, time_s,
+                          │      height, width, slot), then an end marker with slot None
                        worker-j   (NUM_GPU_PROCESSES processes x GPU_WORKER_THREADS threads)
-                          │  SCRFD detection -> 5-point alignment -> ArcFace embeddings -> matching
-                          │  writes snapshots of matched frames, returns the slot to free_q
+                          │  threads: SCRFD detection of a batch, in parallel
+                          │  FrameSequencer -> VideoTracker, in frame order per video: link faces
+                          │  into tracks, recognise (align + ArcFace) a few times per track, name
+                          │  tracks from agreeing evidence, write snapshots, return the slot
                           v
-    parent <──result_q── decoders and workers: ("frames" | "video_done" | "ready" | "error" | "done", ...)
-       └─> ranges per person -> ffmpeg clips -> results.json / results.csv / summary
+    parent <──result_q── ("progress" | "track" | "video_tracked" | "video_done" | "ready" |
+       │                  "stats" | "error" | "done", ...)
+       └─> ranges per person -> clip thread (ffmpeg) -> results.json / results.csv / summary
 
 Ownership: the parent creates every queue, the stop event and the ring's shared memory; only the
 parent unlinks the ring, in a `finally`, after joining the children. Children attach by name,
@@ -79,7 +83,7 @@ BOX_PADDING_PERCENTAGE = 10  # %, 0..100; box padding on each side in snapshots
 CUSTOM_THRESHOLD = 0.60  # cosine DISTANCE (1 - cosine similarity), 0..2; match when <= this; lower is stricter
 MATCH_MARGIN = 0.05  # cosine distance, 0..2; the best person must beat the second best by this much
 MIN_TRACK_HITS = 2  # 1..100; recognitions of a face track that must agree before it is named
-MIN_FACE_SIZE = 20  # px, 0..1000; smaller faces are tracked but not recognised
+MIN_FACE_SIZE = 32  # px, 0..1000; smaller faces are tracked but not recognised (ArcFace needs detail)
 RECOGNITION_INTERVAL = 5  # processed frames, 1..1000; re-recognise a track after this, doubling up to 8x
 TRACK_MAX_GAP = 1.0  # s, 0..60; a face track ends after this long unseen (and at every shot cut)
 # Clips
@@ -1134,7 +1138,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def save_debug_detections(context: WorkerContext, frame: tuple, image: np.ndarray, found) -> None:
     """Write the frame with every raw detection (box, score, keypoints) before recognition."""
     import cv2
-    canvas = np.ascontiguousarray(image)
+    canvas = np.array(image)  # a copy: the frame in the ring is still to be recognised
     for box, kps in zip(*found):
         x1, y1, x2, y2 = (int(v) for v in box[:4])
         cv2.rectangle(canvas, (x1, y1), (x2, y2), (0, 0, 255), 1)
@@ -1142,7 +1146,6 @@ def save_debug_detections(context: WorkerContext, frame: tuple, image: np.ndarra
                     0.4, (0, 0, 255), 1, cv2.LINE_AA)
         for x, y in kps:
             cv2.circle(canvas, (int(x), int(y)), 1, (0, 255, 0), 2)
-    import cv2
     info = context.videos[frame[0]]
     path = Path(context.settings.debug_det_dir) / info.output_name / f"frame_{frame[2]:07d}.jpg"
     write_bytes_atomic(path, cv2.imencode(".jpg", canvas)[1].tobytes())

@@ -235,3 +235,28 @@ def test_a_killed_worker_or_ctrl_c_stops_the_run_cleanly(tmp_path, all_refs_dir,
     time.sleep(0.5)
     assert processes_with_marker(marker) == [], "child processes outlived the run"
     assert shm_names() - shm_before == set(), "shared memory left behind"
+
+
+def test_debug_outputs_show_raw_detections_and_every_recognition(tmp_path, all_refs_dir):
+    """debug_det saves each processed frame with its raw detections; debug_rec logs each
+    recognition's distance to every person, to the console and to debug_rec.tsv."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    os.symlink(TESTDATA / "videos" / "obama_whcd.mp4", videos / "obama_whcd.mp4")
+    out, debug_dir = tmp_path / "out", tmp_path / "dbg"
+    cmd = search_command(videos, all_refs_dir, out, "--frame-interval", "6", "--debug-det",
+                         "--debug-det-dir", str(debug_dir), "--debug-rec")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    frames = sorted(p.name for p in (debug_dir / "obama_whcd").glob("frame_*.jpg"))
+    assert frames == [f"frame_{i:07d}.jpg" for i in range(0, 60, 6)], frames
+    lines = (out / "debug_rec.tsv").read_text().splitlines()
+    assert lines, "no recognition logged"
+    for line in lines:
+        fields = line.split("\t")
+        people = dict(f.split("=") for f in fields[5:])
+        assert set(people) == {p.stem for p in all_refs_dir.glob("*.jpg")}, line
+        assert fields[4] in ("Barack_Obama", "-"), line
+    assert "[debug_rec]" in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["videos"][0]["processed_frame_count"] == 10
