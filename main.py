@@ -91,6 +91,7 @@ FRAME_INTERVAL = 1  # process every N-th decoded frame, 1..1000
 CLIP_DURATION_BEFORE = 2.0  # s, 0..600; clip starts this long before the first sighting
 CLIP_DURATION_AFTER = 2.0  # s, 0..600; clip ends this long after the last sighting
 MERGE_GAP_TOLERANCE = 2.0  # s, 0..3600; sightings of one person closer than this form one range
+CLIP_MODE = "accurate"  # accurate: re-encoded, frame-exact start | fast: stream copy from the keyframe before
 # Folders
 VIDEO_DIR = "in_video"  # folder of videos to search (searched recursively)
 REFERENCE_DIR = "samples_jpg"  # reference photos: Name.jpg, Name_2.jpg, or a subfolder Name/
@@ -109,7 +110,7 @@ SETTING_NAMES = (
     "REC_CHUNK_SIZE", "MODEL_PACK_NAME", "DET_SIZE", "PRE_UPSCALE_FACTOR", "det_prob_threshold",
     "BOX_PADDING_PERCENTAGE", "CUSTOM_THRESHOLD", "MATCH_MARGIN", "MIN_TRACK_HITS", "MIN_FACE_SIZE",
     "RECOGNITION_INTERVAL", "TRACK_MAX_GAP", "FRAME_INTERVAL", "CLIP_DURATION_BEFORE",
-    "CLIP_DURATION_AFTER", "MERGE_GAP_TOLERANCE", "VIDEO_DIR", "REFERENCE_DIR", "OUTPUT_DIR",
+    "CLIP_DURATION_AFTER", "MERGE_GAP_TOLERANCE", "CLIP_MODE", "VIDEO_DIR", "REFERENCE_DIR", "OUTPUT_DIR",
     "MODEL_ROOT", "TRT_CACHE_DIR", "FFMPEG_DIR", "PROVIDERS", "debug_det", "debug_det_dir", "debug_rec",
 )
 
@@ -149,6 +150,7 @@ _GROWTH_FOR_RECHECK = 1.3  # re-recognise when a face is this much larger than a
 _FRONTAL_GAIN_FOR_RECHECK = 0.25  # ... or this much more frontal (0 = profile, 1 = frontal)
 _MAX_PENDING_SNAPSHOTS = 8  # snapshots kept in memory per track until it is named
 _SURE_FACE_SCORE = 0.5  # SCRFD score from which a new track is recognised at once (insightface's default)
+_KEYFRAME_SEEK_PAST_S = 0.001  # fast clips: seek this far past the keyframe, so ffmpeg starts on it
 _PALETTE_BGR = [(0, 200, 255), (255, 120, 0), (80, 220, 80), (200, 60, 255), (255, 255, 0),
                 (60, 60, 255), (0, 255, 180), (255, 0, 160), (160, 160, 255), (0, 140, 255)]
 
@@ -281,7 +283,7 @@ class VideoResult:
     sent_frame_count: int | None = None  # frames its decoder sent; set when it finished the video
     tracked: bool = False  # its worker has ended all its face tracks
     ranges: list = field(default_factory=list)
-    clips: list = field(default_factory=list)
+    clips: list = field(default_factory=list)  # (path or None, clip start s) per range, in order
     errors: list = field(default_factory=list)
     finished: bool = False
 
@@ -298,6 +300,7 @@ _LIMITS = {  # name -> (minimum, maximum) for numbers; choices for strings
     "TRACK_MAX_GAP": (0.0, 60.0), "FRAME_INTERVAL": (1, 1000),
     "CLIP_DURATION_BEFORE": (0.0, 600.0), "CLIP_DURATION_AFTER": (0.0, 600.0),
     "MERGE_GAP_TOLERANCE": (0.0, 3600.0), "PROVIDERS": tuple(_PROVIDER_ORDER),
+    "CLIP_MODE": ("accurate", "fast"),
 }
 _FLAG_ALIASES = {"VIDEO_DIR": ["--videos"], "REFERENCE_DIR": ["--refs"], "OUTPUT_DIR": ["--output"],
                  "MODEL_ROOT": [], "MODEL_PACK_NAME": ["--model-pack"], "PROVIDERS": []}
@@ -353,11 +356,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif name == "DET_SIZE":
             kwargs.update(type=parse_det_size, metavar="W[xH]")
-        elif name == "PROVIDERS":
-            kwargs["choices"] = _LIMITS["PROVIDERS"]
+        elif name in ("PROVIDERS", "CLIP_MODE"):
+            kwargs["choices"] = _LIMITS[name]
         else:
             kwargs["type"] = float if isinstance(default, float) else type(default)
         parser.add_argument(*flags, **kwargs)
+    parser.add_argument("--check", action="store_true",
+                        help="print what would run (versions, providers, GPUs, models, ffmpeg, "
+                             "videos, photos and their problems) and change nothing")
+    parser.add_argument("--demo", action="store_true",
+                        help="build a small demo (video + reference photo) in a temporary folder "
+                             "and run the whole search on it")
     return parser
 
 
@@ -379,7 +388,11 @@ def validate_settings(values: dict) -> None:
 
 def load_settings(argv=None) -> Settings:
     """Return the effective settings: the block's defaults overridden by command-line flags."""
-    args = build_arg_parser().parse_args(argv)
+    return settings_from_args(build_arg_parser().parse_args(argv))
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Return validated Settings from parsed arguments; raise ValueError naming a bad flag."""
     values = {name: getattr(args, name) for name in SETTING_NAMES}
     values["DET_SIZE"] = tuple(values["DET_SIZE"])
     validate_settings(values)
@@ -1519,14 +1532,42 @@ def container_seek_s(time_s: float, info: VideoInfo) -> float:
     return max(0.0, time_s + info.video_start_offset_s)
 
 
-def build_clip_command(ffmpeg: str, info: VideoInfo, time_range: TimeRange, part_path: Path) -> list:
-    """Return the ffmpeg argument list that cuts one range, re-encoded for a frame-accurate start."""
-    return [ffmpeg, "-nostdin", "-y", "-v", "error",
-            "-ss", f"{container_seek_s(time_range.start_s, info):.3f}", "-i", info.path,
-            "-t", f"{time_range.end_s - time_range.start_s:.3f}",
-            "-map", "0:v:0", "-map", "0:a:0?",
+def build_clip_command(ffmpeg: str, info: VideoInfo, time_range: TimeRange, part_path: Path,
+                       mode: str = "accurate", clip_start_s: float | None = None) -> list:
+    """Return the ffmpeg argument list that cuts one range.
+
+    accurate: re-encoded (H.264/AAC), starting exactly at the range's first frame.
+    fast: stream copy from clip_start_s, the keyframe at or before the range's start (a copy can
+    only start at a keyframe); seeking just past it makes ffmpeg start there.
+    """
+    common = [ffmpeg, "-nostdin", "-y", "-v", "error"]
+    maps = ["-map", "0:v:0", "-map", "0:a:0?"]
+    if mode == "fast":
+        seek_s = container_seek_s(clip_start_s, info) + _KEYFRAME_SEEK_PAST_S
+        return [*common, "-ss", f"{seek_s:.3f}", "-i", info.path,
+                "-t", f"{time_range.end_s - clip_start_s - _KEYFRAME_SEEK_PAST_S:.3f}", *maps,
+                "-c", "copy", "-avoid_negative_ts", "make_zero", "-movflags", "+faststart",
+                "-f", "mp4", str(part_path)]
+    return [*common, "-ss", f"{container_seek_s(time_range.start_s, info):.3f}", "-i", info.path,
+            "-t", f"{time_range.end_s - time_range.start_s:.3f}", *maps,
             "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p",
             "-c:a", "aac", "-b:a", "160k", "-movflags", "+faststart", "-f", "mp4", str(part_path)]
+
+
+def keyframe_times_s(info: VideoInfo) -> list:
+    """Return the times (s, frame clock) of the video stream's keyframes, read without decoding."""
+    import av
+    with av.open(info.path) as container:
+        stream = container.streams.video[0]
+        return sorted(frame_time_s(packet.pts, info.origin_pts, info.time_base)
+                      for packet in container.demux(stream)
+                      if packet.is_keyframe and packet.pts is not None)
+
+
+def keyframe_before(keyframes_s: list, time_s: float) -> float:
+    """Return the last keyframe time at or before time_s (0 when there is none)."""
+    earlier = [k for k in keyframes_s if k <= time_s + 1e-6]
+    return max(earlier) if earlier else 0.0
 
 
 def run_checked(cmd: list, what: str, timeout_s: float = 600) -> None:
@@ -1543,14 +1584,15 @@ def run_checked(cmd: list, what: str, timeout_s: float = 600) -> None:
         raise ClipError(f"{what}: ffmpeg exit code {done.returncode}\n{tail}")
 
 
-def cut_clip(ffmpeg: str, info: VideoInfo, time_range: TimeRange, clip_dir: Path) -> Path:
+def cut_clip(ffmpeg: str, info: VideoInfo, time_range: TimeRange, clip_dir: Path,
+             mode: str = "accurate", clip_start_s: float | None = None) -> Path:
     """Write one clip via a .part file renamed into place; return its path."""
     clip_dir.mkdir(parents=True, exist_ok=True)
     final = clip_dir / clip_file_name(time_range)
     part = final.with_name(final.name + ".part")
     what = f"{Path(info.path).name} {time_range.start_s:.2f}-{time_range.end_s:.2f}s"
     try:
-        run_checked(build_clip_command(ffmpeg, info, time_range, part), what)
+        run_checked(build_clip_command(ffmpeg, info, time_range, part, mode, clip_start_s), what)
         os.replace(part, final)
     finally:
         part.unlink(missing_ok=True)
@@ -1594,13 +1636,15 @@ def video_report(result: VideoResult, output_dir: Path, frame_interval: int) -> 
         "video_start_offset_s": round(info.video_start_offset_s, 6),
         "frame_interval": frame_interval, "processed_frame_count": result.processed_frame_count,
         "detections": sorted(result.detections, key=lambda d: (d["frame"], d["name"])),
-        "ranges": [range_report(r, result.clips[i] if i < len(result.clips) else None, output_dir)
-                   for i, r in enumerate(result.ranges)],
+        "ranges": [range_report(r, *(result.clips[i] if i < len(result.clips) else (None, None)),
+                                output_dir) for i, r in enumerate(result.ranges)],
     }
 
 
-def range_report(time_range: TimeRange, clip: str | None, output_dir: Path) -> dict:
-    """Return the results.json entry of one range."""
+def range_report(time_range: TimeRange, clip: str | None, clip_start_s: float | None,
+                 output_dir: Path) -> dict:
+    """Return the results.json entry of one range; clip_start is where its clip really starts
+    (earlier than start in fast mode: the keyframe before)."""
     return {
         "name": time_range.name, "start": round(time_range.start_s, 3),
         "end": round(time_range.end_s, 3), "start_hms": format_hms(time_range.start_s),
@@ -1610,6 +1654,8 @@ def range_report(time_range: TimeRange, clip: str | None, output_dir: Path) -> d
         "best_distance": round(time_range.best_distance, 4),
         "best_similarity": round(1 - time_range.best_distance, 4),
         "clip": Path(os.path.relpath(clip, output_dir)).as_posix() if clip else None,
+        "clip_start": None if clip is None else round(clip_start_s, 3),
+        "clip_starts_early_by": None if clip is None else round(time_range.start_s - clip_start_s, 3),
     }
 
 
@@ -1848,24 +1894,29 @@ class RunState:
         ffmpeg runs beside the inference (on a GPU machine the CPU is free for it), and the
         parent keeps reading results meanwhile.
         """
+        fast = self.settings.CLIP_MODE == "fast"
         while (result := self.clip_jobs.get()) is not None:
             clip_dir = self.output_dir / result.info.output_name / "clips"
+            keyframes = keyframe_times_s(result.info) if fast and result.ranges else []
             for time_range in result.ranges:
                 if self.stop_clips.is_set():
                     break
                 started = time.monotonic()
-                clip = self.cut_one(result, time_range, clip_dir)
+                clip_start_s = keyframe_before(keyframes, time_range.start_s) if fast else time_range.start_s
+                clip = self.cut_one(result, time_range, clip_dir, clip_start_s)
                 with self.lock:
-                    result.clips.append(clip)
+                    result.clips.append((clip, clip_start_s))
                     self.clips_s += time.monotonic() - started
             self.save_reports()
 
-    def cut_one(self, result: VideoResult, time_range: TimeRange, clip_dir: Path) -> str | None:
+    def cut_one(self, result: VideoResult, time_range: TimeRange, clip_dir: Path,
+                clip_start_s: float) -> str | None:
         """Cut one clip; on failure record the error and return None."""
         if self.ffmpeg is None:
             return None
         try:
-            return str(cut_clip(self.ffmpeg, result.info, time_range, clip_dir))
+            return str(cut_clip(self.ffmpeg, result.info, time_range, clip_dir,
+                                self.settings.CLIP_MODE, clip_start_s))
         except (ClipError, OSError) as error:
             with self.lock:
                 result.errors.append(str(error))

@@ -372,3 +372,46 @@ def test_failed_cut_raises_clip_error_and_leaves_no_part_file(main_module, ffmpe
         main_module.cut_clip(ffmpeg_exe, info, time_range(main_module, 1.0, 2.0), clip_dir)
     left = sorted(os.listdir(clip_dir))
     assert left == [], f"left behind: {left}"
+
+
+# CLIP_MODE ------------------------------------------------------------------------------------
+def first_frames_match(main_module, clip_path, source_path, expected_time_s):
+    """Return (index of the source frame the clip's first frame equals best, expected index)."""
+    import av
+    info = main_module.probe_video(Path(source_path), 0, "src")
+    frames = [(t, img.astype(np.int16)) for _, t, img in main_module.decode_frames(info, 1)]
+    with av.open(str(clip_path)) as container:
+        first = next(container.decode(video=0)).to_ndarray(format="bgr24").astype(np.int16)
+    errors = [np.abs(first - img).mean() for _, img in frames]
+    expected = min(range(len(frames)), key=lambda i: abs(frames[i][0] - expected_time_s))
+    return int(np.argmin(errors)), expected
+
+
+def stream_types(path):
+    done = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=codec_type", "-of",
+                           "csv=p=0", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return sorted(done.stdout.split())
+
+
+@pytest.mark.parametrize("mode, start_s, expected_start_s", [
+    ("accurate", 5.04, 5.04),  # re-encoded: the range's own first frame
+    ("fast", 5.04, 4.004),  # stream copy: the keyframe before 5.04 s (keyframes 4.004, 5.439)
+    ("fast", 211 * 100 / 2997, 211 * 100 / 2997),  # starting on a keyframe (frame 211): there
+])
+def test_clip_modes_start_where_the_report_says_and_keep_audio(main_module, ffmpeg_exe, tmp_path,
+                                                               mode, start_s, expected_start_s):
+    """accurate clips start on the range's first frame; fast clips on the keyframe at or before
+    it, which keyframe_before reports; both keep the audio (ffprobe)."""
+    source = TESTDATA / "videos" / "short_hamilton_clip.mp4"
+    info = main_module.probe_video(source, 0, "hamilton")
+    time_range = main_module.TimeRange("Lin_Manuel_Miranda", start_s, start_s + 1.5, 0.5, start_s,
+                                       start_s + 1.0)
+    clip_start_s = start_s
+    if mode == "fast":
+        clip_start_s = main_module.keyframe_before(main_module.keyframe_times_s(info), start_s)
+        assert clip_start_s == pytest.approx(expected_start_s, abs=1e-3), clip_start_s
+    clip = main_module.cut_clip(ffmpeg_exe, info, time_range, tmp_path, mode, clip_start_s)
+    assert stream_types(clip) == ["audio", "video"], f"{mode} clip streams"
+    shown, expected = first_frames_match(main_module, clip, source, expected_start_s)
+    assert abs(shown - expected) <= 1, f"{mode} clip starts at frame {shown}, expected {expected}"

@@ -30,8 +30,9 @@ def two_videos(main_module, tmp_path):
     first.ranges = [make_range(main_module, "Barack_Obama", 0.0, 4.0, 0.412),
                     make_range(main_module, "Barack_Obama", 10.0, 14.5, 0.5),
                     make_range(main_module, "Michelle_Obama", 2.0, 5.0, 0.55)]
-    first.clips = [str(out / "obama_whcd" / "clips" / "0.00s_Barack_Obama_d0.412.mp4"), None,
-                   str(out / "obama_whcd" / "clips" / "2.00s_Michelle_Obama_d0.550.mp4")]
+    first.clips = [(str(out / "obama_whcd" / "clips" / "0.00s_Barack_Obama_d0.412.mp4"), 0.0),
+                   (None, 10.0),
+                   (str(out / "obama_whcd" / "clips" / "2.00s_Michelle_Obama_d0.550.mp4"), 2.0)]
     second = main_module.VideoResult(
         make_info(main_module, 1, "/videos/crowd.mp4", "crowd"), processed_frame_count=105,
         sent_frame_count=105, finished=True)
@@ -146,12 +147,15 @@ def test_every_range_gets_a_csv_row_even_before_its_clip_is_cut(main_module, two
 def test_range_report_gives_distance_similarity_and_relative_clip(main_module, tmp_path):
     """A range's JSON entry has rounded seconds, hms, distance, similarity = 1 - distance, clip path."""
     time_range = main_module.TimeRange("Barack_Obama", 12.5, 15.04, 0.41234, 13.0, 14.0)
-    entry = main_module.range_report(time_range, str(tmp_path / "v" / "clips" / "c.mp4"), tmp_path)
+    entry = main_module.range_report(time_range, str(tmp_path / "v" / "clips" / "c.mp4"), 12.0,
+                                     tmp_path)
     got = {k: entry[k] for k in ("name", "start", "end", "start_hms", "end_hms", "best_distance",
-                                 "best_similarity", "first_sighting", "last_sighting", "clip")}
+                                 "best_similarity", "first_sighting", "last_sighting", "clip",
+                                 "clip_start", "clip_starts_early_by")}
     expected = {"name": "Barack_Obama", "start": 12.5, "end": 15.04, "start_hms": "00:00:12.500",
                 "end_hms": "00:00:15.040", "best_distance": 0.4123, "best_similarity": 0.5877,
-                "first_sighting": 13.0, "last_sighting": 14.0, "clip": "v/clips/c.mp4"}
+                "first_sighting": 13.0, "last_sighting": 14.0, "clip": "v/clips/c.mp4",
+                "clip_start": 12.0, "clip_starts_early_by": 0.5}
     assert got == expected, f"range_report gave {got}"
 
 
