@@ -103,7 +103,7 @@ FFMPEG_DIR = "ffmpeg"  # optional local ffmpeg binary (ffmpeg or ffmpeg.exe); th
 PROVIDERS = "auto"  # auto | tensorrt | cuda | cpu; auto takes the best that really loads
 debug_det = False  # save every frame's raw detections (before recognition) as images
 debug_det_dir = "debug_det"  # where debug_det writes
-debug_rec = False  # log every face's distance to every person (also to OUTPUT_DIR/debug_rec.tsv)
+debug_rec = False  # log each recognition's distance to every person (also to OUTPUT_DIR/debug_rec.tsv)
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 SETTING_NAMES = (
     "NUM_GPU_PROCESSES", "GPU_WORKER_THREADS", "NUM_CPU_LOADERS", "BATCH_SIZE", "MAX_BUFFER_SLOTS",
@@ -1437,12 +1437,13 @@ class VideoTracker:
             self.write_snapshots(track, track.name_idx)
 
     def write_snapshots(self, track: Track, person: int) -> None:
-        """Write the track's kept snapshots of this person; drop the others."""
+        """Write the track's kept snapshots of this person (the others stay kept, in case later
+        evidence names the track differently)."""
         for who, _, path, jpeg in track.pending:
             if who == person:
                 write_bytes_atomic(path, jpeg)
                 track.written.append((who, path))
-        track.pending.clear()
+        track.pending = [item for item in track.pending if item[0] != person]
 
     def end_tracks(self, tracks: list) -> None:
         """End these tracks: decide each name from all its evidence and report it."""
@@ -1666,10 +1667,13 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(part, path)
 
 
-def write_reports(run: dict, results: list, output_dir: Path, settings: Settings) -> None:
-    """Write results.json and results.csv (one row per range) for everything found so far."""
+def write_reports(run: dict, results: list, output_dir: Path, settings: Settings,
+                  thumbnails: dict | None = None) -> None:
+    """Write results.json, results.csv (one row per range) and index.html for all found so far."""
     videos = [video_report(r, output_dir, settings.FRAME_INTERVAL) for r in results]
-    write_json_atomic(output_dir / "results.json", {**run, "videos": videos})
+    report = {**run, "videos": videos}
+    write_json_atomic(output_dir / "results.json", report)
+    write_html_report(report, output_dir, thumbnails or {})
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["video", "name", "start_s", "end_s", "start_hms", "end_hms",
@@ -1681,6 +1685,147 @@ def write_reports(run: dict, results: list, output_dir: Path, settings: Settings
     part = output_dir / "results.csv.part"
     part.write_text(buffer.getvalue(), encoding="utf-8")
     os.replace(part, output_dir / "results.csv")
+
+
+_HTML_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;color:#222;background:#f6f6f6}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 10px} .meta{color:#666}
+.people{display:flex;flex-wrap:wrap;gap:14px}
+.person{background:#fff;border:1px solid #ddd;border-radius:8px;padding:10px 12px;width:360px}
+.person .pics img{height:120px;border-radius:4px;margin:6px 6px 0 0;vertical-align:top}
+.swatch{display:inline-block;width:12px;height:12px;border-radius:2px;margin-right:6px}
+.video{background:#fff;border:1px solid #ddd;border-radius:8px;padding:12px 14px;margin:14px 0}
+.row{display:flex;align-items:center;margin:6px 0} .label{width:190px;flex:none;overflow:hidden}
+.bar{position:relative;flex:1;height:22px;background:#e6e6e6;border-radius:4px}
+.seg{position:absolute;top:0;bottom:0;min-width:3px;border-radius:3px}
+.axis{display:flex;justify-content:space-between;color:#777;font-size:12px;margin-left:190px}
+table{border-collapse:collapse;margin-top:8px} td,th{padding:3px 10px 3px 0;text-align:left;
+border-bottom:1px solid #eee;vertical-align:top} .note{color:#a60}
+"""
+
+
+def color_hex(person_idx: int) -> str:
+    """Return a person's colour as #rrggbb (the snapshots' BGR colour)."""
+    blue, green, red = person_color(person_idx)
+    return f"#{red:02x}{green:02x}{blue:02x}"
+
+
+def reference_thumbnail(photo: str, height_px: int = 120) -> str:
+    """Return a reference photo as a small JPEG data URI (the report must work offline, alone)."""
+    import base64
+    import cv2
+    try:
+        image = read_image(Path(photo))
+    except BadInput:
+        return ""
+    scale = height_px / image.shape[0]
+    small = cv2.resize(image, (max(1, int(image.shape[1] * scale)), height_px),
+                       interpolation=cv2.INTER_AREA)
+    data = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+
+
+def snapshot_links(video: dict, output_dir: Path) -> dict:
+    """Return {person: [(time_s, distance, relative snapshot path)]} for snapshots on disk."""
+    links = {}
+    folder = output_dir / video["output_folder"]
+    for d in video["detections"]:
+        if d.get("recognized"):
+            name = f"frame_{d['frame']:07d}_{d['time']:09.3f}s_{d['name']}.jpg"
+            if (folder / name).is_file():
+                links.setdefault(d["name"], []).append(
+                    (d["time"], d["distance"], f"{video['output_folder']}/{name}"))
+    return links
+
+
+def html_person_cards(report: dict, output_dir: Path, thumbnails: dict) -> str:
+    """Return the people section: reference photo, best snapshot, where and how well found."""
+    import html
+    cards = []
+    for idx, person in enumerate(report["people"]):
+        name = person["name"]
+        ranges = [(v, r) for v in report["videos"] for r in v["ranges"] if r["name"] == name]
+        shots = [s for v in report["videos"] for s in snapshot_links(v, output_dir).get(name, [])]
+        best = min(shots, key=lambda s: s[1]) if shots else None
+        pics = f'<img src="{thumbnails.get(name, "")}" alt="reference photo of {html.escape(name)}">'
+        if best:
+            pics += (f'<a href="{html.escape(best[2])}"><img src="{html.escape(best[2])}" '
+                     f'alt="best match of {html.escape(name)}"></a>')
+        if ranges:
+            best_d = min(r["best_distance"] for _, r in ranges)
+            videos = len({v["file"] for v, _ in ranges})
+            found = (f"found in {videos} video(s), {len(ranges)} range(s); best distance "
+                     f"{best_d:.3f} (similarity {1 - best_d:.3f})")
+        else:
+            found = "not found"
+        cards.append(f'<div class="person"><b><span class="swatch" style="background:'
+                     f'{color_hex(idx)}"></span>{html.escape(name)}</b><div>{found}</div>'
+                     f'<div class="pics">{pics}</div></div>')
+    return '<div class="people">' + "".join(cards) + "</div>"
+
+
+def html_video(video: dict, people: list, output_dir: Path) -> str:
+    """Return one video's block: a timeline bar per person found and a table of ranges."""
+    import html
+    duration = max([video["duration_s"]] + [r["end"] for r in video["ranges"]]) or 1.0
+    names = sorted({r["name"] for r in video["ranges"]})
+    rows, table = [], []
+    shots = snapshot_links(video, output_dir)
+    for name in names:
+        idx = people.index(name) if name in people else 0
+        segments = []
+        for r in (r for r in video["ranges"] if r["name"] == name):
+            left, width = 100 * r["start"] / duration, 100 * (r["end"] - r["start"]) / duration
+            tip = f"{name} {r['start_hms']}-{r['end_hms']}, distance {r['best_distance']:.3f}"
+            href = html.escape(r["clip"] or "#")
+            segments.append(f'<a class="seg" href="{href}" title="{html.escape(tip)}" style="left:'
+                            f'{left:.3f}%;width:{width:.3f}%;background:{color_hex(idx)}"></a>')
+            inside = [s for s in shots.get(name, []) if r["start"] <= s[0] <= r["end"]]
+            table.append(html_range_row(r, inside))
+        rows.append(f'<div class="row"><div class="label"><span class="swatch" style="background:'
+                    f'{color_hex(idx)}"></span>{html.escape(name)}</div><div class="bar">'
+                    f'{"".join(segments)}</div></div>')
+    if not names:
+        rows.append('<div class="row"><div class="label">nobody found</div><div class="bar"></div></div>')
+    axis = "".join(f"<span>{format_hms(duration * k / 4)}</span>" for k in range(5))
+    head = (f'<h3>{html.escape(Path(video["file"]).name)}</h3><div class="meta">'
+            f'{format_hms(video["duration_s"])}, {video["processed_frame_count"]} frames processed, '
+            f'status {html.escape(video["status"])}</div>')
+    ranges = ("<table><tr><th>person</th><th>from</th><th>to</th><th>best distance</th>"
+              "<th>clip</th><th>snapshots</th></tr>" + "".join(table) + "</table>") if table else ""
+    return (f'<div class="video">{head}{"".join(rows)}<div class="axis">{axis}</div>{ranges}</div>')
+
+
+def html_range_row(r: dict, shots: list) -> str:
+    """Return one table row of a range: times, distance, clip link, snapshot links."""
+    import html
+    clip = (f'<a href="{html.escape(r["clip"])}">clip</a>' if r["clip"] else "no clip")
+    if r["clip"] and r.get("clip_starts_early_by"):
+        clip += (f' <span class="note">(fast mode: starts {r["clip_starts_early_by"]:.2f} s early, '
+                 f'at the keyframe before)</span>')
+    links = " ".join(f'<a href="{html.escape(path)}">{format_hms(t)}</a>' for t, _, path in shots[:12])
+    return (f"<tr><td>{html.escape(r['name'])}</td><td>{r['start_hms']}</td><td>{r['end_hms']}</td>"
+            f"<td>{r['best_distance']:.3f} (similarity {r['best_similarity']:.3f})</td>"
+            f"<td>{clip}</td><td>{links}</td></tr>")
+
+
+def write_html_report(report: dict, output_dir: Path, thumbnails: dict) -> None:
+    """Write index.html: a self-contained page (no internet) showing who was found where."""
+    import html
+    people = [p["name"] for p in report["people"]]
+    threshold = report["settings"]["CUSTOM_THRESHOLD"]
+    videos = "".join(html_video(v, people, output_dir) for v in report["videos"])
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>People found in '
+            f'videos</title><style>{_HTML_STYLE}</style></head><body><h1>People found in '
+            f'{len(report["videos"])} video(s)</h1><p class="meta">{html.escape(report["created"])}; '
+            f'a face matches when its cosine distance to a person is at most {threshold} (similarity '
+            f'at least {1 - threshold:.2f}); model pack {html.escape(report["settings"]["MODEL_PACK_NAME"])}; '
+            f'{"complete" if report["complete"] else "INCOMPLETE (interrupted or failed)"}</p>'
+            f'<h2>People</h2>{html_person_cards(report, output_dir, thumbnails)}'
+            f'<h2>Videos</h2>{videos}</body></html>')
+    part = output_dir / "index.html.part"
+    part.write_text(page, encoding="utf-8")
+    os.replace(part, output_dir / "index.html")
 
 
 def summary_table(results: list) -> str:
@@ -1804,6 +1949,7 @@ class RunState:
         self.started = time.monotonic()
         self.lock = threading.RLock()  # the clip thread and the message loop share the results
         self.clip_jobs, self.stop_clips, self.clips_s = queue.Queue(), threading.Event(), 0.0
+        self.thumbnails = {p["name"]: reference_thumbnail(p["photos"][0]) for p in run["people"]}
         self.first_frame_s = None  # when the first processed frame came back, from the start
         self.last_frame_s = None  # ... and the last one
         self.stages = {}  # process name -> StageClock report
@@ -1886,7 +2032,7 @@ class RunState:
     def save_reports(self) -> None:
         """Rewrite results.json and results.csv with everything found so far."""
         with self.lock:
-            write_reports(self.run, self.results, self.output_dir, self.settings)
+            write_reports(self.run, self.results, self.output_dir, self.settings, self.thumbnails)
 
     def cut_clips(self) -> None:
         """Clip-cutting thread: cut each queued video's ranges; a None job ends it.
@@ -2036,24 +2182,208 @@ def report_problems(title: str, problems: list) -> None:
             print(f"    - {problem}")
 
 
-def main(argv=None) -> int:
-    """Run the whole search; return the exit code.
-
-    0: all went well; 1: something was skipped or failed (listed at the end); 2: bad settings,
-    no videos, no usable reference or no models; 130: interrupted (results so far are saved).
-    """
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# 9 Check and demo
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+def package_version(name: str) -> str | None:
+    """Return an installed distribution's version, or None."""
+    from importlib import metadata
     try:
-        settings = load_settings(argv)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def working_providers(model_path: Path) -> dict:
+    """Return {provider: "loads" or why not} by opening the model with each provider alone."""
+    import onnxruntime as ort
+    ort.set_default_logger_severity(3)
+    verdicts = {}
+    for provider in [p for p in ort.get_available_providers() if p in _PROVIDER_ORDER["auto"]]:
+        try:
+            session = ort.InferenceSession(str(model_path), providers=[provider])
+            active = session.get_providers()
+            verdicts[provider] = ("loads" if provider in active else
+                                  f"listed, but the session fell back to {active} (missing "
+                                  f"CUDA/cuDNN/TensorRT libraries or a version mismatch)")
+        except Exception as error:  # a provider that cannot load is what we report
+            verdicts[provider] = f"fails: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    return verdicts
+
+
+def visible_gpus() -> list:
+    """Return the NVIDIA GPUs nvidia-smi lists ("name, memory"), or [] when it is not there."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        done = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()]
+
+
+def local_model_pack(model_root: str, pack: str) -> Path | None:
+    """Return the pack folder if it is already on disk (no download)."""
+    root = Path(model_root).expanduser()
+    for candidate in (root / "models" / pack, root / pack):
+        if candidate.is_dir() and any(candidate.glob("*.onnx")):
+            return candidate
+    return None
+
+
+def check_lines(settings: Settings) -> tuple:
+    """Return (report lines, problem count) of what a run with these settings would use."""
+    import platform
+    lines, problems = [], 0
+
+    def say(ok: bool, text: str) -> None:
+        nonlocal problems
+        lines.append(f"  [{'ok' if ok else '!!'}] {text}")
+        problems += not ok
+
+    lines.append(f"Python {platform.python_version()} on {platform.system()} {platform.machine()}")
+    for name in ("insightface", "onnxruntime", "onnxruntime-gpu", "av", "opencv-python",
+                 "numpy", "tensorrt", "imageio-ffmpeg"):
+        lines.append(f"  {name}: {package_version(name) or 'not installed'}")
+    if package_version("onnxruntime") and package_version("onnxruntime-gpu"):
+        say(False, "onnxruntime and onnxruntime-gpu are both installed: they share one module and "
+                   "the CPU build can win. Fix: pip uninstall -y onnxruntime onnxruntime-gpu && "
+                   "pip install onnxruntime-gpu")
+    gpus = visible_gpus()
+    lines.append(f"GPUs: {', '.join(gpus) if gpus else 'none found (no nvidia-smi on PATH)'}")
+    pack = local_model_pack(settings.MODEL_ROOT, settings.MODEL_PACK_NAME)
+    if pack is None:
+        say(False, f"model pack {settings.MODEL_PACK_NAME} not on disk: a run downloads it into "
+                   f"{Path(settings.MODEL_ROOT).expanduser() / 'models' / settings.MODEL_PACK_NAME} "
+                   f"(needs internet), or put its .onnx files there")
+    else:
+        try:
+            detector, recognizer = classify_pack_models(pack)
+            say(True, f"model pack: {pack} (detector {detector.name}, recognizer {recognizer.name})")
+            for provider, verdict in working_providers(detector).items():
+                say(verdict == "loads", f"provider {provider}: {verdict}")
+        except BadInput as error:
+            say(False, str(error))
+    ffmpeg = find_ffmpeg(settings.FFMPEG_DIR)
+    say(ffmpeg is not None, f"ffmpeg: {ffmpeg or 'not found (clips cannot be cut)'}")
+    return lines, problems
+
+
+def check_inputs(settings: Settings) -> tuple:
+    """Return (report lines, problem count) about the videos and reference photos."""
+    lines, problems = [], 0
+    try:
+        paths = list_videos(Path(settings.VIDEO_DIR))
+        videos, video_problems = probe_all(paths, Path(settings.VIDEO_DIR))
+        lines.append(f"videos in {settings.VIDEO_DIR}: {len(videos)} usable")
+        lines += [f"  {Path(v.path).name}: {v.width}x{v.height}, {v.fps:.2f} fps, "
+                  f"{v.duration_s:.1f} s" for v in videos]
+        lines += [f"  [!!] {p}" for p in video_problems]
+        problems += len(video_problems) + (not videos)
+    except BadInput as error:
+        lines.append(f"  [!!] {error}")
+        problems += 1
+    try:
+        photos = list_reference_photos(Path(settings.REFERENCE_DIR))
+        lines.append(f"reference photos in {settings.REFERENCE_DIR}: {len(photos)} people")
+        for label, paths in photos.items():
+            for path in paths:
+                try:
+                    read_image(path)
+                    lines.append(f"  {label}: {path.name}")
+                except BadInput as error:
+                    lines.append(f"  [!!] {error}")
+                    problems += 1
+        problems += not photos
+    except BadInput as error:
+        lines.append(f"  [!!] {error}")
+        problems += 1
+    return lines, problems
+
+
+def demo_frames(pictures: dict, size: tuple = (640, 360), fps: int = 10):
+    """Yield the demo video's BGR frames: no face, the astronaut panned and zoomed, no face,
+    the astronaut small again (about 10 s at fps)."""
+    import cv2
+    width, height = size
+
+    def framed(image, scale, shift_x):
+        canvas = np.zeros((height, width, 3), np.uint8)
+        side = int(height * scale)
+        small = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
+        x0, y0 = (width - side) // 2 + shift_x, (height - side) // 2
+        xa, xb = max(0, x0), min(width, x0 + side)
+        ya, yb = max(0, y0), min(height, y0 + side)
+        canvas[ya:yb, xa:xb] = small[ya - y0:yb - y0, xa - x0:xb - x0]
+        return canvas
+
+    for i in range(2 * fps):
+        yield framed(pictures["coffee"], 1.0 + 0.1 * i / fps, 0)
+    for i in range(4 * fps):
+        yield framed(pictures["astronaut"], 1.0 + 0.3 * i / (4 * fps), int(120 - 240 * i / (4 * fps)))
+    for i in range(2 * fps):
+        yield framed(pictures["rocket"], 1.0, 0)
+    for i in range(2 * fps):
+        yield framed(pictures["astronaut"], 0.7, 0)
+
+
+def prepare_demo(settings: Settings) -> Settings:
+    """Build a demo in a new temporary folder and return settings that search it.
+
+    The material ships with scikit-image (installed with insightface) and is free to use: NASA's
+    public-domain astronaut portrait (Eileen Collins), plus pictures without faces. The reference
+    photo is the portrait mirrored and resized, so the search has something to find.
+    """
+    import cv2
+    import tempfile
+    from skimage import data
+    root = Path(tempfile.mkdtemp(prefix="find-people-demo-"))
+    pictures = {name: cv2.cvtColor(getattr(data, name)(), cv2.COLOR_RGB2BGR)
+                for name in ("astronaut", "coffee", "rocket")}
+    (root / "samples_jpg").mkdir()
+    (root / "in_video").mkdir()
+    reference = cv2.resize(cv2.flip(pictures["astronaut"], 1), (400, 400), interpolation=cv2.INTER_AREA)
+    cv2.imwrite(str(root / "samples_jpg" / "Eileen_Collins.jpg"), reference)
+    writer = cv2.VideoWriter(str(root / "in_video" / "demo.mp4"), cv2.VideoWriter_fourcc(*"mp4v"),
+                             10, (640, 360))
+    if not writer.isOpened():
+        raise BadInput(f"OpenCV cannot write {root / 'in_video' / 'demo.mp4'}")
+    for frame in demo_frames(pictures):
+        writer.write(frame)
+    writer.release()
+    print(f"[*] demo: {root} (a 10 s video and one reference photo; the astronaut is on screen "
+          f"at 2-6 s and 8-10 s)")
+    values = dict(settings.pairs)
+    values.update(VIDEO_DIR=str(root / "in_video"), REFERENCE_DIR=str(root / "samples_jpg"),
+                  OUTPUT_DIR=str(root / "found_fragments_colored_"))
+    return Settings(tuple(values.items()))
+
+
+def run_check(settings: Settings) -> int:
+    """Print what a run would use and what is wrong; change nothing. Return 0 if all is ready."""
+    lines, problems = check_lines(settings)
+    more, more_problems = check_inputs(settings)
+    print("\n".join(lines + more))
+    total = problems + more_problems
+    print(f"{total} problem(s) found" if total else "ready: python main.py will run as shown")
+    if more_problems:
+        print("to see a complete run first, without your own files: python main.py --demo")
+    return 1 if total else 0
+
+
+def run_search(settings: Settings) -> int:
+    """Run the whole search; return the exit code (see main)."""
     for name, value in changed_settings(settings).items():
         print(f"[*] {name} = {value!r}")
     output_dir = Path(settings.OUTPUT_DIR)
     try:
         video_paths = list_videos(Path(settings.VIDEO_DIR))
         if not video_paths:
-            raise BadInput(f"no videos in {settings.VIDEO_DIR}: put .mp4/.mkv/.avi/... files there")
+            raise BadInput(f"no videos in {settings.VIDEO_DIR}: put .mp4/.mkv/.avi/... files there "
+                           f"and one photo per person in {settings.REFERENCE_DIR} (Name.jpg); or "
+                           f"see a complete example first with: python main.py --demo")
         references, ref_problems = prepare_references(settings)
         output_dir.mkdir(parents=True, exist_ok=True)
     except BadInput as error:
@@ -2089,16 +2419,39 @@ def main(argv=None) -> int:
             state.debug_rec_file.close()
         run["failures"] = state.failures
         run["stats"] = state.stats()
-        write_reports(run, state.results, output_dir, settings)
+        write_reports(run, state.results, output_dir, settings, state.thumbnails)
     print(summary_table(state.results))
     stats = run["stats"]
     print(f"[*] {stats['processed_frames']} frames in {stats['wall_s']:.1f} s "
           f"({stats['frames_per_s'] or 0:.1f} frames/s; first frame after {stats['first_frame_s']} s)")
     report_problems("problems", state.failures)
-    print(f"[*] results: {output_dir / 'results.json'}")
+    print(f"[*] results: {output_dir / 'results.json'}; report: {output_dir / 'index.html'}")
     if exit_code == 0 and (state.failures or not run["complete"]):
         exit_code = 1
     return exit_code
+
+
+def main(argv=None) -> int:
+    """Run the search (or --check, or --demo); return the exit code.
+
+    0: all went well; 1: something was skipped or failed (listed at the end); 2: bad settings,
+    no videos, no usable reference or no models; 130: interrupted (results so far are saved).
+    """
+    try:
+        args = build_arg_parser().parse_args(argv)
+        settings = settings_from_args(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.check:
+        return run_check(settings)
+    if args.demo:
+        try:
+            settings = prepare_demo(settings)
+        except (BadInput, OSError) as error:
+            print(f"error: the demo could not be built: {error}", file=sys.stderr)
+            return 2
+    return run_search(settings)
 
 
 if __name__ == "__main__":

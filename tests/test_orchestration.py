@@ -260,3 +260,47 @@ def test_debug_outputs_show_raw_detections_and_every_recognition(tmp_path, all_r
     assert "[debug_rec]" in done.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["videos"][0]["processed_frame_count"] == 10
+
+
+def screenshot(page: Path, png: Path, height: int = 2400) -> np.ndarray:
+    """Render a page in headless Chromium (Debian's) and return the screenshot (BGR)."""
+    import cv2
+    import shutil
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "Chromium is needed to check the report: apt-get install chromium (.ci/run does)"
+    done = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={png.parent / 'chromium-profile'}", "--hide-scrollbars",
+         f"--window-size=1280,{height}", f"--screenshot={png}", page.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert png.is_file(), f"no screenshot: {done.stderr[-2000:]}"
+    return cv2.imread(str(png))
+
+
+def colour_pixels(image: np.ndarray, hex_colour: str) -> int:
+    """Count the pixels of exactly this #rrggbb colour."""
+    red, green, blue = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    return int(np.all(image == (blue, green, red), axis=2).sum())
+
+
+def test_html_report_renders_timelines_in_a_browser(search, tmp_path, main_module):
+    """index.html is self-contained (no http) and, in a real browser, shows a timeline bar in each
+    found person's colour, as long as their ranges, and 'nobody found' for the crowd clip."""
+    page = search["out"] / "index.html"
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text, "the report must work offline"
+    assert "nobody found" in text
+    image = screenshot(page, tmp_path / "report.png")
+    people = [p["name"] for p in search["results"]["people"]]
+    found = {r["name"] for v in search["results"]["videos"] for r in v["ranges"]}
+    assert found >= {"Barack_Obama", "Lin_Manuel_Miranda"}, found
+    bar_width_px = 1280 - 2 * 24 - 2 * 14 - 190  # page margin, card padding, label column
+    for name in people:
+        pixels = colour_pixels(image, main_module.color_hex(people.index(name)))
+        if name in found:
+            seconds = sum(r["end"] - r["start"] for v in search["results"]["videos"]
+                          for r in v["ranges"] if r["name"] == name)
+            assert pixels > 20 * 0.2 * bar_width_px, f"{name}: only {pixels} pixels of its colour"
+        else:
+            assert pixels < 400, f"{name} was not found but its colour covers {pixels} pixels"

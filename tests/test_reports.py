@@ -16,6 +16,14 @@ def make_info(main_module, idx=0, path="/videos/obama_whcd.mp4", output_name="ob
         video_start_offset_s=0.0, has_audio=True)
 
 
+def make_run(main_module, settings, **extra):
+    """Return the run-level part of the report, as main() builds it (no photos on disk)."""
+    import numpy as np
+    people = [main_module.Reference(n, [f"/refs/{n}.jpg"], np.zeros((1, 4), np.float32))
+              for n in ("Barack_Obama", "Michelle_Obama")]
+    return {**main_module.run_header(settings, people, None), "tool": "test", **extra}
+
+
 def make_range(main_module, name, start_s, end_s, distance):
     """Return a TimeRange whose sightings are one second inside its ends."""
     return main_module.TimeRange(name, start_s, end_s, distance, start_s + 1.0, end_s - 1.0)
@@ -90,7 +98,8 @@ def test_write_json_atomic_replaces_an_existing_file(main_module, tmp_path):
 def test_write_reports_writes_one_csv_row_per_range(main_module, tmp_path, two_videos):
     """results.csv has a header and one row per range of every video, clips relative to the output."""
     out, results = two_videos
-    main_module.write_reports({"tool": "test"}, results, out, main_module.load_settings([]))
+    main_module.write_reports(make_run(main_module, main_module.load_settings([])), results, out,
+                              main_module.load_settings([]))
     rows = read_csv(out / "results.csv")
     got = [(r["video"], r["name"], r["start_s"], r["end_s"], r["best_distance"], r["clip"])
            for r in rows]
@@ -103,13 +112,14 @@ def test_write_reports_writes_one_csv_row_per_range(main_module, tmp_path, two_v
     ]
     assert got == expected, f"CSV rows {got}"
     left = sorted(p.name for p in out.iterdir())
-    assert left == ["results.csv", "results.json"], f"output folder holds {left}"
+    assert left == ["index.html", "results.csv", "results.json"], f"output folder holds {left}"
 
 
 def test_csv_rows_report_distance_and_similarity_consistently(main_module, two_videos):
     """Each CSV row's best_similarity is 1 - best_distance, and the hms columns match the seconds."""
     out, results = two_videos
-    main_module.write_reports({"tool": "test"}, results, out, main_module.load_settings([]))
+    main_module.write_reports(make_run(main_module, main_module.load_settings([])), results, out,
+                              main_module.load_settings([]))
     wrong = [r for r in read_csv(out / "results.csv")
              if float(r["best_similarity"]) != pytest.approx(1 - float(r["best_distance"]), abs=1e-4)
              or r["start_hms"] != main_module.format_hms(float(r["start_s"]))
@@ -120,7 +130,8 @@ def test_csv_rows_report_distance_and_similarity_consistently(main_module, two_v
 def test_write_reports_json_holds_run_videos_and_ranges(main_module, two_videos):
     """results.json keeps the run fields and lists every video with its status and ranges."""
     out, results = two_videos
-    main_module.write_reports({"tool": "test", "complete": True}, results, out,
+    main_module.write_reports(make_run(main_module, main_module.load_settings([]), complete=True),
+                              results, out,
                               main_module.load_settings(["--frame-interval", "2"]))
     report = json.loads((out / "results.json").read_text(encoding="utf-8"))
     summary = [(v["file"], v["status"], v["frame_interval"], len(v["ranges"])) for v in report["videos"]]
@@ -133,7 +144,8 @@ def test_every_range_gets_a_csv_row_even_before_its_clip_is_cut(main_module, two
     """A range whose clip is not cut yet (run interrupted while cutting) is still reported, clip empty."""
     out, results = two_videos
     results[0].clips = results[0].clips[:1]  # Ctrl-C arrived while the second clip was being cut
-    main_module.write_reports({"tool": "test"}, results, out, main_module.load_settings([]))
+    main_module.write_reports(make_run(main_module, main_module.load_settings([])), results, out,
+                              main_module.load_settings([]))
     rows = read_csv(out / "results.csv")
     report = json.loads((out / "results.json").read_text(encoding="utf-8"))
     json_ranges = [(r["name"], r["start"], r["clip"]) for r in report["videos"][0]["ranges"]]

@@ -1,0 +1,98 @@
+"""Section 9, Check and demo: --check reports and changes nothing; --demo runs a full search."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import MODEL_PACK, MODEL_ROOT, REPO, TEST_THRESHOLD, TESTDATA
+
+MODEL_FLAGS = ["--model-root", str(MODEL_ROOT), "--model-pack", MODEL_PACK, "--providers", "cpu",
+               "--custom-threshold", str(TEST_THRESHOLD)]
+
+
+def run_main(args: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tree(folder: Path) -> dict:
+    """Every file and folder below folder with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in folder.rglob("*")}
+
+
+def test_check_reports_what_would_run_and_changes_nothing(tmp_path, all_refs_dir):
+    """--check lists versions, providers that load, the model pack, ffmpeg, the videos and the
+    photos, exits 0 when all is ready, and writes nothing."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for clip in (TESTDATA / "videos").glob("*.mp4"):
+        os.symlink(clip, videos / clip.name)
+    before = tree(tmp_path)
+    done = run_main(["--check", *MODEL_FLAGS, "--videos", str(videos), "--refs", str(all_refs_dir)],
+                    cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    for expected in ("Python 3", "onnxruntime: 1.", "insightface: ", "provider CPUExecutionProvider: loads",
+                     "model pack: ", "det_500m.onnx", "ffmpeg: ", "obama_whcd.mp4: 844x614",
+                     "3 usable", "6 people", "ready"):
+        assert expected in out, f"{expected!r} missing from:\n{out}"
+    assert tree(tmp_path) == before, "--check changed files"
+
+
+def test_check_names_what_is_missing_and_suggests_the_demo(tmp_path):
+    """With no model pack and empty folders --check exits 1, names the folder the pack belongs in
+    and points to --demo; it does not download anything."""
+    (tmp_path / "in_video").mkdir()
+    (tmp_path / "samples_jpg").mkdir()
+    done = run_main(["--check", "--model-root", str(tmp_path / "models_root")], cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert str(tmp_path / "models_root" / "models" / "buffalo_l") in done.stdout, done.stdout
+    assert "python main.py --demo" in done.stdout
+    assert not (tmp_path / "models_root").exists(), "--check must not download"
+
+
+def test_a_provider_that_cannot_load_is_reported_with_the_reason(main_module, monkeypatch):
+    """working_providers opens the model with each provider alone: CUDA is listed but cannot load
+    on a CPU machine, and says why; the CPU loads."""
+    import onnxruntime as ort
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    verdicts = main_module.working_providers(MODEL_ROOT / "models" / MODEL_PACK / "det_500m.onnx")
+    assert verdicts["CPUExecutionProvider"] == "loads", verdicts
+    assert verdicts["CUDAExecutionProvider"] != "loads", verdicts
+    assert "fell back" in verdicts["CUDAExecutionProvider"] or "fails" in verdicts["CUDAExecutionProvider"]
+
+
+def test_demo_runs_the_whole_search_and_finds_the_astronaut(tmp_path):
+    """--demo builds a video and a reference photo from scikit-image's public-domain pictures and
+    finds the astronaut in the seconds she is on screen (2-6 s and 8-10 s), nowhere else."""
+    done = run_main(["--demo", *MODEL_FLAGS], cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    demo_root = Path(next(line.split()[2] for line in done.stdout.splitlines()
+                          if line.startswith("[*] demo: ")))
+    try:
+        results = json.loads((demo_root / "found_fragments_colored_" / "results.json").read_text())
+        detections = results["videos"][0]["detections"]
+        times = [d["time"] for d in detections if d["name"] == "Eileen_Collins"]
+        assert times, "the astronaut was not found"
+        assert all(2.0 <= t < 6.0 or 8.0 <= t < 10.0 for t in times), sorted(times)
+        assert any(t < 6.0 for t in times) and any(t >= 8.0 for t in times), sorted(times)
+        assert (demo_root / "found_fragments_colored_" / "index.html").is_file()
+    finally:
+        import shutil
+        shutil.rmtree(demo_root, ignore_errors=True)
+
+
+def test_empty_folders_say_how_to_start(tmp_path):
+    """With no videos, the run exits 2 and says where to put videos and photos, and about --demo."""
+    (tmp_path / "in_video").mkdir()
+    (tmp_path / "samples_jpg").mkdir()
+    done = run_main(MODEL_FLAGS, cwd=tmp_path)
+    assert done.returncode == 2
+    assert "in_video" in done.stderr and "samples_jpg" in done.stderr and "--demo" in done.stderr, done.stderr
