@@ -144,11 +144,13 @@ _PROVIDER_ORDER = {  # --providers value -> ONNX Runtime providers to try, best 
 _LINK_MIN_IOU = 0.3  # a detection continues a track when their boxes overlap at least this much
 _TOUCH_IOU = 0.05  # boxes overlapping more than this touch (see link_detections)
 _SPLIT_MAX_SIMILARITY = 0.3  # cosine: a track's new embedding below this is someone else: split
-_RELINK_MIN_SIMILARITY = 0.5  # cosine: a new face this close to a recently unseen track continues it
+_RELINK_MIN_SIMILARITY = 0.5
+_SAME_FACE_SIMILARITY = 0.5  # cosine: an unsure look this close to a sure one is the same face  # cosine: a new face this close to a recently unseen track continues it
 _SHOT_CUT_MAD = 20.0  # grey levels: mean change of a 64x36 thumbnail; the shared clips' cuts: 27-31
 _GROWTH_FOR_RECHECK = 1.3  # re-recognise when a face is this much larger than at its best look
 _FRONTAL_GAIN_FOR_RECHECK = 0.25  # ... or this much more frontal (0 = profile, 1 = frontal)
 _MAX_PENDING_SNAPSHOTS = 8  # snapshots kept in memory per track until it is named
+_MAX_UNVERIFIED_S = 1.0  # s: a named track is re-recognised at least this often
 _SURE_FACE_SCORE = 0.5  # SCRFD score from which a new track is recognised at once (insightface's default)
 _KEYFRAME_SEEK_PAST_S = 0.001  # fast clips: seek this far past the keyframe, so ffmpeg starts on it
 _PALETTE_BGR = [(0, 200, 255), (255, 120, 0), (80, 220, 80), (200, 60, 255), (255, 255, 0),
@@ -170,7 +172,8 @@ class PipelineBroken(Exception):
     """A decoder or worker process died or failed; carries its name, exit code and traceback."""
 
     def __init__(self, name: str, exitcode, remote_traceback: str = ""):
-        super().__init__(f"{name} stopped (exit code {exitcode})\n{remote_traceback}".rstrip())
+        how = "failed" if exitcode is None else f"stopped (exit code {exitcode})"
+        super().__init__(f"{name} {how}\n{remote_traceback}".rstrip())
         self.name, self.exitcode, self.remote_traceback = name, exitcode, remote_traceback
 
 
@@ -573,6 +576,10 @@ def decoder_main(name, layout, jobs_q, free_q, filled_qs, result_q, stop_event, 
             if not stop_event.is_set():
                 filled_q.put((info.idx, sent, None, None, 0, 0, None))  # end marker
             result_q.put(("video_done", info.idx, sent, error))
+        for filled_q in filled_qs:  # flush every frame into the pipes before saying "done": the
+            filled_q.close()  # parent then sends the workers' stop sentinels, which must come last
+            if not parent_gone():
+                filled_q.join_thread()
         result_q.put(("stats", name, clock.report()))
         result_q.put(("done", name))
     except BaseException:
@@ -581,6 +588,7 @@ def decoder_main(name, layout, jobs_q, free_q, filled_qs, result_q, stop_event, 
     finally:
         del ring
         shm.close()
+        abandon_if_orphaned(result_q, free_q, *filled_qs)
 
 
 def decode_into_ring(info, ring, free_q, filled_q, stop_event, frame_interval,
@@ -640,14 +648,30 @@ def new_slot_queue(ctx, slot_count: int):
     return free_q
 
 
+def parent_gone() -> bool:
+    """Return True in a child whose parent process has died (killed: nobody will stop us)."""
+    parent = mp.parent_process()
+    return parent is not None and not parent.is_alive()
+
+
 def get_with_stop(q, stop_event):
-    """Return the next item of q, or None once stop_event is set; never blocks for good."""
+    """Return the next item of q, or None once stop_event is set or the parent is gone; never
+    blocks for good."""
     while not stop_event.is_set():
         try:
             return q.get(timeout=_QUEUE_TIMEOUT_S)
         except queue.Empty:
-            continue
+            if parent_gone():
+                return None
     return None
+
+
+def abandon_if_orphaned(*queues) -> None:
+    """In a child whose parent died, drop unsent queue data so the process can exit (a feeder
+    thread would otherwise wait for ever on a pipe nobody reads)."""
+    if parent_gone():
+        for q in queues:
+            q.cancel_join_thread()
 
 
 def write_slot(ring: np.ndarray, slot: int, image: np.ndarray) -> None:
@@ -961,6 +985,7 @@ def worker_main(name, settings, layout, videos, references, filled_q, free_q, re
     finally:
         del ring
         shm.close()
+        abandon_if_orphaned(result_q, free_q)
 
 
 @dataclass
@@ -1212,6 +1237,53 @@ def evaluate_evidence(distances: np.ndarray, threshold: float, margin: float, mi
     return person, float(distances[:, person].min()), hits
 
 
+def vouching_recognitions(track, person: int, settings: Settings) -> list:
+    """Return, per recognition of a track named `person`, whether it vouches for the name.
+
+    A recognition vouches when it agrees with the person, or when it agrees with nobody (a poor
+    look: profile, blur) but its embedding is as close to one of the agreeing recognitions as
+    the same face's embeddings are (cosine >= _SAME_FACE_SIMILARITY; different people stay
+    below 0.3 with the shared models). A look at somebody else never vouches.
+    """
+    votes = [agreeing_person(row, settings.CUSTOM_THRESHOLD, settings.MATCH_MARGIN)
+             for row in track.rec_distances]
+    agreeing = np.array([e for e, v in zip(track.rec_embeddings, votes) if v == person])
+    vouches = []
+    for embedding, vote in zip(track.rec_embeddings, votes):
+        same_face = len(agreeing) and float((agreeing @ embedding).max()) >= _SAME_FACE_SIMILARITY
+        vouches.append(vote == person or (vote is None and bool(same_face)))
+    return vouches
+
+
+def sighting_flags(rec_at: list, confirms: list, tail: int) -> list:
+    """Return, per frame of a named track, whether it counts as a sighting of that person.
+
+    rec_at holds, per frame, the index of the recognition made there (or None); confirms says
+    per recognition whether it agreed with the track's name. A frame counts when the
+    recognitions on both sides of it confirm (one at the frame itself suffices), or, before the
+    first and after the last recognition, when that one confirms and the frame is at most
+    `tail` frames away. So a face that turns into someone else between two recognitions (same
+    place, no gap) is never named beyond the last recognition that really saw the person.
+    """
+    positions = [i for i, rec in enumerate(rec_at) if rec is not None]
+    flags = []
+    for i, rec in enumerate(rec_at):
+        if rec is not None:
+            flags.append(bool(confirms[rec]))
+            continue
+        before = [p for p in positions if p < i]
+        after = [p for p in positions if p > i]
+        ok_before = bool(before) and confirms[rec_at[before[-1]]]
+        ok_after = bool(after) and confirms[rec_at[after[0]]]
+        if before and after:
+            flags.append(ok_before and ok_after)
+        elif before:
+            flags.append(ok_before and i - before[-1] <= tail)
+        else:
+            flags.append(ok_after and bool(after) and after[0] - i <= tail)
+    return flags
+
+
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Return the [len(a), len(b)] intersection-over-union of x1,y1,x2,y2 boxes."""
     if len(a) == 0 or len(b) == 0:
@@ -1290,17 +1362,32 @@ class Track:
     frames: list = field(default_factory=list)  # [frame_idx, time_s, bbox, det_score, rec index]
     rec_distances: list = field(default_factory=list)  # one [people] row per recognition
     rec_frames: list = field(default_factory=list)  # (frame_idx, time_s) per recognition
+    rec_embeddings: list = field(default_factory=list)  # one embedding per recognition
     embedding: np.ndarray | None = None  # of the latest recognition
     last_rec_seq: int = -(10 ** 9)
     best_size_px: float = 0.0
     best_frontal: float = 0.0
     name_idx: int | None = None  # named from the evidence so far
+    taken_over: bool = False  # ended because its box now shows someone else
     pending: list = field(default_factory=list)  # (person, distance, path, jpeg) until named
     written: list = field(default_factory=list)  # (person, path) snapshots on disk
 
 
+def recognition_interval(track: Track, settings: Settings, max_interval: int | None = None) -> int:
+    """Return the processed frames until a track's next scheduled recognition.
+
+    The interval doubles with each recognition, up to 8x: a face seen several times (named, or
+    clearly a stranger) needs little re-checking unless it grows or turns to the camera. It is
+    capped at max_interval (about a second of video: see VideoTracker), the longest stretch a
+    named track's frames may go unverified.
+    """
+    interval = settings.RECOGNITION_INTERVAL * 2 ** min(max(len(track.rec_distances) - 1, 0), 3)
+    return interval if max_interval is None else min(interval, max_interval)
+
+
 def recognition_due(track: Track | None, size_px: float, frontal: float, det_score: float,
-                    seq: int, ambiguous: bool, settings: Settings) -> bool:
+                    seq: int, ambiguous: bool, settings: Settings,
+                    max_interval: int | None = None) -> bool:
     """Return True when this face of this track should go through the recognizer now."""
     if size_px < settings.MIN_FACE_SIZE:
         return False
@@ -1308,10 +1395,7 @@ def recognition_due(track: Track | None, size_px: float, frontal: float, det_sco
         return det_score >= _SURE_FACE_SCORE
     if ambiguous or not track.rec_distances:
         return True
-    # The interval doubles with each recognition, up to 8x: a face seen several times (named,
-    # or clearly a stranger) needs little re-checking unless it grows or turns to the camera.
-    interval = settings.RECOGNITION_INTERVAL * 2 ** min(len(track.rec_distances) - 1, 3)
-    return (seq - track.last_rec_seq >= interval
+    return (seq - track.last_rec_seq >= recognition_interval(track, settings, max_interval)
             or size_px >= track.best_size_px * _GROWTH_FOR_RECHECK
             or frontal >= track.best_frontal + _FRONTAL_GAIN_FOR_RECHECK)
 
@@ -1327,6 +1411,10 @@ class VideoTracker:
     def __init__(self, info: VideoInfo, context, emit):
         self.info, self.context, self.emit = info, context, emit
         self.settings = context.settings
+        # Recognise a track at least about once a second of video (see recognition_interval).
+        per_second = info.fps / self.settings.FRAME_INTERVAL if info.fps > 0 else 1.0
+        self.max_interval = max(self.settings.RECOGNITION_INTERVAL,
+                                int(round(per_second * _MAX_UNVERIFIED_S)))
         self.active: list = []
         self.previous_thumb = None
         self.next_id = 0
@@ -1346,13 +1434,15 @@ class VideoTracker:
         ambiguous |= {d for d, t in owners.items() if t.last_seq != seq - 1}
         due = [d for d in range(len(boxes))
                if recognition_due(owners.get(d), face_size_px(boxes[d]), frontal_score(kps[d]),
-                                  float(boxes[d, 4]), seq, d in ambiguous, self.settings)]
+                                  float(boxes[d, 4]), seq, d in ambiguous, self.settings,
+                                  self.max_interval)]
         embeddings, distances = self.recognise(image, kps, due)
         for d in range(len(boxes)):
             rec = due.index(d) if d in due else None
             track = owners.get(d)
             if rec is not None:
-                track = self.check_identity(track, embeddings[rec], set(owners.values()), time_s)
+                track = self.check_identity(track, embeddings[rec], distances[rec],
+                                            set(owners.values()), time_s, seq)
             if track is None:
                 track = self.new_track(boxes[d], time_s, seq)
             self.extend(track, seq, frame_idx, time_s, image, boxes[d], kps[d],
@@ -1370,14 +1460,21 @@ class VideoTracker:
         return embeddings, person_distances(embeddings, context.ref_embeddings,
                                             context.ref_owners, len(context.people))
 
-    def check_identity(self, track: Track | None, embedding: np.ndarray, taken: set,
-                       time_s: float) -> Track | None:
+    def check_identity(self, track: Track | None, embedding: np.ndarray, distances: np.ndarray,
+                       taken: set, time_s: float, seq: int) -> Track | None:
         """Return the track this recognised face continues: its own unless the face changed
         (then a new one), or for a new face a track unseen in this frame with the same face."""
         if track is not None:
-            if track.embedding is None or float(embedding @ track.embedding) >= _SPLIT_MAX_SIMILARITY:
+            settings = self.settings
+            now = agreeing_person(distances, settings.CUSTOM_THRESHOLD, settings.MATCH_MARGIN)
+            renamed = track.name_idx is not None and now is not None and now != track.name_idx
+            changed = track.embedding is not None and float(embedding @ track.embedding) < _SPLIT_MAX_SIMILARITY
+            if not (renamed or changed):
                 return track
-            self.end_tracks([track])  # boxes crossed or swapped: a different face now
+            # Seen in the frame before, its frames since the last recognition may already show
+            # the newcomer; after a gap, the change happened in the gap.
+            track.taken_over = track.last_seq == seq - 1
+            self.end_tracks([track])  # boxes crossed or swapped, or clearly someone else now
             return None
         unseen = [t for t in self.active if t not in taken and t.embedding is not None
                   and t.last_time_s < time_s]
@@ -1406,6 +1503,7 @@ class VideoTracker:
             rec_index = len(track.rec_distances)
             track.rec_distances.append(distances)
             track.rec_frames.append((frame_idx, time_s))
+            track.rec_embeddings.append(embedding)
             track.embedding, track.last_rec_seq = embedding, seq
             track.best_size_px = max(track.best_size_px, face_size_px(box))
             track.best_frontal = max(track.best_frontal, frontal_score(kps))
@@ -1462,11 +1560,17 @@ class VideoTracker:
                 self.emit(("track", self.info.idx, self.summary(track, person, best, hits)))
 
     def summary(self, track: Track, person: int | None, best: float, hits: int) -> dict:
-        """Return what the parent needs of an ended track."""
-        people = self.context.people
-        frames = [[f, t, box, score, None if rec is None or person is None
-                   else round(float(track.rec_distances[rec][person]), 4)]
-                  for f, t, box, score, rec in track.frames]
+        """Return what the parent needs of an ended track: for a named one, the frames that
+        count as sightings (see sighting_flags)."""
+        people, settings = self.context.people, self.settings
+        frames = [[f, t, box, score, None] for f, t, box, score, _ in track.frames]  # unnamed
+        if person is not None:
+            confirms = vouching_recognitions(track, person, settings)
+            tail = 0 if track.taken_over else recognition_interval(track, settings, self.max_interval)
+            flags = sighting_flags([f[4] for f in track.frames], confirms, tail)
+            frames = [[f, t, box, score, None if rec is None
+                       else round(float(track.rec_distances[rec][person]), 4)]
+                      for (f, t, box, score, rec), counted in zip(track.frames, flags) if counted]
         summary = {"track": track.track_id, "name": None if person is None else people[person],
                    "best_distance": round(best, 4), "hits": hits,
                    "recognitions": len(track.rec_distances), "frames": frames}
@@ -2409,7 +2513,7 @@ def run_search(settings: Settings) -> int:
         run["complete"] = all(r.finished for r in state.results)
     except PipelineBroken as error:
         print(f"\n[!] pipeline broken: {error}", file=sys.stderr)
-        state.failures.append(f"pipeline broken: {error.name} (exit code {error.exitcode})")
+        state.failures.append(f"pipeline broken: {str(error).splitlines()[0]}")
         exit_code = 1
     except KeyboardInterrupt:
         print("\n[!] interrupted: results so far are saved, marked incomplete", file=sys.stderr)
@@ -2431,6 +2535,11 @@ def run_search(settings: Settings) -> int:
     return exit_code
 
 
+def stop_on_sigterm(signum, frame) -> None:
+    """Treat SIGTERM (kill, a service manager) like Ctrl-C: stop cleanly, keep what was found."""
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     """Run the search (or --check, or --demo); return the exit code.
 
@@ -2443,6 +2552,8 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
     if args.check:
         return run_check(settings)
     if args.demo:

@@ -552,3 +552,45 @@ def test_snapshot_jpegs_are_readable_frames(tmp_path):
     assert len(files) == 2, f"snapshots {files}"
     shapes = [cv2.imread(str(p)).shape for p in files]
     assert shapes == [(HEIGHT, WIDTH, 3)] * 2, f"snapshot shapes {shapes}"
+
+
+# A face that turns into someone else without a gap (issue 3: never a name on a stranger) -------
+IDENTITIES["Lookalike"] = (  # close to Alice's embedding (no split), but above the threshold
+    (0.45 * IDENTITIES["Alice"][0] + np.sqrt(1 - 0.45 ** 2) * np.eye(DIM, dtype=np.float32)[3]),
+    np.array([THRESHOLD + 0.05, 0.90]))
+
+
+def same_place(name, frame_indices) -> dict:
+    """Return {frame_idx: (name, box)} of a face that stays on one box."""
+    return {f: (name, face_box(100, 60)) for f in frame_indices}
+
+
+@pytest.mark.parametrize("before, newcomer", [
+    (20, "Stranger"), (80, "Stranger"), (30, "Lookalike"), (80, "Bob")])
+def test_a_face_replaced_on_the_same_box_without_a_gap_never_lends_its_name(settings, before,
+                                                                            newcomer):
+    """Alice on one box for `before` frames, then someone else on the same box at once (an
+    undetected cut): no frame from the switch on is reported as Alice."""
+    tracker, emitted = make_tracker(settings)
+    faces = {**same_place("Alice", range(before)), **same_place(newcomer, range(before, before + 120))}
+    run_frames(tracker, script(before + 120, faces))
+    tracks = summaries(emitted)
+    alice = sorted(f[0] for t in tracks if t["name"] == "Alice" for f in t["frames"])
+    assert alice and max(alice) < before, f"Alice reported after frame {before}: {described(tracks)}"
+    assert len(alice) >= before // 2, f"Alice's own frames mostly lost: {described(tracks)}"
+    if newcomer == "Bob":
+        bob = sorted(f[0] for t in tracks if t["name"] == "Bob" for f in t["frames"])
+        assert bob and min(bob) >= before, f"Bob reported before he came: {described(tracks)}"
+
+
+@pytest.mark.parametrize("rec_at, confirms, tail, expected", [
+    ([0, None, None, 1, None], [True, True], 5, [True] * 5),  # between and after confirmations
+    ([0, None, None, 1, None], [True, False], 5, [True, False, False, False, False]),  # switched
+    ([None, 0, None, None], [True], 1, [True, True, True, False]),  # tail of 1 frame each side
+    ([0, None, 1, None, 2], [True, False, True], 5, [True, False, False, False, True]),
+    ([None, None], [], 5, [False, False]),  # never recognised: never a sighting
+])
+def test_sightings_are_frames_bracketed_by_confirming_recognitions(rec_at, confirms, tail, expected):
+    """A frame counts when the recognitions on both sides confirm the name, or within `tail`
+    frames of a confirming first or last recognition."""
+    assert main.sighting_flags(rec_at, confirms, tail) == expected
