@@ -461,6 +461,9 @@ def load_references(folder: Path, models, settings: Settings) -> tuple:
                 problems.append(str(error))
                 continue
             faces = detect_faces(models, [image], settings)[0]
+            sure = faces[0][:, 4] >= _SURE_FACE_SCORE  # a big doubtful detection must not win
+            if sure.any():
+                faces = (faces[0][sure], faces[1][sure])
             if len(faces[0]) == 0:
                 problems.append(f"{path}: no face found; use a photo where the face is clearly "
                                 f"visible (skipped)")
@@ -1202,13 +1205,6 @@ def person_distances(embeddings: np.ndarray, ref_embeddings: np.ndarray, ref_own
     return 1.0 - best
 
 
-def match_face(distances: np.ndarray, threshold: float) -> tuple:
-    """Return (closest person index, matched?, distance): matched when distance <= threshold."""
-    best = int(np.argmin(distances))
-    distance = float(distances[best])
-    return best, distance <= threshold, distance
-
-
 def agreeing_person(distances: np.ndarray, threshold: float, margin: float) -> int | None:
     """Return the person one recognition names: closest within threshold, beating the next by margin."""
     order = np.argsort(distances, kind="stable")
@@ -1675,29 +1671,41 @@ def keyframe_before(keyframes_s: list, time_s: float) -> float:
     return max(earlier) if earlier else 0.0
 
 
-def run_checked(cmd: list, what: str, timeout_s: float = 600) -> None:
-    """Run a command; raise ClipError with the exit code and stderr's last lines on failure."""
-    try:
-        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise ClipError(f"{what}: ffmpeg took longer than {timeout_s:.0f} s") from None
-    except OSError as error:
-        raise ClipError(f"{what}: cannot run {cmd[0]} ({error})") from None
-    if done.returncode != 0:
-        tail = "\n".join(done.stderr.decode(errors="replace").strip().splitlines()[-5:])
-        raise ClipError(f"{what}: ffmpeg exit code {done.returncode}\n{tail}")
+def run_checked(cmd: list, what: str, timeout_s: float = 600, stop_event=None) -> None:
+    """Run a command; raise ClipError with the exit code and stderr's last lines on failure,
+    after timeout_s, or when stop_event is set (the command is killed then)."""
+    import tempfile
+    with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty command cannot block
+        try:
+            process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=stderr)
+        except OSError as error:
+            raise ClipError(f"{what}: cannot run {cmd[0]} ({error})") from None
+        deadline = time.monotonic() + timeout_s
+        while process.poll() is None:
+            if time.monotonic() > deadline or (stop_event is not None and stop_event.is_set()):
+                process.kill()
+                process.wait()
+                reason = "stopped" if time.monotonic() <= deadline else \
+                    f"ffmpeg took longer than {timeout_s:.0f} s"
+                raise ClipError(f"{what}: {reason}")
+            time.sleep(0.05)
+        if process.returncode != 0:
+            stderr.seek(0)
+            tail = "\n".join(stderr.read().decode(errors="replace").strip().splitlines()[-5:])
+            raise ClipError(f"{what}: ffmpeg exit code {process.returncode}\n{tail}")
 
 
 def cut_clip(ffmpeg: str, info: VideoInfo, time_range: TimeRange, clip_dir: Path,
-             mode: str = "accurate", clip_start_s: float | None = None) -> Path:
+             mode: str = "accurate", clip_start_s: float | None = None, stop_event=None) -> Path:
     """Write one clip via a .part file renamed into place; return its path."""
     clip_dir.mkdir(parents=True, exist_ok=True)
     final = clip_dir / clip_file_name(time_range)
     part = final.with_name(final.name + ".part")
     what = f"{Path(info.path).name} {time_range.start_s:.2f}-{time_range.end_s:.2f}s"
     try:
-        run_checked(build_clip_command(ffmpeg, info, time_range, part, mode, clip_start_s), what)
+        run_checked(build_clip_command(ffmpeg, info, time_range, part, mode, clip_start_s), what,
+                    stop_event=stop_event)
         os.replace(part, final)
     finally:
         part.unlink(missing_ok=True)
@@ -1969,7 +1977,8 @@ class Pipeline:
 
 
 def start_pipeline(settings: Settings, videos: list, references: list) -> Pipeline:
-    """Create the queues and ring, then start the decoder and worker processes."""
+    """Create the queues and ring, then start the decoder and worker processes; if a start
+    fails, stop what was started and release the ring before re-raising."""
     ctx = mp.get_context("spawn")
     layout = ring_layout_for(videos, settings.MAX_BUFFER_SLOTS, str(os.getpid()))
     shm = create_ring(layout)
@@ -1978,20 +1987,23 @@ def start_pipeline(settings: Settings, videos: list, references: list) -> Pipeli
         filled_qs = [ctx.Queue() for _ in range(settings.NUM_GPU_PROCESSES)]
         pipe = Pipeline(ctx, layout, shm, ctx.Queue(), new_slot_queue(ctx, layout.slot_count),
                         filled_qs, ctx.Queue(), ctx.Event())
-        for info in videos:
-            pipe.jobs_q.put(info)
-        for _ in range(settings.NUM_CPU_LOADERS):
-            pipe.jobs_q.put(None)
+    except BaseException:
+        shm.close()
+        shm.unlink()
+        raise
+    try:
+        for item in (*videos, *[None] * settings.NUM_CPU_LOADERS):
+            pipe.jobs_q.put(item)
         for i in range(settings.NUM_CPU_LOADERS):
             start_child(pipe, f"decoder-{i}", decoder_main, layout, pipe.jobs_q, pipe.free_q,
                         pipe.filled_qs, pipe.result_q, pipe.stop_event, settings.FRAME_INTERVAL)
+        # Intra-op threads per ONNX Runtime session, so that all workers together fit the cores.
         threads = max(1, (os.cpu_count() or 2) // (settings.NUM_GPU_PROCESSES * settings.GPU_WORKER_THREADS))
         for i in range(settings.NUM_GPU_PROCESSES):
             start_child(pipe, f"worker-{i}", worker_main, settings, layout, videos, references,
                         pipe.filled_qs[i], pipe.free_q, pipe.result_q, pipe.stop_event, threads)
     except BaseException:
-        shm.close()
-        shm.unlink()
+        shutdown_pipeline(pipe)
         raise
     return pipe
 
@@ -2144,20 +2156,30 @@ class RunState:
         ffmpeg runs beside the inference (on a GPU machine the CPU is free for it), and the
         parent keeps reading results meanwhile.
         """
-        fast = self.settings.CLIP_MODE == "fast"
         while (result := self.clip_jobs.get()) is not None:
-            clip_dir = self.output_dir / result.info.output_name / "clips"
-            keyframes = keyframe_times_s(result.info) if fast and result.ranges else []
-            for time_range in result.ranges:
-                if self.stop_clips.is_set():
-                    break
-                started = time.monotonic()
-                clip_start_s = keyframe_before(keyframes, time_range.start_s) if fast else time_range.start_s
-                clip = self.cut_one(result, time_range, clip_dir, clip_start_s)
+            try:
+                self.cut_video_clips(result)
+            except Exception as error:  # recorded, and the next video's clips are still cut
                 with self.lock:
-                    result.clips.append((clip, clip_start_s))
-                    self.clips_s += time.monotonic() - started
+                    message = f"{result.info.path}: clips not cut ({type(error).__name__}: {error})"
+                    result.errors.append(message)
+                    self.failures.append(message)
             self.save_reports()
+
+    def cut_video_clips(self, result: VideoResult) -> None:
+        """Cut the clips of one video's ranges, in order, unless the run is stopping."""
+        fast = self.settings.CLIP_MODE == "fast"
+        clip_dir = self.output_dir / result.info.output_name / "clips"
+        keyframes = keyframe_times_s(result.info) if fast and result.ranges else []
+        for time_range in result.ranges:
+            if self.stop_clips.is_set():
+                break
+            started = time.monotonic()
+            clip_start_s = keyframe_before(keyframes, time_range.start_s) if fast else time_range.start_s
+            clip = self.cut_one(result, time_range, clip_dir, clip_start_s)
+            with self.lock:
+                result.clips.append((clip, clip_start_s))
+                self.clips_s += time.monotonic() - started
 
     def cut_one(self, result: VideoResult, time_range: TimeRange, clip_dir: Path,
                 clip_start_s: float) -> str | None:
@@ -2166,7 +2188,7 @@ class RunState:
             return None
         try:
             return str(cut_clip(self.ffmpeg, result.info, time_range, clip_dir,
-                                self.settings.CLIP_MODE, clip_start_s))
+                                self.settings.CLIP_MODE, clip_start_s, self.stop_clips))
         except (ClipError, OSError) as error:
             with self.lock:
                 result.errors.append(str(error))
@@ -2238,9 +2260,9 @@ def run_pipeline(state: RunState, videos: list, references: list) -> None:
     finally:
         for bar in bars.values():
             bar.close()
-        shutdown_pipeline(pipe)
-        if not finished:  # broken or interrupted: cut no more clips
+        if not finished:  # broken or interrupted: cut no more clips, stop the one being cut
             state.stop_clips.set()
+        shutdown_pipeline(pipe)
         state.clip_jobs.put(None)
         cutter.join()
 

@@ -69,7 +69,13 @@ def test_distance_is_one_minus_similarity_never_the_similarity(main_module, face
         f"face {face}: distance {float(distances[0, 0])}, expected {expected_distance}"
 
 
-# match_face ----------------------------------------------------------------------------------
+# threshold semantics, through agreeing_person (the rule the tracker uses) ----------------------
+def match(main_module, distances, threshold):
+    """Return (closest person, matched?, distance) as the tracker decides it, margin 0."""
+    distances = np.asarray(distances, dtype=np.float64)
+    person = main_module.agreeing_person(distances, threshold, 0.0)
+    best = int(np.argmin(distances))
+    return best, person == best, float(distances[best])
 @pytest.mark.parametrize("distances, threshold, best, matched", [
     ([0.8, 0.6], 0.6, 1, True),  # exactly at the threshold: a match
     ([0.8, 0.6000001], 0.6, 1, False),  # just above: no match
@@ -82,10 +88,10 @@ def test_distance_is_one_minus_similarity_never_the_similarity(main_module, face
     ([0.3, 0.2, 0.9], 0.1, 1, False),
     ([0.74, 0.70], 0.70, 1, True),  # conftest's TEST_THRESHOLD
 ])
-def test_match_face_matches_when_distance_is_at_most_the_threshold(main_module, distances,
+def test_a_face_matches_when_its_distance_is_at_most_the_threshold(main_module, distances,
                                                                    threshold, best, matched):
-    """match_face picks the smallest distance and matches when distance <= threshold."""
-    got = main_module.match_face(np.array(distances, dtype=np.float64), threshold)
+    """The closest person (smallest distance) matches when distance <= threshold."""
+    got = match(main_module, distances, threshold)
     assert (got[0], bool(got[1])) == (best, matched), \
         f"distances {distances} at threshold {threshold}: got {got}, expected ({best}, {matched})"
     assert got[2] == pytest.approx(min(distances)), f"reported distance {got[2]}, expected {min(distances)}"
@@ -95,18 +101,18 @@ def test_match_face_matches_when_distance_is_at_most_the_threshold(main_module, 
 def test_a_lower_threshold_never_matches_more(main_module, distance):
     """Lowering CUSTOM_THRESHOLD is stricter: the matched thresholds are exactly those >= distance."""
     thresholds = [0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 2.0]
-    matched = [t for t in thresholds if main_module.match_face(np.array([distance]), t)[1]]
+    matched = [t for t in thresholds if match(main_module, [distance], t)[1]]
     assert matched == [t for t in thresholds if t >= distance], \
         f"distance {distance} matched at thresholds {matched}"
 
 
 def test_a_face_identical_to_a_reference_matches_that_person_at_distance_zero(main_module):
-    """End to end: person_distances then match_face report distance 0 for an identical face."""
+    """End to end: person_distances then the matching rule give distance 0 for an identical face."""
     rng = np.random.default_rng(7)
     refs = random_units(rng, 4, 64)
     owners = np.array([0, 1, 1, 2])
     distances = main_module.person_distances(refs[2:3], refs, owners, 3)
-    best, matched, distance = main_module.match_face(distances[0], 0.05)
+    best, matched, distance = match(main_module, distances[0], 0.05)
     assert (best, bool(matched)) == (1, True) and distance == pytest.approx(0.0, abs=1e-6), \
         f"identical face: best {best}, matched {matched}, distance {distance}"
 
@@ -116,6 +122,6 @@ def test_an_unrelated_face_does_not_match_at_the_default_threshold(main_module):
     refs = np.stack([unit(1, 0, 0, 0), unit(0, 1, 0, 0)])
     distances = main_module.person_distances(np.stack([unit(0, 0, 1, 0)]), refs, np.array([0, 1]), 2)
     threshold = main_module.default_settings()["CUSTOM_THRESHOLD"]
-    _, matched, distance = main_module.match_face(distances[0], threshold)
+    _, matched, distance = match(main_module, distances[0], threshold)
     assert not matched and distance == pytest.approx(1.0, abs=1e-6), \
         f"orthogonal face: matched {matched} at distance {distance} (threshold {threshold})"

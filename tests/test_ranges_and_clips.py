@@ -272,6 +272,16 @@ def test_run_checked_turns_a_timeout_into_clip_error(main_module):
                                 what="slow.mp4 0.00-1.00s", timeout_s=0.5)
 
 
+def test_run_checked_kills_the_command_when_asked_to_stop(main_module):
+    """Setting the stop event (Ctrl-C) kills a running ffmpeg and raises ClipError 'stopped'."""
+    import threading
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    with pytest.raises(main_module.ClipError, match="stopped"):
+        main_module.run_checked([sys.executable, "-c", "import time; time.sleep(30)"],
+                                what="long.mp4 0.00-9.00s", stop_event=stop)
+
+
 def test_run_checked_returns_quietly_on_success(main_module):
     """Exit code 0 raises nothing."""
     assert main_module.run_checked([sys.executable, "-c", "pass"], what="ok") is None
