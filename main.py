@@ -492,7 +492,8 @@ def reference_matrix(references: list) -> tuple:
 def list_videos(folder: Path) -> list:
     """Return the video files under a folder, sorted; raise BadInput if the folder is missing."""
     if not folder.is_dir():
-        raise BadInput(f"video folder {folder} does not exist: create it and put your videos in it")
+        raise BadInput(f"video folder {folder} does not exist: create it and put your videos in it "
+                       f"(or see a complete example first with: python main.py --demo)")
     return sorted(p.resolve() for p in folder.rglob("*")
                   if p.is_file() and p.suffix.lower() in _VIDEO_EXTENSIONS)
 
@@ -1147,7 +1148,12 @@ def person_color(person_idx: int) -> tuple:
 
 def snapshot_path(output_dir: Path, info: VideoInfo, frame_idx: int, time_s: float, name: str) -> Path:
     """Return where the snapshot of one person in one frame goes."""
-    return output_dir / info.output_name / f"frame_{frame_idx:07d}_{time_s:09.3f}s_{name}.jpg"
+    return output_dir / info.output_name / f"frame_{frame_idx:07d}_{time_s:09.3f}s_{safe_file_name(name)}.jpg"
+
+
+def safe_file_name(name: str) -> str:
+    """Return a label with the characters files and links cannot hold replaced by '_'."""
+    return re.sub(r'[<>:"/\\|?*#%\x00-\x1f]', "_", name)
 
 
 def encode_snapshot(image: np.ndarray, box, name: str, distance: float, person_idx: int,
@@ -1624,8 +1630,7 @@ def person_ranges(name: str, sightings: list, info: VideoInfo, settings: Setting
 
 def clip_file_name(time_range: TimeRange) -> str:
     """Return '[StartSec]s_[Name]_d[Distance].mp4'."""
-    safe_name = re.sub(r'[<>:"/\\|?*\x00-\x1f]', "_", time_range.name)
-    return f"{time_range.start_s:.2f}s_{safe_name}_d{time_range.best_distance:.3f}.mp4"
+    return f"{time_range.start_s:.2f}s_{safe_file_name(time_range.name)}_d{time_range.best_distance:.3f}.mp4"
 
 
 def container_seek_s(time_s: float, info: VideoInfo) -> float:
@@ -1789,11 +1794,12 @@ def write_reports(run: dict, results: list, output_dir: Path, settings: Settings
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["video", "name", "start_s", "end_s", "start_hms", "end_hms",
-                     "best_distance", "best_similarity", "clip"])
+                     "best_distance", "best_similarity", "clip", "clip_start_s"])
     for entry in videos:
         for r in entry["ranges"]:
             writer.writerow([entry["file"], r["name"], r["start"], r["end"], r["start_hms"],
-                             r["end_hms"], r["best_distance"], r["best_similarity"], r["clip"] or ""])
+                             r["end_hms"], r["best_distance"], r["best_similarity"], r["clip"] or "",
+                             "" if r["clip_start"] is None else r["clip_start"]])
     part = output_dir / "results.csv.part"
     part.write_text(buffer.getvalue(), encoding="utf-8")
     os.replace(part, output_dir / "results.csv")
@@ -1814,6 +1820,14 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 10px} .meta{co
 table{border-collapse:collapse;margin-top:8px} td,th{padding:3px 10px 3px 0;text-align:left;
 border-bottom:1px solid #eee;vertical-align:top} .note{color:#a60}
 """
+
+
+def link(relative_path: str) -> str:
+    """Return a relative path as an href/src value (percent-encoded, so '#', '?' or spaces in a
+    video's name cannot break the link)."""
+    import html
+    from urllib.parse import quote
+    return html.escape(quote(relative_path))
 
 
 def color_hex(person_idx: int) -> str:
@@ -1843,7 +1857,7 @@ def snapshot_links(video: dict, output_dir: Path) -> dict:
     folder = output_dir / video["output_folder"]
     for d in video["detections"]:
         if d.get("recognized"):
-            name = f"frame_{d['frame']:07d}_{d['time']:09.3f}s_{d['name']}.jpg"
+            name = f"frame_{d['frame']:07d}_{d['time']:09.3f}s_{safe_file_name(d['name'])}.jpg"
             if (folder / name).is_file():
                 links.setdefault(d["name"], []).append(
                     (d["time"], d["distance"], f"{video['output_folder']}/{name}"))
@@ -1861,7 +1875,7 @@ def html_person_cards(report: dict, output_dir: Path, thumbnails: dict) -> str:
         best = min(shots, key=lambda s: s[1]) if shots else None
         pics = f'<img src="{thumbnails.get(name, "")}" alt="reference photo of {html.escape(name)}">'
         if best:
-            pics += (f'<a href="{html.escape(best[2])}"><img src="{html.escape(best[2])}" '
+            pics += (f'<a href="{link(best[2])}"><img src="{link(best[2])}" '
                      f'alt="best match of {html.escape(name)}"></a>')
         if ranges:
             best_d = min(r["best_distance"] for _, r in ranges)
@@ -1889,7 +1903,7 @@ def html_video(video: dict, people: list, output_dir: Path) -> str:
         for r in (r for r in video["ranges"] if r["name"] == name):
             left, width = 100 * r["start"] / duration, 100 * (r["end"] - r["start"]) / duration
             tip = f"{name} {r['start_hms']}-{r['end_hms']}, distance {r['best_distance']:.3f}"
-            href = html.escape(r["clip"] or "#")
+            href = link(r["clip"]) if r["clip"] else "#"
             segments.append(f'<a class="seg" href="{href}" title="{html.escape(tip)}" style="left:'
                             f'{left:.3f}%;width:{width:.3f}%;background:{color_hex(idx)}"></a>')
             inside = [s for s in shots.get(name, []) if r["start"] <= s[0] <= r["end"]]
@@ -1911,11 +1925,11 @@ def html_video(video: dict, people: list, output_dir: Path) -> str:
 def html_range_row(r: dict, shots: list) -> str:
     """Return one table row of a range: times, distance, clip link, snapshot links."""
     import html
-    clip = (f'<a href="{html.escape(r["clip"])}">clip</a>' if r["clip"] else "no clip")
+    clip = (f'<a href="{link(r["clip"])}">clip</a>' if r["clip"] else "no clip")
     if r["clip"] and r.get("clip_starts_early_by"):
         clip += (f' <span class="note">(fast mode: starts {r["clip_starts_early_by"]:.2f} s early, '
                  f'at the keyframe before)</span>')
-    links = " ".join(f'<a href="{html.escape(path)}">{format_hms(t)}</a>' for t, _, path in shots[:12])
+    links = " ".join(f'<a href="{link(path)}">{format_hms(t)}</a>' for t, _, path in shots[:12])
     return (f"<tr><td>{html.escape(r['name'])}</td><td>{r['start_hms']}</td><td>{r['end_hms']}</td>"
             f"<td>{r['best_distance']:.3f} (similarity {r['best_similarity']:.3f})</td>"
             f"<td>{clip}</td><td>{links}</td></tr>")
@@ -2146,7 +2160,7 @@ class RunState:
         self.clip_jobs.put(result)
 
     def save_reports(self) -> None:
-        """Rewrite results.json and results.csv with everything found so far."""
+        """Rewrite results.json, results.csv and index.html with everything found so far."""
         with self.lock:
             write_reports(self.run, self.results, self.output_dir, self.settings, self.thumbnails)
 
@@ -2269,6 +2283,9 @@ def run_pipeline(state: RunState, videos: list, references: list) -> None:
 
 def prepare_references(settings: Settings) -> tuple:
     """Return (references, problems) computed with the CPU provider in the parent."""
+    if not list_reference_photos(Path(settings.REFERENCE_DIR)):
+        raise BadInput(f"no photo in {settings.REFERENCE_DIR}: add one photo per person named after "
+                       f"them (e.g. Barack_Obama.jpg), or try: python main.py --demo")
     models = load_face_models(settings, "cpu", max(1, (os.cpu_count() or 2)))
     references, problems, notes = load_references(Path(settings.REFERENCE_DIR), models, settings)
     report_problems("reference photos skipped", problems)
@@ -2378,7 +2395,8 @@ def check_lines(settings: Settings) -> tuple:
                    "the CPU build can win. Fix: pip uninstall -y onnxruntime onnxruntime-gpu && "
                    "pip install onnxruntime-gpu")
     gpus = visible_gpus()
-    lines.append(f"GPUs: {', '.join(gpus) if gpus else 'none found (no nvidia-smi on PATH)'}")
+    where = "nvidia-smi lists none" if shutil.which("nvidia-smi") else "no nvidia-smi on PATH"
+    lines.append(f"GPUs: {', '.join(gpus) if gpus else f'none found ({where})'}")
     pack = local_model_pack(settings.MODEL_ROOT, settings.MODEL_PACK_NAME)
     if pack is None:
         say(False, f"model pack {settings.MODEL_PACK_NAME} not on disk: a run downloads it into "
@@ -2407,6 +2425,8 @@ def check_inputs(settings: Settings) -> tuple:
         lines += [f"  {Path(v.path).name}: {v.width}x{v.height}, {v.fps:.2f} fps, "
                   f"{v.duration_s:.1f} s" for v in videos]
         lines += [f"  [!!] {p}" for p in video_problems]
+        if not videos:
+            lines.append(f"  [!!] no usable video in {settings.VIDEO_DIR}")
         problems += len(video_problems) + (not videos)
     except BadInput as error:
         lines.append(f"  [!!] {error}")
@@ -2422,6 +2442,8 @@ def check_inputs(settings: Settings) -> tuple:
                 except BadInput as error:
                     lines.append(f"  [!!] {error}")
                     problems += 1
+        if not photos:
+            lines.append(f"  [!!] no photo in {settings.REFERENCE_DIR}: add Name.jpg per person")
         problems += not photos
     except BadInput as error:
         lines.append(f"  [!!] {error}")

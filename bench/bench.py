@@ -1,6 +1,6 @@
 """Benchmark: main.py's pipeline against the loop users write first, and the detector alone.
 
-    python bench/bench.py            # about 6 minutes on a 2-core CPU machine
+    python bench/bench.py            # about 7 minutes on a 2-core CPU machine
     python bench/bench.py --quick    # 1x input only
 
 On the same videos, references, model pack, detector size and thresholds, in one run:
@@ -132,20 +132,25 @@ def run_naive(videos: list, refs: Path, det_threshold: float) -> dict:
 
 
 # ── 2. the pipeline ──────────────────────────────────────────────────────────────────────────
-def tree_pss_kib(root_pid: int) -> int:
-    """Return the summed PSS (KiB) of a process and all its descendants (Linux /proc)."""
-    pids, total = [root_pid], 0
+def tree_memory_kib(root_pid: int) -> tuple:
+    """Return (RSS, PSS) in KiB summed over a process and all its descendants (Linux /proc).
+
+    RSS counts the shared ring once per process that maps it; PSS splits shared pages fairly.
+    """
+    pids, rss, pss = [root_pid], 0, 0
     while pids:
         pid = pids.pop()
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
             for task in Path(f"/proc/{pid}/task").iterdir():
                 pids += [int(c) for c in (task / "children").read_text().split()]
         except OSError:
             continue
-    return total
+    return rss, pss
 
 
 def run_pipeline(video_dir: Path, refs: Path, output: Path) -> dict:
@@ -156,11 +161,12 @@ def run_pipeline(video_dir: Path, refs: Path, output: Path) -> dict:
            "--det-prob-threshold", str(DET_THRESHOLD), *PIPELINE_FLAGS]
     started = time.perf_counter()
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = [0]
+    peak = [0, 0]  # RSS, PSS
 
     def sample():
         while process.poll() is None:
-            peak[0] = max(peak[0], tree_pss_kib(process.pid))
+            rss, pss = tree_memory_kib(process.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
             time.sleep(0.1)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -173,7 +179,7 @@ def run_pipeline(video_dir: Path, refs: Path, output: Path) -> dict:
     stats = results["stats"]
     return {"fps": stats["frames_per_s_first_to_last"], "fps_end_to_end": stats["frames_per_s"],
             "frames": stats["processed_frames"], "wall_s": wall, "stats": stats,
-            "peak_pss_mib": peak[0] / 1024, "results": results}
+            "peak_rss_mib": peak[0] / 1024, "peak_pss_mib": peak[1] / 1024, "results": results}
 
 
 def pipeline_found(results: dict) -> dict:
@@ -206,16 +212,19 @@ def run_floor(videos: list) -> dict:
 
 # ── scoring and report ───────────────────────────────────────────────────────────────────────
 def score(found: dict, clips: list, repeat: int = 1) -> dict:
-    """Return per-person recall/precision/F1 over all clips (a long input maps back to its clip)."""
+    """Return per clip and over all clips the per-person recall/precision/F1 (a long input maps
+    back to its clip)."""
     truth = json.loads((TESTDATA / "ground_truth.json").read_text())
-    all_counts = []
+    per_clip = {}
     for clip in clips:
         times = clip_frame_times(clip)
         frame_times = {i: times[i % len(times)] for i in range(len(times) * repeat)}
         name = clip.name if repeat == 1 else f"{clip.stem}_x{repeat}.mp4"
-        all_counts.append(scoring.score_video(frame_times, found.get(name, {}), truth[clip.name],
-                                              BOUNDARY_MARGIN_S))
-    return scoring.summarize(scoring.merge_counts(*all_counts))
+        per_clip[clip.name] = scoring.score_video(frame_times, found.get(name, {}),
+                                                  truth[clip.name], BOUNDARY_MARGIN_S)
+    report = {clip: scoring.summarize(counts) for clip, counts in per_clip.items()}
+    report["all clips"] = scoring.summarize(scoring.merge_counts(*per_clip.values()))
+    return report
 
 
 def agreement(a: dict, b: dict) -> dict:
@@ -243,8 +252,9 @@ def machine() -> dict:
 
 
 def print_table(report: dict) -> None:
-    """Print the headline numbers."""
+    """Print the headline numbers, where the pipeline's time goes, and the quality per clip."""
     r = report
+    print("\nmachine:", json.dumps(r["machine"]))
     print(f"\n{'method':<22} {'input':<6} {'frames':>7} {'frames/s':>9}")
     print(f"{'naive loop (det 0.5)':<22} {'1x':<6} {r['naive']['frames']:>7} {r['naive']['fps']:>9.1f}")
     print(f"{'naive loop (det 0.25)':<22} {'1x':<6} {r['naive_det_0.25']['frames']:>7} "
@@ -254,16 +264,28 @@ def print_table(report: dict) -> None:
         if key in r:
             p = r[key]
             print(f"{'pipeline':<22} {key.split('_')[1]:<6} {p['frames']:>7} {p['fps']:>9.1f}"
-                  f"   (end to end {p['fps_end_to_end']:.1f}, peak PSS {p['peak_pss_mib']:.0f} MiB)")
+                  f"   (end to end {p['fps_end_to_end']:.1f}; peak RSS {p['peak_rss_mib']:.0f} MiB,"
+                  f" PSS {p['peak_pss_mib']:.0f} MiB)")
     print("\nratios:", json.dumps(r["ratios"], indent=1))
+    for key in ("pipeline_1x", f"pipeline_{REPEAT}x"):
+        if key in r:
+            print(f"\nwhere the time goes, {key} (CPU seconds per stage; items):")
+            for process, stages in r[key]["stats"]["stages"].items():
+                for stage, v in stages.items():
+                    print(f"  {process:<10} {stage:<18} {v['s']:>8.1f} s  {v['n']:>6}")
+            print(f"  clips cut in the background: {r[key]['stats']['clips_s']:.1f} s")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for method in ("naive", "naive_det_0.25", "pipeline_1x", f"pipeline_{REPEAT}x"):
         if method in r["quality"]:
             print(f"\nquality {method}:")
-            for person, q in r["quality"][method].items():
-                if q["tp"] + q["fp"] + q["fn"]:
-                    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-                    print(f"  {person:<22} recall {fmt(q['recall'])}  precision {fmt(q['precision'])}"
-                          f"  f1 {fmt(q['f1'])}  (tp {q['tp']} fp {q['fp']} fn {q['fn']})")
+            for clip, people in r["quality"][method].items():
+                for person, q in people.items():
+                    if q["tp"] + q["fp"] + q["fn"]:
+                        print(f"  {clip:<28} {person:<20} recall {fmt(q['recall'])}  precision "
+                              f"{fmt(q['precision'])}  f1 {fmt(q['f1'])}  "
+                              f"(tp {q['tp']} fp {q['fp']} fn {q['fn']})")
+    print("\nagreement naive vs pipeline (Jaccard of named frames):",
+          json.dumps(r["agreement_naive_vs_pipeline_1x"]))
 
 
 def main_bench(quick: bool) -> dict:
@@ -292,9 +314,11 @@ def main_bench(quick: bool) -> dict:
                          "pipeline_1x": score(pipeline_found(pipe1["results"]), clips)}
     report["agreement_naive_vs_pipeline_1x"] = agreement(naive["found"], pipeline_found(pipe1["results"]))
     report["ratios"] = {
-        "pipeline_fps / naive_fps (1x)": round(pipe1["fps"] / naive["fps"], 2),
+        "pipeline_fps / naive_fps (1x, first to last frame)": round(pipe1["fps"] / naive["fps"], 2),
         "pipeline_fps / naive_det_0.25_fps (1x)": round(pipe1["fps"] / naive_low["fps"], 2),
-        "pipeline_wall / floor_wall (1x, first to last frame)": round(floor["fps"] / pipe1["fps"], 2)}
+        "pipeline first-to-last-frame time / floor (1x)": round(floor["fps"] / pipe1["fps"], 2),
+        "pipeline whole wall time / floor (1x, start-up and clips included)":
+            round(pipe1["wall_s"] / floor["seconds"], 2)}
     if not quick:
         long_inputs = make_long_inputs(clips, ffmpeg)
         print(f"[bench] pipeline on {REPEAT}x ...", flush=True)
@@ -304,8 +328,11 @@ def main_bench(quick: bool) -> dict:
         report["quality"][key] = score(pipeline_found(pipe_long["results"]), clips, REPEAT)
         report["ratios"].update({
             f"pipeline_fps {REPEAT}x / naive_fps 1x": round(pipe_long["fps"] / naive["fps"], 2),
-            f"pipeline_wall / floor_wall ({REPEAT}x, first to last frame)":
+            f"pipeline first-to-last-frame time / floor ({REPEAT}x)":
                 round(floor["fps"] / pipe_long["fps"], 2),
+            f"pipeline whole wall time / floor ({REPEAT}x)":
+                round(pipe_long["wall_s"] / (floor["seconds"] * REPEAT), 2),
+            f"peak_rss {REPEAT}x / 1x": round(pipe_long["peak_rss_mib"] / pipe1["peak_rss_mib"], 3),
             f"peak_pss {REPEAT}x / 1x": round(pipe_long["peak_pss_mib"] / pipe1["peak_pss_mib"], 3)})
     return report
 

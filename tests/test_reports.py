@@ -101,14 +101,14 @@ def test_write_reports_writes_one_csv_row_per_range(main_module, tmp_path, two_v
     main_module.write_reports(make_run(main_module, main_module.load_settings([])), results, out,
                               main_module.load_settings([]))
     rows = read_csv(out / "results.csv")
-    got = [(r["video"], r["name"], r["start_s"], r["end_s"], r["best_distance"], r["clip"])
-           for r in rows]
+    got = [(r["video"], r["name"], r["start_s"], r["end_s"], r["best_distance"], r["clip"],
+            r["clip_start_s"]) for r in rows]
     expected = [
         ("/videos/obama_whcd.mp4", "Barack_Obama", "0.0", "4.0", "0.412",
-         "obama_whcd/clips/0.00s_Barack_Obama_d0.412.mp4"),
-        ("/videos/obama_whcd.mp4", "Barack_Obama", "10.0", "14.5", "0.5", ""),
+         "obama_whcd/clips/0.00s_Barack_Obama_d0.412.mp4", "0.0"),
+        ("/videos/obama_whcd.mp4", "Barack_Obama", "10.0", "14.5", "0.5", "", ""),
         ("/videos/obama_whcd.mp4", "Michelle_Obama", "2.0", "5.0", "0.55",
-         "obama_whcd/clips/2.00s_Michelle_Obama_d0.550.mp4"),
+         "obama_whcd/clips/2.00s_Michelle_Obama_d0.550.mp4", "2.0"),
     ]
     assert got == expected, f"CSV rows {got}"
     left = sorted(p.name for p in out.iterdir())
