@@ -562,16 +562,35 @@ def decode_frames(info: VideoInfo, frame_interval: int):
                     frame.to_ndarray(format="bgr24")
 
 
+def run_child(name: str, layout, result_q, queues: tuple, body) -> None:
+    """The life of every child process: ignore SIGINT (the parent handles Ctrl-C), attach the
+    ring, run body(ring), then say "done"; on an error send its traceback and exit non-zero.
+    Always detach from the ring (never unlink: the parent owns it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    shm = shared_memory.SharedMemory(name=layout.name)
+    ring = ring_view(shm, layout)
+    try:
+        body(ring)
+        result_q.put(("done", name))
+    except BaseException:
+        result_q.put(("error", name, traceback.format_exc()))
+        raise
+    finally:
+        del ring
+        try:
+            shm.close()
+        except BufferError:  # after an error, its traceback may still hold views of the ring;
+            pass  # the mapping goes with the process, and the parent unlinks the block
+        abandon_if_orphaned(result_q, *queues)
+
+
 def decoder_main(name, layout, jobs_q, free_q, filled_qs, result_q, stop_event, frame_interval):
     """Decode each video from jobs_q into ring slots; report per video; exit on a None job.
 
     All frames of a video go to one worker's queue (filled_qs[video_idx % workers]), in order,
     followed by an end marker, because that worker follows the video's faces frame by frame.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    shm = shared_memory.SharedMemory(name=layout.name)
-    ring = ring_view(shm, layout)
-    try:
+    def body(ring):
         clock = StageClock()
         while (info := get_with_stop(jobs_q, stop_event)) is not None:
             filled_q = filled_qs[info.idx % len(filled_qs)]
@@ -585,14 +604,7 @@ def decoder_main(name, layout, jobs_q, free_q, filled_qs, result_q, stop_event, 
             if not parent_gone():
                 filled_q.join_thread()
         result_q.put(("stats", name, clock.report()))
-        result_q.put(("done", name))
-    except BaseException:
-        result_q.put(("error", name, traceback.format_exc()))
-        raise
-    finally:
-        del ring
-        shm.close()
-        abandon_if_orphaned(result_q, free_q, *filled_qs)
+    run_child(name, layout, result_q, (free_q, *filled_qs), body)
 
 
 def decode_into_ring(info, ring, free_q, filled_q, stop_event, frame_interval,
@@ -972,24 +984,14 @@ def embed_faces(models: FaceModels, crops: list, chunk_size: int) -> np.ndarray:
 def worker_main(name, settings, layout, videos, references, filled_q, free_q, result_q,
                 stop_event, threads_per_session):
     """Load the models, then run GPU_WORKER_THREADS threads over the filled ring slots."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    shm = shared_memory.SharedMemory(name=layout.name)
-    ring = ring_view(shm, layout)
-    try:
+    def body(ring):
         models = load_face_models(settings, settings.PROVIDERS, threads_per_session)
         result_q.put(("ready", name, models.providers, models.rec_max_chunk == 1))
         context = WorkerContext(settings, ring, videos, *reference_matrix(references),
                                 [r.name for r in references], models, free_q, result_q)
         run_worker_threads(context, filled_q, stop_event)
         result_q.put(("stats", name, context.clock.report()))
-        result_q.put(("done", name))
-    except BaseException:
-        result_q.put(("error", name, traceback.format_exc()))
-        raise
-    finally:
-        del ring
-        shm.close()
-        abandon_if_orphaned(result_q, free_q)
+    run_child(name, layout, result_q, (free_q,), body)
 
 
 @dataclass
