@@ -1272,22 +1272,27 @@ def sighting_flags(rec_at: list, confirms: list, tail: int) -> list:
     `tail` frames away. So a face that turns into someone else between two recognitions (same
     place, no gap) is never named beyond the last recognition that really saw the person.
     """
-    positions = [i for i, rec in enumerate(rec_at) if rec is not None]
-    flags = []
+    count = len(rec_at)
+    previous, following = [None] * count, [None] * count  # nearest recognition position each side
+    last = None
     for i, rec in enumerate(rec_at):
-        if rec is not None:
-            flags.append(bool(confirms[rec]))
-            continue
-        before = [p for p in positions if p < i]
-        after = [p for p in positions if p > i]
-        ok_before = bool(before) and confirms[rec_at[before[-1]]]
-        ok_after = bool(after) and confirms[rec_at[after[0]]]
-        if before and after:
-            flags.append(ok_before and ok_after)
-        elif before:
-            flags.append(ok_before and i - before[-1] <= tail)
+        last = i if rec is not None else last
+        previous[i] = last
+    last = None
+    for i in range(count - 1, -1, -1):
+        last = i if rec_at[i] is not None else last
+        following[i] = last
+    flags = []
+    for i in range(count):
+        before, after = previous[i], following[i]
+        ok_before = before is not None and bool(confirms[rec_at[before]])
+        ok_after = after is not None and bool(confirms[rec_at[after]])
+        if before is not None and after is not None:
+            flags.append(ok_before and ok_after)  # at a recognition itself both sides are it
+        elif before is not None:
+            flags.append(ok_before and i - before <= tail)
         else:
-            flags.append(ok_after and bool(after) and after[0] - i <= tail)
+            flags.append(ok_after and after - i <= tail)
     return flags
 
 
@@ -1921,14 +1926,14 @@ def snapshot_links(video: dict, output_dir: Path) -> dict:
     return links
 
 
-def html_person_cards(report: dict, output_dir: Path, thumbnails: dict) -> str:
+def html_person_cards(report: dict, links_per_video: list, thumbnails: dict) -> str:
     """Return the people section: reference photo, best snapshot, where and how well found."""
     import html
     cards = []
     for idx, person in enumerate(report["people"]):
         name = person["name"]
         ranges = [(v, r) for v in report["videos"] for r in v["ranges"] if r["name"] == name]
-        shots = [s for v in report["videos"] for s in snapshot_links(v, output_dir).get(name, [])]
+        shots = [s for links in links_per_video for s in links.get(name, [])]
         best = min(shots, key=lambda s: s[1]) if shots else None
         pics = f'<img src="{thumbnails.get(name, "")}" alt="reference photo of {html.escape(name)}">'
         if best:
@@ -1947,13 +1952,12 @@ def html_person_cards(report: dict, output_dir: Path, thumbnails: dict) -> str:
     return '<div class="people">' + "".join(cards) + "</div>"
 
 
-def html_video(video: dict, people: list, output_dir: Path) -> str:
+def html_video(video: dict, people: list, shots: dict) -> str:
     """Return one video's block: a timeline bar per person found and a table of ranges."""
     import html
     duration = max([video["duration_s"]] + [r["end"] for r in video["ranges"]]) or 1.0
     names = sorted({r["name"] for r in video["ranges"]})
     rows, table = [], []
-    shots = snapshot_links(video, output_dir)
     for name in names:
         idx = people.index(name) if name in people else 0
         segments = []
@@ -1997,14 +2001,15 @@ def write_html_report(report: dict, output_dir: Path, thumbnails: dict) -> None:
     import html
     people = [p["name"] for p in report["people"]]
     threshold = report["settings"]["CUSTOM_THRESHOLD"]
-    videos = "".join(html_video(v, people, output_dir) for v in report["videos"])
+    links_per_video = [snapshot_links(v, output_dir) for v in report["videos"]]  # one pass each
+    videos = "".join(html_video(v, people, links) for v, links in zip(report["videos"], links_per_video))
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>People found in '
             f'videos</title><style>{_HTML_STYLE}</style></head><body><h1>People found in '
             f'{len(report["videos"])} video(s)</h1><p class="meta">{html.escape(report["created"])}; '
             f'a face matches when its cosine distance to a person is at most {threshold} (similarity '
             f'at least {1 - threshold:.2f}); model pack {html.escape(report["settings"]["MODEL_PACK_NAME"])}; '
             f'{"complete" if report["complete"] else "INCOMPLETE (interrupted or failed)"}</p>'
-            f'<h2>People</h2>{html_person_cards(report, output_dir, thumbnails)}'
+            f'<h2>People</h2>{html_person_cards(report, links_per_video, thumbnails)}'
             f'<h2>Videos</h2>{videos}</body></html>')
     part = output_dir / "index.html.part"
     part.write_text(page, encoding="utf-8")
@@ -2104,23 +2109,26 @@ def check_children(pipe: Pipeline, drain) -> None:
 
 
 def shutdown_pipeline(pipe: Pipeline) -> None:
-    """Stop and join every child, terminate stragglers, then close and unlink the ring."""
+    """Stop and join every child, terminate stragglers, then close and unlink the ring (the
+    ring is released even if a second Ctrl-C interrupts the joins)."""
     pipe.stop_event.set()
-    deadline = time.monotonic() + _JOIN_TIMEOUT_S
-    for process in pipe.processes:
-        process.join(timeout=max(0.1, deadline - time.monotonic()))
-    for process in pipe.processes:
-        if process.is_alive():
-            process.terminate()
-            process.join(timeout=5)
-        if process.is_alive():
-            process.kill()
-            process.join()
-    for q in (pipe.jobs_q, pipe.free_q, *pipe.filled_qs, pipe.result_q):
-        q.cancel_join_thread()
-        q.close()
-    pipe.shm.close()
-    pipe.shm.unlink()
+    try:
+        deadline = time.monotonic() + _JOIN_TIMEOUT_S
+        for process in pipe.processes:
+            process.join(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        for process in pipe.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for q in (pipe.jobs_q, pipe.free_q, *pipe.filled_qs, pipe.result_q):
+            q.cancel_join_thread()
+            q.close()
+        pipe.shm.close()
+        pipe.shm.unlink()
 
 
 class RunState:
@@ -2249,22 +2257,32 @@ class RunState:
             clip_start_s = keyframe_before(keyframes, time_range.start_s) if fast else time_range.start_s
             clip = self.cut_one(result, time_range, clip_dir, clip_start_s)
             with self.lock:
-                result.clips.append((clip, clip_start_s))
+                result.clips.append(clip)
                 self.clips_s += time.monotonic() - started
 
     def cut_one(self, result: VideoResult, time_range: TimeRange, clip_dir: Path,
-                clip_start_s: float) -> str | None:
-        """Cut one clip; on failure record the error and return None."""
+                clip_start_s: float) -> tuple:
+        """Cut one clip; return (its path, where it starts), or (None, None) after recording
+        the error."""
         if self.ffmpeg is None:
-            return None
+            return None, None
         try:
-            return str(cut_clip(self.ffmpeg, result.info, time_range, clip_dir,
-                                self.settings.CLIP_MODE, clip_start_s, self.stop_clips))
+            try:
+                return str(cut_clip(self.ffmpeg, result.info, time_range, clip_dir,
+                                    self.settings.CLIP_MODE, clip_start_s, self.stop_clips)), clip_start_s
+            except ClipError as error:
+                if self.settings.CLIP_MODE != "fast" or self.stop_clips.is_set():
+                    raise
+                # MP4 cannot hold every codec as it is (PCM audio, VP8, WMV): re-encode this one.
+                print(f"[!] fast clip failed, re-encoding instead: {str(error).splitlines()[0]}")
+                clip = cut_clip(self.ffmpeg, result.info, time_range, clip_dir, "accurate",
+                                time_range.start_s, self.stop_clips)
+                return str(clip), time_range.start_s
         except (ClipError, OSError) as error:
             with self.lock:
                 result.errors.append(str(error))
                 self.failures.append(str(error))
-            return None
+            return None, None
 
 
 def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) -> None:
@@ -2333,9 +2351,16 @@ def run_pipeline(state: RunState, videos: list, references: list) -> None:
             bar.close()
         if not finished:  # broken or interrupted: cut no more clips, stop the one being cut
             state.stop_clips.set()
-        shutdown_pipeline(pipe)
-        state.clip_jobs.put(None)
-        cutter.join()
+        try:
+            shutdown_pipeline(pipe)
+        finally:
+            state.clip_jobs.put(None)
+            try:
+                cutter.join()
+            except BaseException:  # Ctrl-C or SIGTERM while the last clips are cut: stop ffmpeg
+                state.stop_clips.set()
+                cutter.join(timeout=_JOIN_TIMEOUT_S)
+                raise
 
 
 def prepare_references(settings: Settings) -> tuple:
@@ -2467,6 +2492,9 @@ def check_lines(settings: Settings) -> tuple:
                 say(verdict == "loads", f"provider {provider}: {verdict}")
         except BadInput as error:
             say(False, str(error))
+        except Exception as error:  # a broken install is what --check is for: say it, go on
+            say(False, f"the models cannot be opened ({type(error).__name__}: {error}); "
+                       f"reinstall: pip install -r requirements.txt")
     ffmpeg = find_ffmpeg(settings.FFMPEG_DIR)
     say(ffmpeg is not None, f"ffmpeg: {ffmpeg or 'not found (clips cannot be cut)'}")
     return lines, problems
@@ -2624,7 +2652,7 @@ def run_search(settings: Settings) -> int:
             state.debug_rec_file.close()
         run["failures"] = state.failures
         run["stats"] = state.stats()
-        write_reports(run, state.results, output_dir, settings, state.thumbnails)
+        state.save_reports()
     print(summary_table(state.results))
     stats = run["stats"]
     print(f"[*] {stats['processed_frames']} frames in {stats['wall_s']:.1f} s "

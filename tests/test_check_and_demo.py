@@ -96,3 +96,18 @@ def test_empty_folders_say_how_to_start(tmp_path):
     done = run_main(MODEL_FLAGS, cwd=tmp_path)
     assert done.returncode == 2
     assert "in_video" in done.stderr and "samples_jpg" in done.stderr and "--demo" in done.stderr, done.stderr
+
+
+def test_check_reports_a_broken_onnxruntime_instead_of_crashing(tmp_path, all_refs_dir):
+    """With an onnxruntime that cannot be imported, --check still prints its report, names the
+    problem and exits 1 (a broken install is what it is for)."""
+    fake = tmp_path / "fake_site" / "onnxruntime"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libonnxruntime.so: cannot open shared object file')\n")
+    env = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    done = subprocess.run([sys.executable, str(REPO / "main.py"), "--check", *MODEL_FLAGS,
+                           "--videos", str(TESTDATA / "videos"), "--refs", str(all_refs_dir)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cannot be opened (ImportError" in done.stdout and "libonnxruntime" in done.stdout, done.stdout
+    assert "obama_whcd.mp4" in done.stdout, "the rest of the report is still printed"

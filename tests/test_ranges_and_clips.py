@@ -425,3 +425,46 @@ def test_clip_modes_start_where_the_report_says_and_keep_audio(main_module, ffmp
     assert stream_types(clip) == ["audio", "video"], f"{mode} clip streams"
     shown, expected = first_frames_match(main_module, clip, source, expected_start_s)
     assert abs(shown - expected) <= 1, f"{mode} clip starts at frame {shown}, expected {expected}"
+
+
+@pytest.mark.parametrize("rec_count", [1, 10, 3000])
+def test_sighting_flags_on_a_one_hour_track_follow_the_rule(rec_count):
+    """On a one-hour track (90 000 frames) every frame is judged, and the single-pass result equals
+    the rule applied frame by frame (checked on a sample)."""
+    import main
+    frames = 90_000
+    step = frames // rec_count
+    rec_at = [i // step if i % step == 0 and i // step < rec_count else None for i in range(frames)]
+    confirms = [k % 7 != 3 for k in range(rec_count)]
+    flags = main.sighting_flags(rec_at, confirms, 1)
+    assert len(flags) == frames
+    positions = [i for i, r in enumerate(rec_at) if r is not None]
+    for i in range(0, frames, 997):  # brute force on a sample
+        before = [p for p in positions if p <= i]
+        after = [p for p in positions if p >= i]
+        if before and after:
+            want = confirms[rec_at[before[-1]]] and confirms[rec_at[after[0]]]
+        elif before:
+            want = confirms[rec_at[before[-1]]] and i - before[-1] <= 1
+        else:
+            want = confirms[rec_at[after[0]]] and after[0] - i <= 1
+        assert flags[i] == want, f"frame {i}"
+
+
+def test_fast_mode_re_encodes_a_clip_mp4_cannot_hold_as_it_is(main_module, ffmpeg_exe, tmp_path):
+    """An AVI with PCM audio cannot be stream-copied into MP4: the clip is re-encoded instead, and
+    the report gets the start it really has (the range's own start)."""
+    source = tmp_path / "pcm.avi"
+    subprocess.run([ffmpeg_exe, "-nostdin", "-v", "error", "-f", "lavfi", "-i",
+                    "testsrc=size=160x120:rate=10", "-f", "lavfi", "-i", "sine=frequency=440",
+                    "-t", "4", "-c:v", "mjpeg", "-c:a", "pcm_s16le", str(source)], check=True)
+    settings = main_module.load_settings(["--clip-mode", "fast", "--output", str(tmp_path / "out")])
+    info = main_module.probe_video(source, 0, "pcm")
+    state = main_module.RunState([info], settings, ffmpeg_exe,
+                                 main_module.run_header(settings, [], ffmpeg_exe))
+    time_range = main_module.TimeRange("Alice", 1.5, 3.0, 0.4, 1.5, 2.5)
+    result = state.results[0]
+    clip, start_s = state.cut_one(result, time_range, tmp_path / "clips", 1.0)
+    assert clip is not None and Path(clip).is_file(), result.errors
+    assert start_s == 1.5, f"a re-encoded clip starts at the range start, not {start_s}"
+    assert stream_types(clip) == ["audio", "video"]
