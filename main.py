@@ -1266,7 +1266,7 @@ def sighting_flags(rec_at: list, confirms: list, tail: int) -> list:
     """Return, per frame of a named track, whether it counts as a sighting of that person.
 
     rec_at holds, per frame, the index of the recognition made there (or None); confirms says
-    per recognition whether it agreed with the track's name. A frame counts when the
+    per recognition whether it vouches for the track's name. A frame counts when the
     recognitions on both sides of it confirm (one at the frame itself suffices), or, before the
     first and after the last recognition, when that one confirms and the frame is at most
     `tail` frames away. So a face that turns into someone else between two recognitions (same
@@ -2169,7 +2169,8 @@ class RunState:
         return count
 
     def record_track(self, video_idx: int, track: dict) -> None:
-        """Store an ended face track: every frame of a named track is a sighting of that person."""
+        """Store an ended face track: the frames it reports (those that count, see sighting_flags)
+        are sightings of its person."""
         result = self.results[video_idx]
         if self.debug_rec_file:
             self.log_debug_rec(result.info, track)
