@@ -1100,30 +1100,27 @@ class FrameSequencer:
             self.pending[seq] = item
         while self.feed_lock.acquire(blocking=False):
             try:
-                fed = self.feed_ready()
+                self.feed_ready()
             finally:
                 self.feed_lock.release()
-            if fed:
-                self.context.result_q.put(("progress", self.video_idx, fed))
             with self.pending_lock:
                 if self.next_seq not in self.pending:
                     return
 
-    def feed_ready(self) -> int:
-        """Feed consecutive ready frames to the tracker; return how many frames were fed."""
-        fed = 0
+    def feed_ready(self) -> None:
+        """Feed consecutive ready frames to the tracker, reporting each one as it is done."""
         while True:
             with self.pending_lock:
                 if self.next_seq not in self.pending:
-                    return fed
+                    return
                 item = self.pending.pop(self.next_seq)
             self.next_seq += 1
             if item is None:
                 self.tracker.finish()
                 self.context.result_q.put(("video_tracked", self.video_idx))
-                return fed
+                return
             self.feed_frame(*item)
-            fed += 1
+            self.context.result_q.put(("progress", self.video_idx, 1))
 
     def feed_frame(self, frame: tuple, boxes: np.ndarray, kps: np.ndarray, thumb: np.ndarray) -> None:
         """Run the tracker on one frame, then return its slot to the decoders."""
@@ -2147,17 +2144,19 @@ class RunState:
         self.thumbnails = {p["name"]: reference_thumbnail(p["photos"][0]) for p in run["people"]}
         self.first_frame_s = None  # when the first processed frame came back, from the start
         self.last_frame_s = None  # ... and the last one
+        self.ready_s = None  # when the last worker had loaded its models
         self.stages = {}  # process name -> StageClock report
 
     def stats(self) -> dict:
         """Return the run's timing: wall time, frames/s and seconds per stage and process."""
         wall_s = time.monotonic() - self.started
         frames = sum(r.processed_frame_count for r in self.results)
-        steady_s = (self.last_frame_s or 0.0) - (self.first_frame_s or 0.0)
-        return {"wall_s": round(wall_s, 3), "first_frame_s": self.first_frame_s,
-                "last_frame_s": self.last_frame_s, "processed_frames": frames,
+        working_s = (self.last_frame_s or 0.0) - (self.ready_s or 0.0)
+        return {"wall_s": round(wall_s, 3), "models_ready_s": self.ready_s,
+                "first_frame_s": self.first_frame_s, "last_frame_s": self.last_frame_s,
+                "processed_frames": frames,
                 "frames_per_s": round(frames / wall_s, 3) if wall_s > 0 else None,
-                "frames_per_s_first_to_last": round(frames / steady_s, 3) if steady_s > 0 else None,
+                "frames_per_s_after_models_ready": round(frames / working_s, 3) if working_s > 0 else None,
                 "clips_s": round(self.clips_s, 3), "stages": self.stages}
 
     def record_progress(self, video_idx: int, count: int) -> int:
@@ -2290,6 +2289,9 @@ def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) 
     """Apply one message from a child to the run state."""
     kind = message[0]
     if kind == "progress":
+        name = Path(state.results[message[1]].info.path).name
+        if bars["frames"].desc != name[:40]:  # the bar names the video whose frames just came
+            bars["frames"].set_description_str(name[:40], refresh=False)
         bars["frames"].update(state.record_progress(*message[1:]))
     elif kind == "track":
         state.record_track(*message[1:])
@@ -2300,6 +2302,7 @@ def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) 
     elif kind == "video_done":
         state.video_decoded(*message[1:])
     elif kind == "ready":
+        state.ready_s = round(time.monotonic() - state.started, 3)
         for model, providers in message[2].items():
             bars["frames"].write(f"[*] {message[1]}: {model} runs on {providers[0]}")
         if message[3]:
