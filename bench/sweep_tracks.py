@@ -40,7 +40,7 @@ import scoring  # noqa: E402
 
 
 class CachedTracker(main.VideoTracker):
-    """A VideoTracker whose recognizer answers from a cache keyed by (frame, face index)."""
+    """A VideoTracker whose recognizer answers from a cache keyed by (video, frame, face index)."""
 
     cache: dict = {}
 
@@ -48,19 +48,18 @@ class CachedTracker(main.VideoTracker):
         super().__init__(info, context, emit)
         self.seq, self.calls = 0, 0
 
-    def recognise(self, image, kps, due):
-        """Return (embeddings, distances) of the due faces, computing each face only once."""
-        if not due:
-            return None, None
-        self.calls += len(due)
-        rows = []
-        for d in due:
-            key = (self.info.idx, self.seq, d)
+    def look(self, image, kps, d):
+        """Return (cache key, aligned crop) of face d in this frame."""
+        key = (self.info.idx, self.seq, d)
+        return key, (None if key in self.cache else main.align_face(image, kps[d]))
+
+    def recognise_looks(self, looks):
+        """Return (embeddings, distances) of the looks, computing each face only once."""
+        self.calls += len(looks)
+        for key, crop in looks:
             if key not in self.cache:
-                embedding = main.embed_faces(self.context.models, [main.align_face(image, kps[d])], 1)
-                self.cache[key] = embedding[0]
-            rows.append(self.cache[key])
-        embeddings = np.stack(rows)
+                self.cache[key] = main.embed_faces(self.context.models, [crop], 1)[0]
+        embeddings = np.stack([self.cache[key] for key, _ in looks])
         return embeddings, main.person_distances(embeddings, self.context.ref_embeddings,
                                                  self.context.ref_owners, len(self.context.people))
 
