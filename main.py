@@ -36,10 +36,7 @@ InsightFace's pretrained models are for non-commercial research purposes only.
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
-import dataclasses
-import hashlib
 import io
 import json
 import math

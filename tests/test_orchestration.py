@@ -284,7 +284,7 @@ def colour_pixels(image: np.ndarray, hex_colour: str) -> int:
 
 def test_html_report_renders_timelines_in_a_browser(search, tmp_path, main_module):
     """index.html is self-contained (no http) and, in a real browser, shows a timeline bar in each
-    found person's colour, as long as their ranges, and 'nobody found' for the crowd clip."""
+    found person's colour (none for people not found), and 'nobody found' for the crowd clip."""
     page = search["out"] / "index.html"
     text = page.read_text()
     assert "http://" not in text and "https://" not in text, "the report must work offline"
@@ -296,9 +296,7 @@ def test_html_report_renders_timelines_in_a_browser(search, tmp_path, main_modul
     bar_width_px = 1280 - 2 * 24 - 2 * 14 - 190  # page margin, card padding, label column
     for name in people:
         pixels = colour_pixels(image, main_module.color_hex(people.index(name)))
-        if name in found:
-            seconds = sum(r["end"] - r["start"] for v in search["results"]["videos"]
-                          for r in v["ranges"] if r["name"] == name)
+        if name in found:  # a bar 20 px high over at least a fifth of the timeline width
             assert pixels > 20 * 0.2 * bar_width_px, f"{name}: only {pixels} pixels of its colour"
         else:
             assert pixels < 400, f"{name} was not found but its colour covers {pixels} pixels"
