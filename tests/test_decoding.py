@@ -108,3 +108,12 @@ def test_output_names_stay_unique_when_stems_clash(main_module):
     paths = [root / "a.mp4", root / "a.mkv", root / "sub" / "a.mp4", root / "b.mp4"]
     names = main_module.unique_output_names(paths, root)
     assert names == ["a_mp4", "a_mkv", "sub_a_mp4", "b"], names
+
+
+def test_a_file_with_audio_but_no_video_is_reported_by_name(main_module, tmp_path, ffmpeg_exe):
+    """An audio-only .mp4 raises BadInput naming the file and saying it has no video stream."""
+    path = tmp_path / "only sound.mp4"
+    subprocess.run([ffmpeg_exe, "-nostdin", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=440",
+                    "-t", "1", "-c:a", "aac", str(path)], check=True)
+    with pytest.raises(main_module.BadInput, match="only sound.mp4.*no video stream"):
+        main_module.probe_video(path, 0, path.stem)

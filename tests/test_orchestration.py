@@ -211,7 +211,7 @@ def worker_pid(parent_pid: int, marker: str) -> int:
     raise AssertionError(f"no worker process among {processes_with_marker(marker)}")
 
 
-@pytest.mark.parametrize("how", ["kill -9 worker", "Ctrl-C"])
+@pytest.mark.parametrize("how", ["kill -9 worker", "Ctrl-C", "SIGTERM"])
 def test_a_killed_worker_or_ctrl_c_stops_the_run_cleanly(tmp_path, all_refs_dir, how):
     """A worker killed mid-run, or Ctrl-C: the run stops within seconds, saves what it has marked
     incomplete, exits non-zero (1, or 130 for Ctrl-C), and leaves no process or shared memory."""
@@ -219,11 +219,13 @@ def test_a_killed_worker_or_ctrl_c_stops_the_run_cleanly(tmp_path, all_refs_dir,
     process, output = start_search(tmp_path, all_refs_dir, marker)
     if how == "Ctrl-C":
         os.kill(process.pid, signal.SIGINT)
+    elif how == "SIGTERM":
+        os.kill(process.pid, signal.SIGTERM)
     else:
         os.kill(worker_pid(process.pid, marker), signal.SIGKILL)
     rest, _ = process.communicate(timeout=120)  # a hang fails here
     text = "".join(output) + rest
-    if how == "Ctrl-C":
+    if how in ("Ctrl-C", "SIGTERM"):  # SIGTERM (kill, a service manager) stops like Ctrl-C
         assert process.returncode == 130 and "interrupted" in text, text[-3000:]
     else:
         assert process.returncode == 1, text[-3000:]
