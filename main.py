@@ -1392,6 +1392,7 @@ class Track:
     best_size_px: float = 0.0
     best_frontal: float = 0.0
     name_idx: int | None = None  # named from the evidence so far
+    agreed: bool = False  # some recognition agreed with somebody: the track may be named
     signature: np.ndarray | None = None  # the face's grey patch in its last frame (face_signature)
     last_look: object = None  # its aligned crop in its last frame, while it may be named
     pending: list = field(default_factory=list)  # (person, distance, path, jpeg) until named
@@ -1478,7 +1479,7 @@ class VideoTracker:
                         None if rec is None else (embeddings[rec], distances[rec]))
             track.last_look = None  # kept for a last recognition when the track ends
             if rec is None and face_size_px(boxes[d]) >= self.settings.MIN_FACE_SIZE \
-                    and self.may_be_named(track):
+                    and track.agreed:
                 track.last_look = self.look(image, kps, d)
 
     def recognise(self, image: np.ndarray, kps: np.ndarray, due: list) -> tuple:
@@ -1560,6 +1561,7 @@ class VideoTracker:
                                                settings.MATCH_MARGIN, settings.MIN_TRACK_HITS)[0]
         if person is None:
             return
+        track.agreed = True
         path = snapshot_path(Path(settings.OUTPUT_DIR), self.info, frame_idx, time_s,
                              self.context.people[person])
         started = time.perf_counter()
@@ -1580,12 +1582,6 @@ class VideoTracker:
                 write_bytes_atomic(path, jpeg)
                 track.written.append((who, path))
         track.pending = [item for item in track.pending if item[0] != person]
-
-    def may_be_named(self, track: Track) -> bool:
-        """Return True when some recognition of the track agreed with somebody."""
-        settings = self.settings
-        return any(agreeing_person(row, settings.CUSTOM_THRESHOLD, settings.MATCH_MARGIN) is not None
-                   for row in track.rec_distances)
 
     def last_recognition(self, track: Track) -> None:
         """Recognise a track that may be named once more, on its last frame, if that frame was not
@@ -1798,13 +1794,18 @@ def format_hms(time_s: float) -> str:
     return f"{millis // 3_600_000:02d}:{millis // 60_000 % 60:02d}:{millis // 1000 % 60:02d}.{millis % 1000:03d}"
 
 
+def video_status(result: VideoResult) -> str:
+    """Return "ok" (finished, no errors), "incomplete" (some frames processed) or "failed"."""
+    if result.finished and not result.errors:
+        return "ok"
+    return "incomplete" if result.processed_frame_count else "failed"
+
+
 def video_report(result: VideoResult, output_dir: Path, frame_interval: int) -> dict:
     """Return the results.json entry of one video."""
     info = result.info
-    status = "ok" if result.finished and not result.errors else (
-        "incomplete" if result.processed_frame_count else "failed")
     return {
-        "file": info.path, "output_folder": info.output_name, "status": status,
+        "file": info.path, "output_folder": info.output_name, "status": video_status(result),
         "errors": result.errors, "fps": round(info.fps, 6), "frame_count": info.frame_count,
         "duration_s": round(info.duration_s, 6), "width": info.width, "height": info.height,
         "video_start_offset_s": round(info.video_start_offset_s, 6),
@@ -1835,9 +1836,7 @@ def range_report(time_range: TimeRange, clip: str | None, clip_start_s: float | 
 
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON through a temporary file and os.replace, so no half-written file is left."""
-    part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(part, path)
+    write_bytes_atomic(path, json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8"))
 
 
 def write_reports(run: dict, results: list, output_dir: Path, settings: Settings,
@@ -1856,9 +1855,7 @@ def write_reports(run: dict, results: list, output_dir: Path, settings: Settings
             writer.writerow([entry["file"], r["name"], r["start"], r["end"], r["start_hms"],
                              r["end_hms"], r["best_distance"], r["best_similarity"], r["clip"] or "",
                              "" if r["clip_start"] is None else r["clip_start"]])
-    part = output_dir / "results.csv.part"
-    part.write_text(buffer.getvalue(), encoding="utf-8")
-    os.replace(part, output_dir / "results.csv")
+    write_bytes_atomic(output_dir / "results.csv", buffer.getvalue().encode("utf-8"))
 
 
 _HTML_STYLE = """
@@ -2005,9 +2002,7 @@ def write_html_report(report: dict, output_dir: Path, thumbnails: dict) -> None:
             f'{"complete" if report["complete"] else "INCOMPLETE (interrupted or failed)"}</p>'
             f'<h2>People</h2>{html_person_cards(report, links_per_video, thumbnails)}'
             f'<h2>Videos</h2>{videos}</body></html>')
-    part = output_dir / "index.html.part"
-    part.write_text(page, encoding="utf-8")
-    os.replace(part, output_dir / "index.html")
+    write_bytes_atomic(output_dir / "index.html", page.encode("utf-8"))
 
 
 def summary_table(results: list) -> str:
@@ -2015,15 +2010,15 @@ def summary_table(results: list) -> str:
     lines = [f"{'video':<36} {'frames':>7}  {'person':<24} {'ranges':>6} {'best d':>7}  status"]
     for result in results:
         name = Path(result.info.path).name[:36]
-        report = video_report(result, Path("."), 1)
+        status = video_status(result)
         people = sorted({r.name for r in result.ranges})
         if not people:
             lines.append(f"{name:<36} {result.processed_frame_count:>7}  {'(nobody)':<24} "
-                         f"{0:>6} {'':>7}  {report['status']}")
+                         f"{0:>6} {'':>7}  {status}")
         for person in people:
             mine = [r for r in result.ranges if r.name == person]
             lines.append(f"{name:<36} {result.processed_frame_count:>7}  {person:<24} "
-                         f"{len(mine):>6} {min(r.best_distance for r in mine):>7.3f}  {report['status']}")
+                         f"{len(mine):>6} {min(r.best_distance for r in mine):>7.3f}  {status}")
     return "\n".join(lines)
 
 
