@@ -18,7 +18,7 @@ Data flow (all processes come from one `spawn` context owned by the parent):
                           │  into tracks, recognise (align + ArcFace) a few times per track, name
                           │  tracks from agreeing evidence, write snapshots, return the slot
                           v
-    parent <──result_q── ("progress" | "track" | "video_tracked" | "video_done" | "ready" |
+    parent <──result_q── ("progress" | "track" | "video_tracked" | "video_done" | "ready" | "note" |
        │                  "stats" | "error" | "done", ...)
        └─> ranges per person -> clip thread (ffmpeg) -> results.json / results.csv / summary
 
@@ -98,6 +98,9 @@ TRT_CACHE_DIR = "insightface_trt_cache"  # TensorRT engines and timing cache
 FFMPEG_DIR = "ffmpeg"  # optional local ffmpeg binary (ffmpeg or ffmpeg.exe); then PATH; then imageio-ffmpeg
 # Advanced
 PROVIDERS = "auto"  # auto | tensorrt | cuda | cpu; auto takes the best that really loads
+GPU_DEVICE_IDS = ()  # GPUs for the workers, each 0..63, e.g. (0, 1); () = all visible; worker i takes the (i mod n)-th
+FRAMES_ON_DEVICE = "auto"  # auto | on | off; batched detector, resize and face alignment on the models' device (auto: with CUDA/TensorRT)
+TRT_FP16 = True  # TensorRT in half precision (faster; distances differ slightly from fp32)
 debug_det = False  # save every frame's raw detections (before recognition) as images
 debug_det_dir = "debug_det"  # where debug_det writes
 debug_rec = False  # log each recognition's distance to every person (also to OUTPUT_DIR/debug_rec.tsv)
@@ -108,7 +111,8 @@ SETTING_NAMES = (
     "BOX_PADDING_PERCENTAGE", "CUSTOM_THRESHOLD", "MATCH_MARGIN", "MIN_TRACK_HITS", "MIN_FACE_SIZE",
     "RECOGNITION_INTERVAL", "TRACK_MAX_GAP", "FRAME_INTERVAL", "CLIP_DURATION_BEFORE",
     "CLIP_DURATION_AFTER", "MERGE_GAP_TOLERANCE", "CLIP_MODE", "VIDEO_DIR", "REFERENCE_DIR", "OUTPUT_DIR",
-    "MODEL_ROOT", "TRT_CACHE_DIR", "FFMPEG_DIR", "PROVIDERS", "debug_det", "debug_det_dir", "debug_rec",
+    "MODEL_ROOT", "TRT_CACHE_DIR", "FFMPEG_DIR", "PROVIDERS", "GPU_DEVICE_IDS", "FRAMES_ON_DEVICE",
+    "TRT_FP16", "debug_det", "debug_det_dir", "debug_rec",
 )
 
 # Internal constants ---------------------------------------------------------------------------
@@ -131,6 +135,7 @@ _SCRFD_LAYOUTS = {
     10: ((8, 16, 32, 64, 128), 1, False),
     15: ((8, 16, 32, 64, 128), 1, True),
 }
+_TRT_UNSUPPORTED_OPS = {"ConvInteger", "DynamicQuantizeLinear", "MatMulInteger"}  # int8 graphs
 _PROVIDER_ORDER = {  # --providers value -> ONNX Runtime providers to try, best first
     "auto": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
@@ -223,6 +228,15 @@ class VideoInfo:
 
 
 @dataclass(frozen=True)
+class GpuSlot:
+    """The GPU one worker process uses, and what its TensorRT engines are keyed by."""
+
+    id: int  # CUDA device index (PCI bus order, like nvidia-smi; see worker_gpu_ids)
+    name: str  # the GPU model, e.g. "NVIDIA H200"
+    tensorrt: str | None  # TensorRT version, None when it is not installed
+
+
+@dataclass(frozen=True)
 class RingLayout:
     """Shape of the shared-memory ring; small and picklable, handed to every child."""
 
@@ -303,7 +317,7 @@ _LIMITS = {  # name -> (minimum, maximum) for numbers; choices for strings
     "TRACK_MAX_GAP": (0.0, 60.0), "FRAME_INTERVAL": (1, 1000),
     "CLIP_DURATION_BEFORE": (0.0, 600.0), "CLIP_DURATION_AFTER": (0.0, 600.0),
     "MERGE_GAP_TOLERANCE": (0.0, 3600.0), "PROVIDERS": tuple(_PROVIDER_ORDER),
-    "CLIP_MODE": ("accurate", "fast"),
+    "CLIP_MODE": ("accurate", "fast"), "GPU_DEVICE_IDS": (0, 63), "FRAMES_ON_DEVICE": ("auto", "on", "off"),
 }
 _FLAG_ALIASES = {"VIDEO_DIR": ["--videos"], "REFERENCE_DIR": ["--refs"], "OUTPUT_DIR": ["--output"],
                  "MODEL_ROOT": [], "MODEL_PACK_NAME": ["--model-pack"], "PROVIDERS": []}
@@ -325,7 +339,7 @@ def setting_comments() -> dict:
     """Return each setting's inline comment from the settings block, for --help."""
     comments = {}
     for line in Path(__file__).read_text(encoding="utf-8").splitlines():
-        match = re.match(r"^([A-Za-z_]+) = .*?  # (.*)$", line)
+        match = re.match(r"^([A-Za-z_][A-Za-z0-9_]*) = .*?  # (.*)$", line)
         if match and match.group(1) in SETTING_NAMES:
             comments[match.group(1)] = match.group(2).replace("%", "%%")
     return comments
@@ -344,6 +358,17 @@ def parse_det_size(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected whole numbers, got {text!r}") from None
 
 
+def parse_id_list(text: str) -> tuple:
+    """Return device numbers from '0,1' or '0 1'; 'all' or '' give () (every visible GPU)."""
+    parts = [p for p in re.split(r"[,\s]+", text.strip().strip("()")) if p]
+    if parts in ([], ["all"]):
+        return ()
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GPU numbers such as 0,1 or 'all', got {text!r}") from None
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     """Return the parser: one flag per setting, plus aliases and --providers."""
     parser = argparse.ArgumentParser(
@@ -359,7 +384,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif name == "DET_SIZE":
             kwargs.update(type=parse_det_size, metavar="W[xH]")
-        elif name in ("PROVIDERS", "CLIP_MODE"):
+        elif name == "GPU_DEVICE_IDS":
+            kwargs.update(type=parse_id_list, metavar="N[,N...]|all")
+        elif name in ("PROVIDERS", "CLIP_MODE", "FRAMES_ON_DEVICE"):
             kwargs["choices"] = _LIMITS[name]
         else:
             kwargs["type"] = float if isinstance(default, float) else type(default)
@@ -398,6 +425,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Return validated Settings from parsed arguments; raise ValueError naming a bad flag."""
     values = {name: getattr(args, name) for name in SETTING_NAMES}
     values["DET_SIZE"] = tuple(values["DET_SIZE"])
+    values["GPU_DEVICE_IDS"] = tuple(values["GPU_DEVICE_IDS"])
     validate_settings(values)
     return Settings(tuple(values.items()))
 
@@ -715,8 +743,11 @@ class FaceModels:
     rec_std: float
     providers: dict  # model file name -> providers ONNX Runtime reports as active
     rec_max_chunk: int  # 1 for dynamically quantized recognizers (see uses_dynamic_quantization)
-    det_path: str = ""
+    det_path: str = ""  # the pack's detector file
     rec_path: str = ""
+    det_batched: bool = False  # det_session takes [N,3,H,W] and returns [N, anchors, C]
+    det_file: str = ""  # the file det_session runs: det_path, or its batch-capable copy
+    gpu: GpuSlot | None = None
 
 
 def find_model_pack(model_root: str, pack: str) -> Path:
@@ -769,19 +800,203 @@ def uses_dynamic_quantization(model_path: Path) -> bool:
     return any(node.op_type == "DynamicQuantizeLinear" for node in graph.node)
 
 
-def provider_candidates(choice: str, available: list, trt_cache: Path) -> list:
-    """Return the providers (with options) to ask ONNX Runtime for, best first."""
+def file_sha256(path: Path) -> str:
+    """Return the hex SHA-256 of a file's bytes."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def output_reshape(graph, output_name: str, producers: dict):
+    """Return the Reshape node that flattens one SCRFD output (behind a Sigmoid, say), or None."""
+    node = producers.get(output_name)
+    while node is not None and node.op_type in ("Sigmoid", "Identity", "Mul", "Add"):
+        node = producers.get(node.input[0])
+    return node if node is not None and node.op_type == "Reshape" else None
+
+
+def constant_values(graph, name: str):
+    """Return a graph initializer's or Constant node's values as a NumPy array, or None."""
+    from onnx import numpy_helper
+    for tensor in graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def make_detector_batchable(model) -> str | None:
+    """Edit an SCRFD graph in place so it takes [N,3,H,W] and returns [N, anchors, C] per output;
+    return None, or why it cannot be done.
+
+    InsightFace's det_500m/det_10g transpose each head [N,C,H,W] to [H,W,N,C] and reshape it to
+    [-1, C]: with N > 1 the images' anchors come out interleaved, which is why only freeing the
+    batch axis gives wrong results. The transpose becomes [N,H,W,C] and the reshape [N,-1,C]
+    (0 = keep the batch); graphs that already reshape by their input's batch stay as they are.
+    """
+    from onnx import numpy_helper
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    for output in graph.output:
+        reshape = output_reshape(graph, output.name, producers)
+        transpose = producers.get(reshape.input[0]) if reshape is not None else None
+        if transpose is None or transpose.op_type != "Transpose":
+            return f"output {output.name} is not a transposed, reshaped head"
+        perm = list(transpose.attribute[0].ints)
+        if perm == [2, 3, 0, 1]:
+            transpose.attribute[0].ints[:] = [0, 2, 3, 1]
+        elif perm != [0, 2, 3, 1]:
+            return f"output {output.name}: unexpected transpose {perm}"
+        shape = constant_values(graph, reshape.input[1])
+        if shape is not None:
+            if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != 1):
+                return f"output {output.name}: unexpected reshape to {shape.tolist()}"
+            name = f"{reshape.output[0]}_batched_shape"
+            graph.initializer.append(numpy_helper.from_array(
+                np.array([0, -1, int(shape[-1])], np.int64), name))
+            reshape.input[1] = name
+        channels = output.type.tensor_type.shape.dim[-1].dim_value
+        del output.type.tensor_type.shape.dim[:]
+        for dim in ("batch", "anchors", channels):
+            output.type.tensor_type.shape.dim.add().CopyFrom(onnx_dim(dim))
+    graph.input[0].type.tensor_type.shape.dim[0].CopyFrom(onnx_dim("batch"))
+    del graph.value_info[:]  # shapes inferred for batch 1 are stale now
+    used = {name for node in graph.node for name in node.input}
+    unused = [t for t in graph.initializer if t.name not in used]
+    for tensor in unused:  # the old [-1, C] shapes
+        graph.initializer.remove(tensor)
+    return None
+
+
+def onnx_dim(value):
+    """Return an ONNX tensor dimension: a number, or a named (symbolic) one."""
+    from onnx import TensorShapeProto
+    dim = TensorShapeProto.Dimension()
+    if isinstance(value, str):
+        dim.dim_param = value
+    else:
+        dim.dim_value = value
+    return dim
+
+
+def batch_outputs_match(original: Path, batched: bytes, input_hw: tuple, batch: int = 3) -> bool:
+    """Return True when the batched graph gives, for each image of a random batch, the original
+    graph's outputs for that image alone (CPU, within float tolerance)."""
+    import onnxruntime as ort
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (batch, 3, *input_hw)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the original's declared output shapes hold for one size only
+    single = ort.InferenceSession(str(original), options, providers=["CPUExecutionProvider"])
+    multi = ort.InferenceSession(batched, options, providers=["CPUExecutionProvider"])
+    name = single.get_inputs()[0].name
+    together = multi.run(None, {name: images})
+    for i in range(batch):
+        alone = single.run(None, {name: images[i:i + 1]})
+        for a, b in zip(alone, together):
+            if a.size != b[i].size or not np.allclose(a.reshape(b[i].shape), b[i], rtol=1e-4, atol=1e-5):
+                return False
+    return True
+
+
+def batched_detector(det_path: Path, cache_dir: Path) -> tuple:
+    """Return (path of a batch-capable copy of the detector or None, note for the user).
+
+    The copy is made once per source file (keyed by its SHA-256) in cache_dir/batched/ and
+    proven equal to the original on a random batch before it is used.
+    """
+    import onnx
+    target = cache_dir / "batched" / f"{det_path.stem}-{file_sha256(det_path)[:16]}.onnx"
+    if target.is_file():
+        return target, f"batched detector: {target}"
+    model = onnx.load(str(det_path))
+    why = make_detector_batchable(model)
+    if why is None:
+        dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[2:]]
+        data = model.SerializeToString()
+        if not batch_outputs_match(det_path, data, tuple(d or 128 for d in dims)):
+            why = "the edited graph's outputs differ from the original's"
+    if why is not None:
+        return None, (f"{det_path.name} cannot be made batch-capable ({why}); frames go "
+                      f"through the detector one at a time")
+    try:
+        write_bytes_atomic(target, data)
+    except OSError as error:
+        return None, f"cannot write {target} ({error}); frames go through the detector one at a time"
+    return target, f"batched detector made from {det_path.name}: {target}"
+
+
+def provider_chain(choice: str, available: list) -> list:
+    """Return the execution providers to try for --providers, best first; the CPU is always last."""
     wanted = [p for p in _PROVIDER_ORDER[choice] if p in available]
     if "CPUExecutionProvider" not in wanted:
         wanted.append("CPUExecutionProvider")
-    options = {
-        "TensorrtExecutionProvider": {
-            "trt_fp16_enable": True, "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(trt_cache), "trt_timing_cache_enable": True,
-            "trt_timing_cache_path": str(trt_cache)},
-        "CUDAExecutionProvider": {"cudnn_conv_algo_search": "HEURISTIC"},
-    }
-    return [(p, options.get(p, {})) for p in wanted]
+    return wanted
+
+
+def provider_library(provider: str) -> Path | None:
+    """Return the shared library file ONNX Runtime loads for a GPU provider (None for the CPU)."""
+    import onnxruntime as ort
+    stem = {"CUDAExecutionProvider": "onnxruntime_providers_cuda",
+            "TensorrtExecutionProvider": "onnxruntime_providers_tensorrt"}.get(provider)
+    if stem is None:
+        return None
+    name = f"{stem}.dll" if sys.platform == "win32" else f"lib{stem}.so"
+    return Path(ort.__file__).parent / "capi" / name
+
+
+def both_onnxruntime_builds_problem() -> str | None:
+    """Return the explanation when onnxruntime and onnxruntime-gpu are both installed, else None."""
+    if package_version("onnxruntime") and package_version("onnxruntime-gpu"):
+        return ("onnxruntime and onnxruntime-gpu are both installed: they share one module folder "
+                "and the CPU build can win. Fix: pip uninstall -y onnxruntime onnxruntime-gpu && "
+                "pip install onnxruntime-gpu")
+    return None
+
+
+def provider_load_problem(provider: str) -> str:
+    """Return why ONNX Runtime cannot use a provider: not in this build, or the error that
+    loading its library gives (it names the missing or mismatched CUDA/cuDNN/TensorRT library)."""
+    import ctypes
+    import onnxruntime as ort
+    both = both_onnxruntime_builds_problem()
+    if provider not in ort.get_available_providers():
+        build = "onnxruntime-gpu" if package_version("onnxruntime-gpu") else "onnxruntime"
+        return both or (f"this onnxruntime build ({build} {ort.__version__}) has no {provider}: "
+                        f"pip install onnxruntime-gpu (see README, GPU setup)")
+    library = provider_library(provider)
+    if library is None or not library.is_file():
+        return f"its library {library} is missing: reinstall onnxruntime-gpu"
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as error:
+        return f"{library.name} cannot be loaded: {error} ({onnxruntime_gpu_build()})"
+    return (f"its library loads, but the session did not use it; run with ORT_LOG_LEVEL=0 to see "
+            f"ONNX Runtime's reason ({onnxruntime_gpu_build()})")
+
+
+def onnxruntime_gpu_build() -> str:
+    """Return the CUDA and cuDNN versions this onnxruntime-gpu was built for, as text."""
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+    except ImportError:
+        return "build information unavailable"
+    cuda, cudnn = getattr(info, "cuda_version", None), getattr(info, "cudnn_version", None)
+    if not cuda:
+        return "this onnxruntime is a CPU build"
+    return f"onnxruntime-gpu {info.__version__} needs CUDA {cuda}" + (f" and cuDNN {cudnn}" if cudnn else "")
+
+
+def tensorrt_unsupported_ops(model_path: Path) -> set:
+    """Return the ops of a model that TensorRT cannot run (int8 dynamic quantization)."""
+    import onnx
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return {node.op_type for node in graph.node} & _TRT_UNSUPPORTED_OPS
 
 
 def session_options(threads: int):
@@ -790,55 +1005,239 @@ def session_options(threads: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.log_severity_level = int(os.environ.get("ORT_LOG_LEVEL", "3"))
     # Two sessions alternating on few cores slow each other 1.6-2.2x when idle threads spin.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
-def load_model(path: Path, providers: list, threads: int):
-    """Return an insightface model object (SCRFD or ArcFaceONNX) on the given providers."""
-    from insightface.model_zoo import model_zoo
-    names = [p for p, _ in providers]
-    opts = [o for _, o in providers]
-    model = model_zoo.get_model(str(path), providers=names, provider_options=opts,
-                                sess_options=session_options(threads))
-    if model is None:
-        raise BadInput(f"{path}: insightface does not recognise this model")
-    return model
-
-
-def load_face_models(settings: Settings, provider_choice: str, threads: int) -> FaceModels:
-    """Return the pack's detector and recognizer loaded on the best providers that really load."""
+def open_session(path: Path, chain: list, options, say):
+    """Return (session, provider it really runs on) for the first provider of chain (pairs of
+    provider and options) that loads; say why each better one did not."""
     import onnxruntime as ort
+    for i, (provider, _) in enumerate(chain):
+        rest = chain[i:]  # providers after it take the nodes it cannot run
+        try:
+            session = ort.InferenceSession(str(path), options, providers=[p for p, _ in rest],
+                                           provider_options=[o for _, o in rest])
+        except Exception as error:  # a provider that fails to start is reported, then skipped
+            say(f"{path.name}: {provider} failed ({type(error).__name__}: "
+                f"{str(error).strip().splitlines()[0][:300]})")
+            continue
+        if session.get_providers()[0] == provider:
+            return session, provider
+        say(f"{path.name}: {provider} did not load: {provider_load_problem(provider)}")
+    raise BadInput(f"{path}: no execution provider could open it; reinstall onnxruntime")
+
+
+def model_input(model_path: Path) -> tuple:
+    """Return (input name, dims) of a model's first input; a dim is None where it is dynamic."""
+    import onnx
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    dims = [d.dim_value or None for d in graph.input[0].type.tensor_type.shape.dim]
+    return graph.input[0].name, dims
+
+
+def detector_profile(input_name: str, dims: list, batch_count: int, box_wh: tuple) -> dict:
+    """Return the detector's TensorRT optimisation profile {input: (min, opt, max) shapes}:
+    batches of 1..batch_count (a short last batch needs no new engine) and, for a detector of
+    dynamic size, every trimmed input up to the box (DET_SIZE x PRE_UPSCALE_FACTOR)."""
+    height = dims[2] or box_wh[1]
+    width = dims[3] or box_wh[0]
+    low_h, low_w = (dims[2] or 32), (dims[3] or 32)
+    return {input_name: ((1, 3, low_h, low_w), (batch_count, 3, height, width),
+                         (batch_count, 3, height, width))}
+
+
+def recognizer_profile(input_name: str, chunk_count: int, side_px: int = 112) -> dict:
+    """Return the recognizer's TensorRT optimisation profile: 1..chunk_count aligned faces."""
+    return {input_name: ((1, 3, side_px, side_px), (chunk_count, 3, side_px, side_px),
+                         (chunk_count, 3, side_px, side_px))}
+
+
+def profile_text(profile: dict, which: int) -> str:
+    """Return one of a profile's shape sets (0 min, 1 opt, 2 max) as ONNX Runtime's option text,
+    e.g. 'input.1:1x3x32x32'."""
+    return ",".join(f"{name}:{'x'.join(str(v) for v in shapes[which])}"
+                    for name, shapes in sorted(profile.items()))
+
+
+def engine_cache_key(model_sha256: str, profile: dict, gpu_name: str, trt_version: str,
+                     ort_version: str, fp16: bool) -> str:
+    """Return the 16-hex-digit key of one TensorRT engine: everything that makes an engine
+    unusable elsewhere (model bytes, shape profile, GPU model, TensorRT and ONNX Runtime
+    versions, precision) and nothing else, so nothing else causes a rebuild."""
+    import hashlib
+    facts = {"model": model_sha256, "profile": {k: [list(s) for s in v] for k, v in profile.items()},
+             "gpu": gpu_name, "tensorrt": trt_version, "onnxruntime": ort_version, "fp16": fp16}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def engine_folder(cache_dir: Path, model_path: Path, profile: dict, gpu: "GpuSlot",
+                  fp16: bool) -> Path:
+    """Return the folder of one model's TensorRT engine under TRT_CACHE_DIR (see engine_cache_key)."""
+    import onnxruntime as ort
+    key = engine_cache_key(file_sha256(model_path), profile, gpu.name, gpu.tensorrt or "unknown",
+                           ort.__version__, fp16)
+    return cache_dir / f"{model_path.stem}-{key}"
+
+
+def needs_engine_build(folder: Path) -> bool:
+    """Return True when a TensorRT engine folder holds no engine yet (the first run builds it)."""
+    return not any(folder.glob("*.engine"))
+
+
+def tensorrt_options(folder: Path, timing_dir: Path, profile: dict, gpu_id: int, fp16: bool) -> dict:
+    """Return the TensorRT provider options: engine cache in its keyed folder, a timing cache
+    shared per GPU model and TensorRT version, fp16, and explicit optimisation profiles."""
+    return {"device_id": gpu_id, "trt_fp16_enable": fp16,
+            "trt_engine_cache_enable": True, "trt_engine_cache_path": str(folder),
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(timing_dir),
+            "trt_profile_min_shapes": profile_text(profile, 0),
+            "trt_profile_opt_shapes": profile_text(profile, 1),
+            "trt_profile_max_shapes": profile_text(profile, 2)}
+
+
+def tensorrt_version() -> str | None:
+    """Return the installed TensorRT version (pip package, else the library's own number), or None."""
+    import ctypes
+    for name in ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt-libs"):
+        if package_version(name):
+            return package_version(name)
+    for library in ("libnvinfer.so.10", "libnvinfer.so.8", "nvinfer_10.dll", "nvinfer.dll"):
+        try:
+            return f"lib{ctypes.CDLL(library).getInferLibVersion()}"
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def visible_gpu_names() -> list:
+    """Return the names of the GPUs CUDA sees, in CUDA's order (PCI bus order, as nvidia-smi
+    numbers them; CUDA_VISIBLE_DEVICES respected); [] when nvidia-smi is not there."""
+    names = [line.split(",")[0].strip() for line in visible_gpus()]
+    chosen = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if chosen is None or not names:
+        return names
+    picked = []
+    for entry in (e.strip() for e in chosen.split(",") if e.strip()):
+        if not entry.lstrip("-").isdigit():
+            picked.append(f"GPU {entry}")  # a UUID or MIG name: its model is not looked up
+        elif int(entry) < 0:
+            break  # CUDA stops at the first invalid index
+        elif int(entry) < len(names):
+            picked.append(names[int(entry)])
+    return picked
+
+
+def worker_gpu_ids(worker_count: int, device_ids: tuple, visible_count: int) -> list:
+    """Return the CUDA device index of each worker: worker i takes the (i mod n)-th of
+    GPU_DEVICE_IDS, or of all visible GPUs when it is empty; raise ValueError for an id that is
+    not visible."""
+    ids = list(device_ids) or list(range(max(1, visible_count)))
+    missing = [i for i in ids if visible_count and i >= visible_count]
+    if missing:
+        raise ValueError(f"--gpu-device-ids {','.join(map(str, device_ids))}: GPU {missing[0]} is "
+                         f"not visible ({visible_count} GPU(s) visible, numbered from 0)")
+    return [ids[worker % len(ids)] for worker in range(worker_count)]
+
+
+def gpu_slots(settings: Settings, worker_count: int) -> list:
+    """Return one GpuSlot per worker process (parent only)."""
+    names = visible_gpu_names()
+    version = tensorrt_version()
+    ids = worker_gpu_ids(worker_count, settings.GPU_DEVICE_IDS, len(names))
+    return [GpuSlot(i, names[i] if i < len(names) else f"GPU {i}", version) for i in ids]
+
+
+def provider_settings(provider: str, model_path: Path, profile: dict, gpu: GpuSlot,
+                      settings: Settings, say) -> dict | None:
+    """Return the options of one provider for one model, or None to skip it for this model
+    (TensorRT on int8 graphs it cannot run)."""
+    if provider == "CUDAExecutionProvider":
+        return {"device_id": gpu.id, "cudnn_conv_algo_search": "HEURISTIC"}
+    if provider != "TensorrtExecutionProvider":
+        return {}
+    unsupported = tensorrt_unsupported_ops(model_path)
+    if unsupported:
+        say(f"{model_path.name}: TensorRT cannot run {', '.join(sorted(unsupported))} (int8 dynamic "
+            f"quantization); this model runs on the next provider (CUDA)")
+        return None
+    cache_dir = Path(settings.TRT_CACHE_DIR)
+    folder = engine_folder(cache_dir, model_path, profile, gpu, settings.TRT_FP16)
+    timing = cache_dir / "timing" / safe_file_name(f"{gpu.name}-trt{gpu.tensorrt}").replace(" ", "_")
+    for path in (folder, timing):
+        path.mkdir(parents=True, exist_ok=True)
+    if needs_engine_build(folder):
+        say(f"[*] WARMUP: Generating TensorRT engine for {model_path.name} in {folder} "
+            f"(first run only; minutes)")
+    return tensorrt_options(folder, timing, profile, gpu.id, settings.TRT_FP16)
+
+
+def open_model(path: Path, chain: list, profile: dict, threads: int, gpu: GpuSlot,
+               settings: Settings, say) -> tuple:
+    """Return (session, provider) for one model on the best provider of chain that loads."""
+    pairs = []
+    for provider in chain:
+        options = provider_settings(provider, path, profile, gpu, settings, say)
+        if options is not None:
+            pairs.append((provider, options))
+    return open_session(path, pairs, session_options(threads), say)
+
+
+def load_face_models(settings: Settings, provider_choice: str, threads: int,
+                     gpu: GpuSlot | None = None, say=print) -> FaceModels:
+    """Return the pack's detector and recognizer, each on the best provider that really loads
+    (TensorRT, CUDA, CPU); say() tells what was chosen and why better providers were not."""
+    import onnxruntime as ort
+    from insightface.model_zoo.arcface_onnx import ArcFaceONNX
     ort.set_default_logger_severity(3)
     det_path, rec_path = classify_pack_models(find_model_pack(settings.MODEL_ROOT,
                                                               settings.MODEL_PACK_NAME))
-    trt_cache = Path(settings.TRT_CACHE_DIR)
-    providers = provider_candidates(provider_choice, ort.get_available_providers(), trt_cache)
-    if providers[0][0] == "TensorrtExecutionProvider":
-        trt_cache.mkdir(parents=True, exist_ok=True)
-        if not any(trt_cache.glob("*.engine")):
-            print("[*] WARMUP: Generating TensorRT engine... (first run only; minutes)", flush=True)
-    detector = load_model(det_path, providers, threads)
-    recognizer = load_model(rec_path, providers, threads)
-    outputs = detector.session.get_outputs()
+    chain = provider_chain(provider_choice, ort.get_available_providers())
+    if "CUDAExecutionProvider" in chain and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip packages, when they are installed
+    gpu = gpu or GpuSlot(0, "GPU 0", None)
+    det_file, batched = det_path, False
+    if settings.FRAMES_ON_DEVICE == "on" or (settings.FRAMES_ON_DEVICE == "auto" and chain[0] != "CPUExecutionProvider"):
+        made, note = batched_detector(det_path, Path(settings.TRT_CACHE_DIR))
+        say(note)
+        det_file, batched = (made, True) if made else (det_path, False)
+    det_input, det_dims = model_input(det_file)
+    box = detector_box_size(settings)
+    det_session, det_provider = open_model(
+        det_file, chain, detector_profile(det_input, det_dims, settings.BATCH_SIZE if batched else 1, box),
+        threads, gpu, settings, say)
+    rec_chunk = 1 if uses_dynamic_quantization(rec_path) else settings.REC_CHUNK_SIZE
+    rec_input, _ = model_input(rec_path)
+    rec_session, rec_provider = open_model(rec_path, chain, recognizer_profile(rec_input, rec_chunk),
+                                           threads, gpu, settings, say)
+    recognizer = ArcFaceONNX(model_file=str(rec_path), session=rec_session)
+    return face_models(det_path, det_file, det_session, batched, recognizer, rec_path,
+                       1 if rec_chunk == 1 else 1 << 30, gpu)
+
+
+def face_models(det_path: Path, det_file: Path, det_session, batched: bool, recognizer,
+                rec_path: Path, rec_max_chunk: int, gpu: GpuSlot) -> FaceModels:
+    """Return FaceModels for opened sessions; raise BadInput for a detector that is not SCRFD."""
+    outputs = det_session.get_outputs()
     if len(outputs) not in _SCRFD_LAYOUTS:
         raise BadInput(f"{det_path}: unknown detector layout, {len(outputs)} outputs with shapes "
                        f"{[o.shape for o in outputs]}; expected SCRFD with 6, 9, 10 or 15")
     strides, anchors, has_kps = _SCRFD_LAYOUTS[len(outputs)]
     if not has_kps:
         raise BadInput(f"{det_path}: this SCRFD model has no keypoints; faces cannot be aligned")
-    shape = detector.session.get_inputs()[0].shape
+    shape = det_session.get_inputs()[0].shape
     fixed = (shape[3], shape[2]) if all(isinstance(v, int) for v in shape[2:4]) else None
     return FaceModels(
-        det_session=detector.session, det_input_name=detector.input_name,
+        det_session=det_session, det_input_name=det_session.get_inputs()[0].name,
         det_output_names=[o.name for o in outputs], det_strides=strides, det_anchors=anchors,
         det_fixed_size=fixed, rec_session=recognizer.session, rec_input_name=recognizer.input_name,
         rec_mean=recognizer.input_mean, rec_std=recognizer.input_std,
-        providers={det_path.name: detector.session.get_providers(),
+        providers={det_path.name: det_session.get_providers(),
                    rec_path.name: recognizer.session.get_providers()},
-        rec_max_chunk=1 if uses_dynamic_quantization(rec_path) else 1 << 30,
-        det_path=str(det_path), rec_path=str(rec_path))
+        rec_max_chunk=rec_max_chunk, det_path=str(det_path), rec_path=str(rec_path),
+        det_batched=batched, det_file=str(det_file), gpu=gpu)
 
 
 def detector_input_size(models: FaceModels, settings: Settings, frame_hw: tuple | None = None) -> tuple:
@@ -851,13 +1250,19 @@ def detector_input_size(models: FaceModels, settings: Settings, frame_hw: tuple 
     """
     if models.det_fixed_size:
         return models.det_fixed_size
-    box_w, box_h = (int(round(side * settings.PRE_UPSCALE_FACTOR / 32)) * 32 for side in settings.DET_SIZE)
+    box_w, box_h = detector_box_size(settings)
     if frame_hw is None:
         return box_w, box_h
     new_w, new_h = letterbox_size(frame_hw, (box_w, box_h))
     trimmed = min(box_w, -(-new_w // 32) * 32), min(box_h, -(-new_h // 32) * 32)
     # Rounding can, rarely, make the other side the limiting one: then keep the full box.
     return trimmed if letterbox_size(frame_hw, trimmed) == (new_w, new_h) else (box_w, box_h)
+
+
+def detector_box_size(settings: Settings) -> tuple:
+    """Return the (width, height) px box frames are fitted into: DET_SIZE x PRE_UPSCALE_FACTOR,
+    in multiples of 32."""
+    return tuple(int(round(side * settings.PRE_UPSCALE_FACTOR / 32)) * 32 for side in settings.DET_SIZE)
 
 
 def letterbox_size(frame_hw: tuple, input_size: tuple) -> tuple:
@@ -933,14 +1338,26 @@ def nms(boxes: np.ndarray, iou_threshold: float) -> list:
 
 
 def detect_faces(models: FaceModels, images: list, settings: Settings) -> list:
-    """Return [(boxes [N,5], kps [N,5,2])] per image, in that image's pixels."""
-    results = []
-    for image in images:
-        input_size = detector_input_size(models, settings, image.shape[:2])
-        blob, scale = letterbox(image, input_size)
-        outputs = models.det_session.run(models.det_output_names, {models.det_input_name: blob})
-        results.append(decode_scrfd(outputs, models.det_strides, models.det_anchors, input_size,
-                                    scale, settings.det_prob_threshold))
+    """Return [(boxes [N,5], kps [N,5,2])] per image, in that image's pixels.
+
+    With a batch-capable detector, images of the same detector input size go through it in
+    one call (at most BATCH_SIZE at a time); otherwise one at a time.
+    """
+    groups = {}
+    for i, image in enumerate(images):
+        groups.setdefault(detector_input_size(models, settings, image.shape[:2]), []).append(i)
+    step = settings.BATCH_SIZE if models.det_batched else 1
+    results = [None] * len(images)
+    for input_size, members in groups.items():
+        for start in range(0, len(members), step):
+            chunk = members[start:start + step]
+            blobs, scales = zip(*(letterbox(images[i], input_size) for i in chunk))
+            outputs = models.det_session.run(models.det_output_names,
+                                             {models.det_input_name: np.concatenate(blobs)})
+            for j, i in enumerate(chunk):
+                results[i] = decode_scrfd([o[j] for o in outputs] if models.det_batched else outputs,
+                                          models.det_strides, models.det_anchors, input_size,
+                                          scales[j], settings.det_prob_threshold)
     return results
 
 
@@ -982,10 +1399,13 @@ def embed_faces(models: FaceModels, crops: list, chunk_size: int) -> np.ndarray:
 
 
 def worker_main(name, settings, layout, videos, references, filled_q, free_q, result_q,
-                stop_event, threads_per_session):
-    """Load the models, then run GPU_WORKER_THREADS threads over the filled ring slots."""
+                stop_event, threads_per_session, gpu):
+    """Load the models (on its GPU, if any), then run GPU_WORKER_THREADS threads over the
+    filled ring slots."""
     def body(ring):
-        models = load_face_models(settings, settings.PROVIDERS, threads_per_session)
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # number GPUs like nvidia-smi
+        models = load_face_models(settings, settings.PROVIDERS, threads_per_session, gpu,
+                                  lambda text: result_q.put(("note", name, text)))
         result_q.put(("ready", name, models.providers, models.rec_max_chunk == 1))
         context = WorkerContext(settings, ring, videos, *reference_matrix(references),
                                 [r.name for r in references], models, free_q, result_q)
@@ -2044,6 +2464,7 @@ class Pipeline:
 def start_pipeline(settings: Settings, videos: list, references: list) -> Pipeline:
     """Create the queues and ring, then start the decoder and worker processes; if a start
     fails, stop what was started and release the ring before re-raising."""
+    gpus = worker_gpus(settings)
     ctx = mp.get_context("spawn")
     layout = ring_layout_for(videos, settings.MAX_BUFFER_SLOTS, str(os.getpid()))
     shm = create_ring(layout)
@@ -2066,11 +2487,27 @@ def start_pipeline(settings: Settings, videos: list, references: list) -> Pipeli
         threads = max(1, (os.cpu_count() or 2) // (settings.NUM_GPU_PROCESSES * settings.GPU_WORKER_THREADS))
         for i in range(settings.NUM_GPU_PROCESSES):
             start_child(pipe, f"worker-{i}", worker_main, settings, layout, videos, references,
-                        pipe.filled_qs[i], pipe.free_q, pipe.result_q, pipe.stop_event, threads)
+                        pipe.filled_qs[i], pipe.free_q, pipe.result_q, pipe.stop_event, threads,
+                        gpus[i])
     except BaseException:
         shutdown_pipeline(pipe)
         raise
     return pipe
+
+
+def worker_gpus(settings: Settings) -> list:
+    """Return each worker's GpuSlot (None for all when no CUDA provider is available); raise
+    BadInput for a GPU_DEVICE_IDS entry that is not visible."""
+    import onnxruntime as ort
+    if provider_chain(settings.PROVIDERS, ort.get_available_providers())[0] == "CPUExecutionProvider":
+        return [None] * settings.NUM_GPU_PROCESSES
+    try:
+        slots = gpu_slots(settings, settings.NUM_GPU_PROCESSES)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+    for i, slot in enumerate(slots):
+        print(f"[*] worker-{i}: GPU {slot.id} ({slot.name})")
+    return slots
 
 
 def start_child(pipe: Pipeline, name: str, target, *args) -> None:
@@ -2293,6 +2730,9 @@ def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) 
         state.stages[message[1]] = message[2]
     elif kind == "video_done":
         state.video_decoded(*message[1:])
+    elif kind == "note":
+        text = message[2]
+        bars["frames"].write(text if text.startswith("[") else f"[*] {message[1]}: {text}")
     elif kind == "ready":
         state.ready_s = round(time.monotonic() - state.started, 3)
         for model, providers in message[2].items():
@@ -2416,17 +2856,23 @@ def package_version(name: str) -> str | None:
 
 
 def working_providers(model_path: Path) -> dict:
-    """Return {provider: "loads" or why not} by opening the model with each provider alone."""
+    """Return {provider: "loads" or why not} by opening the model with each GPU provider alone
+    (and the CPU); a provider this build lacks is reported with the fix."""
     import onnxruntime as ort
     ort.set_default_logger_severity(3)
+    available = ort.get_available_providers()
     verdicts = {}
-    for provider in [p for p in ort.get_available_providers() if p in _PROVIDER_ORDER["auto"]]:
+    for provider in _PROVIDER_ORDER["auto"]:
+        if provider not in available:
+            if provider != "CPUExecutionProvider":
+                verdicts[provider] = f"not available: {provider_load_problem(provider)}"
+            continue
         try:
             session = ort.InferenceSession(str(model_path), providers=[provider])
             active = session.get_providers()
             verdicts[provider] = ("loads" if provider in active else
-                                  f"listed, but the session fell back to {active} (missing "
-                                  f"CUDA/cuDNN/TensorRT libraries or a version mismatch)")
+                                  f"listed, but the session fell back to {active}: "
+                                  f"{provider_load_problem(provider)}")
         except Exception as error:  # a provider that cannot load is what we report
             verdicts[provider] = f"fails: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
     return verdicts
@@ -2468,10 +2914,8 @@ def check_lines(settings: Settings) -> tuple:
     for name in ("insightface", "onnxruntime", "onnxruntime-gpu", "av", "opencv-python",
                  "numpy", "tensorrt", "imageio-ffmpeg"):
         lines.append(f"  {name}: {package_version(name) or 'not installed'}")
-    if package_version("onnxruntime") and package_version("onnxruntime-gpu"):
-        say(False, "onnxruntime and onnxruntime-gpu are both installed: they share one module and "
-                   "the CPU build can win. Fix: pip uninstall -y onnxruntime onnxruntime-gpu && "
-                   "pip install onnxruntime-gpu")
+    if both_onnxruntime_builds_problem():
+        say(False, both_onnxruntime_builds_problem())
     gpus = visible_gpus()
     where = "nvidia-smi lists none" if shutil.which("nvidia-smi") else "no nvidia-smi on PATH"
     lines.append(f"GPUs: {', '.join(gpus) if gpus else f'none found ({where})'}")
@@ -2485,7 +2929,10 @@ def check_lines(settings: Settings) -> tuple:
             detector, recognizer = classify_pack_models(pack)
             say(True, f"model pack: {pack} (detector {detector.name}, recognizer {recognizer.name})")
             for provider, verdict in working_providers(detector).items():
-                say(verdict == "loads", f"provider {provider}: {verdict}")
+                if verdict.startswith("not available") and settings.PROVIDERS in ("auto", "cpu"):
+                    lines.append(f"  [--] provider {provider}: {verdict}")  # optional here
+                else:
+                    say(verdict == "loads", f"provider {provider}: {verdict}")
         except BadInput as error:
             say(False, str(error))
         except Exception as error:  # a broken install is what --check is for: say it, go on
@@ -2636,6 +3083,10 @@ def run_search(settings: Settings) -> int:
         if videos:
             run_pipeline(state, videos, references)
         run["complete"] = all(r.finished for r in state.results)
+    except BadInput as error:
+        print(f"error: {error}", file=sys.stderr)
+        state.failures.append(str(error))
+        exit_code = 2
     except PipelineBroken as error:
         print(f"\n[!] pipeline broken: {error}", file=sys.stderr)
         state.failures.append(f"pipeline broken: {str(error).splitlines()[0]}")

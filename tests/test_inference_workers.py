@@ -93,6 +93,78 @@ def test_unknown_detector_layout_is_refused_naming_the_file(main_module, tmp_pat
         main_module.load_face_models(settings, "cpu", 1)
 
 
+def batched_models(main_module, tmp_path: Path, detector: Path, batch: int):
+    """(settings, models) with the batch-capable copy of a detector (made in tmp_path)."""
+    root = pack_with(tmp_path, detector)
+    settings = main_module.load_settings([
+        "--model-root", str(root), "--model-pack", "testpack", "--providers", "cpu",
+        "--frames-on-device", "on", "--batch-size", str(batch), "--trt-cache-dir", str(tmp_path / "c")])
+    return settings, main_module.load_face_models(settings, "cpu", 1, say=lambda text: None)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("detector", DETECTORS, ids=[d.name for d in DETECTORS])
+def test_batched_detections_equal_each_frames_own(main_module, images, tmp_path, detector, batch,
+                                                 cpu_models, test_settings):
+    """For every frame, the batch-capable detector run on batches of 1, 3 and 8 frames finds the
+    same faces as the original detector on that frame alone: same count, boxes and keypoints
+    within 0.01 px, scores within 1e-4 (issue #4, item 3)."""
+    settings, models = batched_models(main_module, tmp_path, detector, batch)
+    assert models.det_batched and models.det_file != models.det_path, models.det_file
+    alone_models = main_module.load_face_models(
+        main_module.load_settings(["--model-root", str(tmp_path), "--model-pack", "testpack",
+                                   "--frames-on-device", "off"]), "cpu", 1, say=lambda text: None)
+    frames = images * 2  # enough frames of each size for full batches of 8 and a short last one
+    together = main_module.detect_faces(models, frames, settings)
+    faces = 0
+    for n, frame in enumerate(frames):
+        alone = main_module.detect_faces(alone_models, [frame], settings)[0]
+        assert len(together[n][0]) == len(alone[0]), f"frame {n}: {len(together[n][0])} vs {len(alone[0])}"
+        if len(alone[0]):
+            assert np.abs(together[n][0][:, :4] - alone[0][:, :4]).max() <= 0.01, f"frame {n} boxes"
+            assert np.abs(together[n][0][:, 4] - alone[0][:, 4]).max() <= 1e-4, f"frame {n} scores"
+            assert np.abs(together[n][1] - alone[1]).max() <= 0.01, f"frame {n} keypoints"
+        faces += len(alone[0])
+    assert faces >= len(frames), f"only {faces} faces in {len(frames)} frames: the test saw too little"
+
+
+def test_batched_detector_copy_is_made_once_per_source_file(main_module, tmp_path):
+    """The batch-capable copy is keyed by the source file's SHA-256 and reused, not remade."""
+    source = PACK_DIR / "det_500m.onnx"
+    first, note = main_module.batched_detector(source, tmp_path)
+    assert first is not None and main_module.file_sha256(source)[:16] in first.name, note
+    made_at = first.stat().st_mtime_ns
+    second, _ = main_module.batched_detector(source, tmp_path)
+    assert second == first and second.stat().st_mtime_ns == made_at
+
+
+def test_interleaving_transposes_are_what_the_edit_fixes(main_module, tmp_path):
+    """det_500m transposes its heads to [H,W,N,C]: freeing only the batch axis would interleave
+    the images' anchors; the edited graph transposes to [N,H,W,C] and reshapes to [N,-1,C]."""
+    import onnx
+    model = onnx.load(str(PACK_DIR / "det_500m.onnx"))
+    before = {tuple(n.attribute[0].ints) for n in model.graph.node if n.op_type == "Transpose"}
+    assert before == {(2, 3, 0, 1)}, before
+    assert main_module.make_detector_batchable(model) is None
+    after = {tuple(n.attribute[0].ints) for n in model.graph.node if n.op_type == "Transpose"}
+    assert after == {(0, 2, 3, 1)}, after
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_a_detector_that_cannot_take_a_batch_falls_back_with_a_message(main_module, tmp_path,
+                                                                       monkeypatch):
+    """A graph whose outputs are not transposed, reshaped heads is left alone with a message;
+    so is one whose edited outputs would differ from the original's: frames then go through
+    the detector one at a time."""
+    tiny_model(tmp_path / "tiny.onnx", 64, 9)
+    made, note = main_module.batched_detector(tmp_path / "tiny.onnx", tmp_path / "c")
+    assert made is None and "cannot be made batch-capable" in note and "tiny.onnx" in note, note
+    monkeypatch.setattr(main_module, "batch_outputs_match", lambda *args: False)
+    made, note = main_module.batched_detector(PACK_DIR / "det_500m.onnx", tmp_path / "c2")
+    assert made is None and "outputs differ" in note and "one at a time" in note, note
+    assert not list((tmp_path / "c2").rglob("*.onnx")), "a copy that failed its check was kept"
+
+
 def test_similarity_transform_matches_scikit_image(main_module):
     """The Umeyama fit equals scikit-image's SimilarityTransform on random 5-point sets."""
     from skimage.transform import SimilarityTransform
@@ -221,18 +293,162 @@ def test_buffalo_l_layout_picks_det_10g_and_w600k_r50(main_module, tmp_path):
     ("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]),
     ("tensorrt", ["CPUExecutionProvider"], ["CPUExecutionProvider"]),
 ])
-def test_provider_candidates_are_the_best_available_first(main_module, choice, available, expected):
+def test_provider_chain_is_the_best_available_first(main_module, choice, available, expected):
     """--providers picks the available providers in order TensorRT, CUDA, CPU; CPU is always last."""
-    got = main_module.provider_candidates(choice, available, Path("cache"))
-    assert [name for name, _ in got] == expected, got
+    assert main_module.provider_chain(choice, available) == expected
 
 
-def test_tensorrt_caches_engines_in_the_cache_folder(main_module):
-    """TensorRT is asked for fp16 and for engine and timing caches in TRT_CACHE_DIR."""
-    got = dict(main_module.provider_candidates("auto", ["TensorrtExecutionProvider"], Path("c")))
-    options = got["TensorrtExecutionProvider"]
-    assert options["trt_fp16_enable"] and options["trt_engine_cache_enable"]
-    assert options["trt_engine_cache_path"] == "c" and options["trt_timing_cache_path"] == "c"
+def test_a_provider_that_does_not_load_is_skipped_with_its_reason(main_module, monkeypatch, tmp_path):
+    """open_session asks for each provider in turn and checks which one the session really uses:
+    CUDA 'available' but its library broken (a file that is no shared library) is reported with
+    the loader's error, and the model opens on the CPU."""
+    import onnxruntime as ort
+    broken = tmp_path / "libonnxruntime_providers_cuda.so"
+    broken.write_bytes(b"not a shared library")
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(main_module, "provider_library", lambda provider: broken)
+    said = []
+    session, provider = main_module.open_session(
+        PACK_DIR / "det_500m.onnx", [("CUDAExecutionProvider", {}), ("CPUExecutionProvider", {})],
+        main_module.session_options(1), said.append)
+    assert provider == "CPUExecutionProvider" and session.get_providers() == ["CPUExecutionProvider"]
+    assert len(said) == 1 and "CUDAExecutionProvider" in said[0], said
+    assert "libonnxruntime_providers_cuda.so cannot be loaded" in said[0], said
+    assert "invalid ELF header" in said[0] or "too short" in said[0], said
+
+
+def test_a_provider_missing_from_the_build_says_which_package_to_install(main_module):
+    """On a CPU build, CUDA's problem names onnxruntime-gpu as the fix."""
+    problem = main_module.provider_load_problem("CUDAExecutionProvider")
+    assert "has no CUDAExecutionProvider" in problem and "onnxruntime-gpu" in problem, problem
+
+
+def test_both_onnxruntime_builds_installed_is_detected(main_module, monkeypatch):
+    """onnxruntime and onnxruntime-gpu together are reported with the commands that fix it."""
+    monkeypatch.setattr(main_module, "package_version", lambda name: "1.20.0")
+    problem = main_module.both_onnxruntime_builds_problem()
+    assert problem and "pip uninstall -y onnxruntime onnxruntime-gpu" in problem, problem
+
+
+BASE_KEY = dict(model_sha256="a" * 64, profile={"input.1": ((1, 3, 32, 32), (8, 3, 640, 640),
+                                                             (8, 3, 640, 640))},
+                gpu_name="NVIDIA H200", trt_version="10.9.0", ort_version="1.22.0", fp16=True)
+
+
+@pytest.mark.parametrize("change", [
+    {"model_sha256": "b" * 64},
+    {"profile": {"input.1": ((1, 3, 32, 32), (16, 3, 640, 640), (16, 3, 640, 640))}},
+    {"gpu_name": "NVIDIA GeForce RTX 4090"},
+    {"trt_version": "10.11.0"},
+    {"ort_version": "1.23.0"},
+    {"fp16": False},
+])
+def test_engine_cache_key_changes_with_what_makes_an_engine_unusable(main_module, change):
+    """A different model file, shape profile, GPU model, TensorRT or ONNX Runtime version or
+    precision gets its own engine folder."""
+    before = main_module.engine_cache_key(**BASE_KEY)
+    after = main_module.engine_cache_key(**{**BASE_KEY, **change})
+    assert before != after, change
+
+
+def test_engine_cache_key_is_stable_for_the_same_facts(main_module, tmp_path):
+    """The same facts give the same key (a second run reuses the engine), whatever the model
+    file's path: the key hashes the model's bytes."""
+    first = main_module.engine_cache_key(**BASE_KEY)
+    assert first == main_module.engine_cache_key(**dict(BASE_KEY))
+    assert len(first) == 16 and int(first, 16) >= 0
+    copy = tmp_path / "elsewhere" / "det_500m.onnx"
+    copy.parent.mkdir()
+    copy.write_bytes((PACK_DIR / "det_500m.onnx").read_bytes())
+    gpu = main_module.GpuSlot(0, "NVIDIA H200", "10.9.0")
+    a = main_module.engine_folder(tmp_path / "c", PACK_DIR / "det_500m.onnx", BASE_KEY["profile"], gpu, True)
+    b = main_module.engine_folder(tmp_path / "c", copy, BASE_KEY["profile"], gpu, True)
+    assert a == b and a.parent == tmp_path / "c", (a, b)
+
+
+def test_tensorrt_options_have_caches_fp16_and_explicit_profiles(main_module, tmp_path):
+    """TensorRT gets its engine folder, the shared timing cache, fp16 and min/opt/max shapes that
+    cover batches 1..BATCH_SIZE and every trimmed detector input up to DET_SIZE."""
+    profile = main_module.detector_profile("input.1", [None, 3, None, None], 8, (640, 640))
+    options = main_module.tensorrt_options(tmp_path / "e", tmp_path / "t", profile, 1, True)
+    assert options["device_id"] == 1 and options["trt_fp16_enable"] is True
+    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == str(tmp_path / "e")
+    assert options["trt_timing_cache_enable"] and options["trt_timing_cache_path"] == str(tmp_path / "t")
+    assert options["trt_profile_min_shapes"] == "input.1:1x3x32x32"
+    assert options["trt_profile_opt_shapes"] == "input.1:8x3x640x640"
+    assert options["trt_profile_max_shapes"] == "input.1:8x3x640x640"
+    fixed = main_module.detector_profile("images", [1, 3, 640, 640], 8, (1280, 1280))
+    assert main_module.profile_text(fixed, 0) == "images:1x3x640x640"
+    assert main_module.profile_text(fixed, 2) == "images:8x3x640x640"
+    rec = main_module.recognizer_profile("input.1", 32)
+    assert main_module.profile_text(rec, 0) == "input.1:1x3x112x112"
+    assert main_module.profile_text(rec, 2) == "input.1:32x3x112x112"
+
+
+def test_warmup_is_announced_only_while_no_engine_is_cached(main_module, tmp_path):
+    """The first run (empty engine folder) builds; once an engine file is there, it is reused."""
+    folder = tmp_path / "det_500m-0123456789abcdef"
+    folder.mkdir()
+    assert main_module.needs_engine_build(folder)
+    (folder / "TensorrtExecutionProvider_TRTKernel_graph_1_0_0_fp16_sm90.engine").write_bytes(b"x")
+    assert not main_module.needs_engine_build(folder)
+
+
+@pytest.mark.parametrize("model, unsupported", [
+    (PACK_DIR / "w600k_mbf_int8.onnx", {"ConvInteger", "DynamicQuantizeLinear"}),
+    (PACK_DIR / "det_500m.onnx", set()),
+    (SHARED / "models" / "extra" / "faceplugin_fr_feature_512.onnx", set()),
+])
+def test_int8_models_are_kept_off_tensorrt(main_module, model, unsupported):
+    """ConvInteger/DynamicQuantizeLinear graphs cannot run on TensorRT: they are found by op."""
+    assert main_module.tensorrt_unsupported_ops(model) >= unsupported
+    assert bool(main_module.tensorrt_unsupported_ops(model)) == bool(unsupported)
+
+
+def test_tensorrt_skips_an_int8_model_with_a_message(main_module, test_settings):
+    """provider_settings refuses TensorRT for the int8 recognizer (None), saying why."""
+    said = []
+    gpu = main_module.GpuSlot(0, "NVIDIA H200", "10.9.0")
+    options = main_module.provider_settings("TensorrtExecutionProvider", PACK_DIR / "w600k_mbf_int8.onnx",
+                                            {}, gpu, test_settings, said.append)
+    assert options is None and "ConvInteger" in said[0] and "CUDA" in said[0], said
+
+
+@pytest.mark.parametrize("workers, ids, visible, expected", [
+    (1, (), 1, [0]),
+    (4, (), 2, [0, 1, 0, 1]),
+    (3, (), 4, [0, 1, 2]),
+    (4, (2, 3), 4, [2, 3, 2, 3]),
+    (2, (1,), 2, [1, 1]),
+    (2, (), 0, [0, 0]),  # no nvidia-smi: CUDA's default device
+])
+def test_workers_spread_over_the_visible_gpus(main_module, workers, ids, visible, expected):
+    """Worker i runs on GPU (i mod count) of GPU_DEVICE_IDS, or of all visible GPUs."""
+    assert main_module.worker_gpu_ids(workers, ids, visible) == expected
+
+
+def test_a_gpu_id_that_is_not_visible_is_refused_by_name(main_module):
+    """GPU_DEVICE_IDS naming GPU 2 on a 2-GPU machine is an error naming the flag and the GPU."""
+    with pytest.raises(ValueError, match=r"--gpu-device-ids 0,2: GPU 2 is not visible"):
+        main_module.worker_gpu_ids(2, (0, 2), 2)
+
+
+@pytest.mark.parametrize("env, smi, expected", [
+    (None, ["NVIDIA H200, 143771 MiB", "NVIDIA A100, 81920 MiB"], ["NVIDIA H200", "NVIDIA A100"]),
+    ("1", ["NVIDIA H200, 143771 MiB", "NVIDIA A100, 81920 MiB"], ["NVIDIA A100"]),
+    ("1,0", ["NVIDIA H200, 1 MiB", "NVIDIA A100, 1 MiB"], ["NVIDIA A100", "NVIDIA H200"]),
+    ("0,-1,1", ["NVIDIA H200, 1 MiB", "NVIDIA A100, 1 MiB"], ["NVIDIA H200"]),
+    ("", ["NVIDIA H200, 1 MiB"], []),
+])
+def test_visible_gpus_follow_cuda_visible_devices(main_module, monkeypatch, env, smi, expected):
+    """CUDA_VISIBLE_DEVICES picks and orders the GPUs workers can use (CUDA stops at -1)."""
+    monkeypatch.setattr(main_module, "visible_gpus", lambda: smi)
+    if env is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
+    assert main_module.visible_gpu_names() == expected
 
 
 def test_models_report_the_provider_they_really_run_on(cpu_models):
