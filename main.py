@@ -118,7 +118,10 @@ SETTING_NAMES = (
 # Internal constants ---------------------------------------------------------------------------
 _VIDEO_EXTENSIONS = {".mp4", ".mkv", ".avi", ".mov", ".m4v", ".webm", ".wmv", ".flv", ".mpg",
                      ".mpeg", ".ts", ".mts", ".m2ts", ".3gp"}
-_IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
+_IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}  # what OpenCV reads
+_IGNORED_FILES = {".ds_store", "thumbs.db", "desktop.ini", ".gitkeep"}  # system files, not photos
+_REF_SMALL_FACE_PX = 56  # a reference face smaller than this (shorter side, half ArcFace's 112 px crop) gets a warning
+_SAME_FACE_REF_SIMILARITY = 0.9  # cosine: photos of two labels this alike show the same face
 _SHM_PREFIX = "sfv"  # ring buffer names: sfv<pid>r, so a block left by a crashed run can be found
 _QUEUE_TIMEOUT_S = 0.2  # every blocking get/put wakes this often to re-check the stop event
 _JOIN_TIMEOUT_S = 10.0  # per child at shutdown, then terminate
@@ -447,17 +450,48 @@ def reference_label(path: Path, root: Path) -> str:
     return re.sub(r"_\d+$", "", path.stem) or path.stem
 
 
-def list_reference_photos(folder: Path) -> dict:
-    """Return {label: [photo paths]} for every image in the folder and its first-level subfolders."""
+def label_key(label: str) -> str:
+    """Return a label as compared for duplicates: case, spaces, '_' and '-' ignored."""
+    return re.sub(r"[\s_\-]+", "", label).casefold()
+
+
+def reference_files(folder: Path) -> list:
+    """Return the files in the folder and its first-level subfolders (system files left out);
+    raise BadInput if the folder does not exist."""
     if not folder.is_dir():
         raise BadInput(f"reference folder {folder} does not exist: create it and put one photo "
                        f"per person in it, named after the person (e.g. Barack_Obama.jpg)")
-    photos = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix.lower() in _IMAGE_EXTENSIONS:
-            if len(path.relative_to(folder).parts) <= 2:
-                photos.setdefault(reference_label(path, folder), []).append(path)
+    return [p for p in sorted(folder.rglob("*")) if p.is_file() and len(p.relative_to(folder).parts) <= 2
+            and p.name.lower() not in _IGNORED_FILES and not p.name.startswith("._")]
+
+
+def list_reference_photos(folder: Path) -> dict:
+    """Return {label: [photo paths]} for every image in the folder and its first-level
+    subfolders; labels that differ only in case, spaces, '_' or '-' are one person (the first
+    spelling, sorted, names them)."""
+    photos, spelling = {}, {}
+    for path in reference_files(folder):
+        if path.suffix.lower() in _IMAGE_EXTENSIONS:
+            label = reference_label(path, folder)
+            label = spelling.setdefault(label_key(label), label)
+            photos.setdefault(label, []).append(path)
     return photos
+
+
+def reference_folder_notes(folder: Path) -> tuple:
+    """Return ([skipped files: unsupported formats], [notes: label spellings merged])."""
+    skipped, spellings = [], {}
+    for path in reference_files(folder):
+        if path.suffix.lower() not in _IMAGE_EXTENSIONS:
+            skipped.append(f"{path}: not a supported photo format ({path.suffix or 'no extension'}); "
+                           f"convert it to .jpg or .png (skipped)")
+        else:
+            spellings.setdefault(label_key(reference_label(path, folder)), set()).add(
+                reference_label(path, folder))
+    notes = [f"labels {', '.join(repr(s) for s in sorted(names))} differ only in case, spaces, '_' "
+             f"or '-': their photos are used as one person, {sorted(names)[0]!r}"
+             for names in spellings.values() if len(names) > 1]
+    return skipped, notes
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -479,32 +513,67 @@ def largest_face_index(boxes: np.ndarray) -> int:
 
 def load_references(folder: Path, models, settings: Settings) -> tuple:
     """Return ([Reference], [skipped photos], [notes]); embeds the largest face of each photo."""
-    references, problems, notes = [], [], []
+    problems, notes = reference_folder_notes(folder)
+    references = []
     for label, paths in list_reference_photos(folder).items():
         embeddings, used = [], []
         for path in paths:
             try:
-                image = read_image(path)
+                embedding, note = embed_reference_photo(path, models, settings)
             except BadInput as error:
                 problems.append(str(error))
                 continue
-            faces = detect_faces(models, [image], settings)[0]
-            sure = faces[0][:, 4] >= _SURE_FACE_SCORE  # a big doubtful detection must not win
-            if sure.any():
-                faces = (faces[0][sure], faces[1][sure])
-            if len(faces[0]) == 0:
-                problems.append(f"{path}: no face found; use a photo where the face is clearly "
-                                f"visible (skipped)")
-                continue
-            pick = largest_face_index(faces[0])
-            if len(faces[0]) > 1:
-                notes.append(f"{path}: {len(faces[0])} faces found, using the largest")
-            crop = align_face(image, faces[1][pick])
-            embeddings.append(embed_faces(models, [crop], settings.REC_CHUNK_SIZE)[0])
+            notes += [note] if note else []
+            embeddings.append(embedding)
             used.append(str(path))
         if embeddings:
             references.append(Reference(label, used, np.stack(embeddings)))
-    return references, problems, notes
+    return drop_photos_of_the_same_face(references, problems), problems, notes
+
+
+def embed_reference_photo(path: Path, models, settings: Settings) -> tuple:
+    """Return (embedding of the photo's largest sure face, note or None); raise BadInput naming
+    the photo when it is unreadable, shows no face, or the face is too small to recognise."""
+    image = read_image(path)
+    boxes, kps = detect_faces(models, [image], settings)[0]
+    sure = boxes[:, 4] >= _SURE_FACE_SCORE  # a big doubtful detection must not win
+    if sure.any():
+        boxes, kps = boxes[sure], kps[sure]
+    if len(boxes) == 0:
+        raise BadInput(f"{path}: no face found; use a photo where the face is clearly visible (skipped)")
+    pick = largest_face_index(boxes)
+    size_px = face_size_px(boxes[pick])
+    if size_px < max(settings.MIN_FACE_SIZE, 1):
+        raise BadInput(f"{path}: the face is only {size_px:.0f} px, too small to recognise (below "
+                       f"MIN_FACE_SIZE {settings.MIN_FACE_SIZE}); use a larger or closer photo (skipped)")
+    notes = [f"{len(boxes)} faces found, using the largest"] if len(boxes) > 1 else []
+    if size_px < _REF_SMALL_FACE_PX:
+        notes.append(f"the face is small ({size_px:.0f} px); a photo with the face at least "
+                     f"{_REF_SMALL_FACE_PX} px tall recognises more reliably")
+    crop = align_face(image, kps[pick])
+    note = f"{path}: {'; '.join(notes)}" if notes else None
+    return embed_faces(models, [crop], settings.REC_CHUNK_SIZE)[0], note
+
+
+def drop_photos_of_the_same_face(references: list, problems: list) -> list:
+    """Return the references without photos whose face is another label's (the same photo under
+    two names: neither could ever be named, as no match would beat the other by MATCH_MARGIN);
+    each dropped photo is added to problems."""
+    kept = []
+    for reference in references:
+        keep = []
+        for photo, embedding in zip(reference.photos, reference.embeddings):
+            twin = next(((other, p) for other in kept for p, e in zip(other.photos, other.embeddings)
+                         if float(e @ embedding) >= _SAME_FACE_REF_SIMILARITY), None)
+            if twin is None:
+                keep.append((photo, embedding))
+            else:
+                problems.append(f"{photo} ({reference.name}) shows the same face as {twin[1]} "
+                                f"({twin[0].name}): one person under two names can never be told "
+                                f"apart; keep the photo under one name (skipped)")
+        if keep:
+            kept.append(Reference(reference.name, [p for p, _ in keep], np.stack([e for _, e in keep])))
+    return kept
 
 
 def reference_matrix(references: list) -> tuple:

@@ -1,0 +1,236 @@
+"""GPU check: which execution providers really load, whether TensorRT engines are built once and
+then reused, and how fast the detector runs at batch 1 / 8 / 32 (and the recognizer per face).
+
+    bash bench/gpu_check.sh                      # models from ../shared (the test pack)
+    bash bench/gpu_check.sh --model-root ~/.insightface --model-pack buffalo_l
+    bash bench/gpu_check.sh --quick              # fewer timed repeats
+
+It runs anywhere: on a machine without a GPU, onnxruntime-gpu, TensorRT or ffmpeg it says what it
+could not check ("[--]" lines) and measures what it can (the CPU at least). Exit code 0 unless a
+check that could run failed ("[!!]": a provider listed but not loading, an engine rebuilt on the
+second run, batched detections different from single ones).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# SETTINGS
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+REPO = Path(__file__).resolve().parents[1]
+MODEL_ROOT = REPO.parent / "shared"  # holds models/<pack>/ (or pass --model-root)
+MODEL_PACK = "buffalo_sc_int8"
+BATCHES = (1, 8, 32)  # detector batch sizes timed
+DET_SIZE = 640  # px, both sides of the detector input
+FRAME_HW = (1080, 1920)  # synthetic frames (a 1080p video), letterboxed to 640x384
+TIMED_RUNS = 20  # per batch size (--quick: 5), after WARMUP_RUNS untimed
+WARMUP_RUNS = 3
+REC_CHUNKS = (1, 8, 32)  # recognizer faces per call timed
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+
+sys.path.insert(0, str(REPO))
+import main  # noqa: E402  (importing main does nothing)
+
+
+class Report:
+    """Lines of [ok] / [--] (could not check) / [!!] (failed) and their counts."""
+
+    def __init__(self):
+        self.failed, self.unchecked = 0, []
+
+    def line(self, mark: str, text: str) -> None:
+        """Print one result line; count failures and what could not be checked."""
+        print(f"  [{mark}] {text}", flush=True)
+        self.failed += mark == "!!"
+        if mark == "--":
+            self.unchecked.append(text)
+
+
+def run_settings(model_root: str, pack: str, cache_dir: Path, providers: str, batch: int):
+    """Return main.Settings for this check (batched detector, the given providers and cache)."""
+    return main.load_settings(["--model-root", model_root, "--model-pack", pack,
+                               "--providers", providers, "--frames-on-device", "on",
+                               "--batch-size", str(batch), "--rec-chunk-size", str(max(REC_CHUNKS)),
+                               "--det-size", str(DET_SIZE), "--trt-cache-dir", str(cache_dir)])
+
+
+def environment(report: Report) -> None:
+    """Report Python, packages, GPUs, TensorRT and ffmpeg."""
+    import onnxruntime as ort
+    print(f"Python {platform.python_version()} on {platform.system()} {platform.machine()}")
+    for name in ("onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "opencv-python",
+                 "opencv-python-headless", "insightface", "av", "tensorrt"):
+        print(f"  {name}: {main.package_version(name) or 'not installed'}")
+    print(f"  onnxruntime providers: {', '.join(ort.get_available_providers())}")
+    both = main.both_onnxruntime_builds_problem()
+    if both:
+        report.line("!!", both)
+    gpus = main.visible_gpus()
+    report.line("ok" if gpus else "--", f"GPUs: {', '.join(gpus) or 'none (no nvidia-smi or no GPU)'}")
+    trt = main.tensorrt_version()
+    report.line("ok" if trt else "--", f"TensorRT: {trt or 'not installed (engine cache not checked)'}")
+    ffmpeg = shutil.which("ffmpeg")
+    report.line("ok" if ffmpeg else "--", f"ffmpeg on PATH: {ffmpeg or 'none (clip cutting not checked here)'}")
+    for module in ("insightface", "av", "cv2"):
+        try:
+            __import__(module)
+        except ImportError as error:
+            report.line("--", f"{module} cannot be imported ({error}): main.py's full run not possible here")
+
+
+def providers(report: Report, detector: Path) -> list:
+    """Report each provider opened alone on the detector; return those that load, best first."""
+    working = []
+    for provider, verdict in main.working_providers(detector).items():
+        if verdict == "loads":
+            working.append(provider)
+            report.line("ok", f"{provider}: loads")
+        elif verdict.startswith("not available"):
+            report.line("--", f"{provider}: {verdict}")
+        else:
+            report.line("!!", f"{provider}: {verdict}")
+    return working
+
+
+def open_detector_once(model_root: str, pack: str, cache_dir: Path, provider: str) -> dict:
+    """Open the (batched) detector as a worker would; return seconds, provider and notes."""
+    settings = run_settings(model_root, pack, cache_dir, provider, max(BATCHES))
+    notes = []
+    started = time.perf_counter()
+    models = main.load_face_models(settings, provider, 4, main.gpu_slots(settings, 1)[0]
+                                   if provider != "cpu" else None, notes.append)
+    return {"seconds": round(time.perf_counter() - started, 2), "notes": notes,
+            "providers": models.providers, "batched": models.det_batched}
+
+
+def engines(report: Report, model_root: str, pack: str, cache_dir: Path, working: list) -> None:
+    """With TensorRT: open the models in two fresh processes; the first builds the engines,
+    the second must reuse them (no new engine file, no WARMUP message)."""
+    if "TensorrtExecutionProvider" not in working:
+        report.line("--", "TensorRT engine build and reuse: TensorRT does not load here")
+        return
+    runs = []
+    for attempt in ("first", "second"):
+        done = subprocess.run([sys.executable, __file__, "--open-once", "--model-root", model_root,
+                               "--model-pack", pack, "--cache", str(cache_dir)],
+                              capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            report.line("!!", f"TensorRT {attempt} run failed: {done.stderr.strip()[-800:]}")
+            return
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        runs[-1]["engines"] = sorted(p.name for p in cache_dir.rglob("*.engine"))
+        print(f"    {attempt} run: {runs[-1]['seconds']} s, engines {len(runs[-1]['engines'])}, "
+              f"notes: {runs[-1]['notes']}")
+    warmup_again = any("WARMUP" in note for note in runs[1]["notes"])
+    rebuilt = runs[1]["engines"] != runs[0]["engines"]
+    report.line("!!" if warmup_again or rebuilt or not runs[0]["engines"] else "ok",
+                f"TensorRT engines: built in {runs[0]['seconds']} s, reopened in {runs[1]['seconds']} s, "
+                f"{len(runs[0]['engines'])} engine file(s){', REBUILT' if rebuilt or warmup_again else ', reused'}")
+
+
+def synthetic_frames(count: int) -> list:
+    """Return 1080p BGR frames with face-like blobs (the detector's cost does not depend on content)."""
+    rng = np.random.default_rng(1)
+    frames = []
+    for _ in range(count):
+        frame = rng.integers(0, 255, (*FRAME_HW, 3), dtype=np.uint8)
+        frames.append(np.ascontiguousarray(np.repeat(np.repeat(frame[::8, ::8], 8, 0), 8, 1)))
+    return frames
+
+
+def time_runs(run, runs: int) -> float:
+    """Return the median seconds of run() over `runs` calls, after WARMUP_RUNS untimed ones."""
+    for _ in range(WARMUP_RUNS):
+        run()
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def speed(report: Report, model_root: str, pack: str, cache_dir: Path, provider: str,
+          runs: int) -> None:
+    """Print detector frames/s at each batch size (letterboxed blobs ready, and end to end from
+    frames) and recognizer faces/s; check batched detections equal single-frame ones."""
+    choice = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda"}.get(provider, "cpu")
+    settings = run_settings(model_root, pack, cache_dir, choice, max(BATCHES))
+    gpu = main.gpu_slots(settings, 1)[0] if choice != "cpu" else None
+    models = main.load_face_models(settings, choice, 4, gpu, lambda text: None)
+    frames = synthetic_frames(max(BATCHES))
+    size = main.detector_input_size(models, settings, FRAME_HW)
+    blob = np.concatenate([main.letterbox(f, size)[0] for f in frames])
+    print(f"    {provider} (detector {Path(models.det_file).name}, input {size[0]}x{size[1]}):")
+    for batch in BATCHES if models.det_batched else (1,):
+        feed = {models.det_input_name: blob[:batch]}
+        seconds = time_runs(lambda: models.det_session.run(models.det_output_names, feed), runs)
+        whole = time_runs(lambda: main.detect_faces(models, frames[:batch], settings), max(2, runs // 4))
+        print(f"      batch {batch:>2}: {batch / seconds:8.1f} frames/s model only, "
+              f"{batch / whole:8.1f} frames/s with pre/post-processing")
+    single = [main.detect_faces(models, [f], run_settings(model_root, pack, cache_dir, choice, 1))[0]
+              for f in frames[:8]]
+    together = main.detect_faces(models, frames[:8], settings)
+    same = all(len(a[0]) == len(b[0]) and np.allclose(a[0], b[0], atol=0.05)
+               for a, b in zip(single, together))
+    report.line("ok" if same else "!!", f"{provider}: batched detections equal single-frame ones")
+    crops = [np.zeros((112, 112, 3), np.uint8) + i for i in range(max(REC_CHUNKS))]
+    for chunk in REC_CHUNKS:
+        seconds = time_runs(lambda: main.embed_faces(models, crops[:chunk], chunk), max(2, runs // 4))
+        print(f"      recognizer, {chunk:>2} faces per call: {chunk / seconds:8.1f} faces/s"
+              f"{' (int8: one face per call)' if models.rec_max_chunk == 1 else ''}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Return the command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-root", default=str(MODEL_ROOT))
+    parser.add_argument("--model-pack", default=MODEL_PACK)
+    parser.add_argument("--cache", default="", help="TensorRT cache folder (default: a new temporary one)")
+    parser.add_argument("--quick", action="store_true", help="fewer timed runs")
+    parser.add_argument("--open-once", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main_check(argv=None) -> int:
+    """Run every check; return 1 if one that could run failed, else 0."""
+    args = parse_args(argv)
+    cache_dir = Path(args.cache or tempfile.mkdtemp(prefix="gpu-check-trt-"))
+    if args.open_once:
+        print(json.dumps(open_detector_once(args.model_root, args.model_pack, cache_dir, "tensorrt")))
+        return 0
+    report = Report()
+    print("== environment")
+    environment(report)
+    pack = main.local_model_pack(args.model_root, args.model_pack)
+    if pack is None:
+        report.line("!!", f"model pack {args.model_pack} not found under {args.model_root} "
+                          f"(pass --model-root/--model-pack)")
+        return 1
+    detector, _ = main.classify_pack_models(pack)
+    print(f"== providers (each alone on {detector.name})")
+    working = providers(report, detector)
+    print(f"== TensorRT engine cache ({cache_dir})")
+    engines(report, args.model_root, args.model_pack, cache_dir, working)
+    print("== speed (synthetic 1080p frames)")
+    for provider in working:
+        speed(report, args.model_root, args.model_pack, cache_dir, provider,
+              5 if args.quick else TIMED_RUNS)
+    print(f"== {report.failed} failed, {len(report.unchecked)} not checked here")
+    for text in report.unchecked:
+        print(f"  not checked: {text}")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_check())
