@@ -322,10 +322,10 @@ def test_alignment_graph_equals_norm_crop_within_one_grey_level(main_module, fac
     """The alignment graph gives insightface's norm_crop (as the recognizer blob) within 1 grey
     level for all faces of a frame at once (F up to 9), on real faces.
 
-    OpenCV >= 4.11 warps at exact coordinates (checked by cv2_warp_is_float) and the bound is a
-    strict max of 1 level (measured: max 1, mean 0.0003, 0.03 % of values 1 level off). Older
-    OpenCV rounds source coordinates to 1/32 px (INTER_BITS); emulating that on these faces
-    moved 0.02 % of values by more than 1 level, at most 3: then 99.9 % within 1 and max 3.
+    OpenCV 5.0 warps at exact coordinates (cv2_warp_is_float) and the bound is a strict max of
+    1 level (measured: max 1, mean 0.0003, 0.03 % of values 1 level off). Older OpenCV releases
+    round source coordinates to 1/32 px (INTER_BITS); emulating that on these faces moved
+    0.02 % of values by more than 1 level, at most 3: then 99.9 % within 1 and max 3.
     """
     all_levels = []
     for image, kps in faces:
@@ -349,7 +349,7 @@ def test_alignment_graph_equals_norm_crop_within_one_grey_level(main_module, fac
 def test_alignment_graph_fills_outside_the_frame_with_black_like_norm_crop(
         main_module, faces, cpu_models, alignment_session, corner):
     """A face cut by the frame's edge (about half of its crop outside) is aligned like
-    norm_crop: black outside the frame, within 1 grey level (3 with OpenCV < 4.11, see above)."""
+    norm_crop: black outside the frame, within 1 grey level (3 where cv2 rounds coordinates, see above)."""
     image, kps = max(faces, key=lambda face: len(face[1]))
     points = kps[np.argmax(np.ptp(kps[:, :, 0], axis=1))]  # the widest face
     x_px, y_px = (int(v) for v in (points.min(axis=0) if corner == "top-left" else points.max(axis=0)))
