@@ -1356,6 +1356,72 @@ def letterbox(image: np.ndarray, input_size: tuple) -> tuple:
     return blob, new_h / height
 
 
+# Device-side preprocessing (issue #4, item 4): small ONNX graphs that do on the accelerator what
+# letterbox() and align_face() + embed_faces' blob do on the CPU, so a frame crosses to the device
+# once. They run as their own ONNX Runtime sessions (graph_session) beside the models. Every op has
+# a CUDA kernel from onnxruntime-gpu 1.18 (GridSample-16 before that ran on the CPU). On the CPU
+# they are 4-30x slower than cv2 (measured), so the CPU path keeps letterbox() and align_face().
+
+
+def build_graph_model(name: str, nodes: list, inputs: list, outputs: list, constants: dict):
+    """Return a checked onnx.ModelProto from nodes, (name, dtype, shape) in/outputs, constants."""
+    import onnx
+    from onnx import helper, numpy_helper
+    types = {np.uint8: onnx.TensorProto.UINT8, np.int64: onnx.TensorProto.INT64,
+             np.float32: onnx.TensorProto.FLOAT}
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info(n, types[t], s) for n, t, s in inputs],
+        [helper.make_tensor_value_info(n, types[t], s) for n, t, s in outputs],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()])
+    # Opset 17 (GridSample needs 16) with its IR version 8, so ONNX Runtime >= 1.17 loads them.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8,
+                              producer_name="find-people-in-videos")
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def graph_session(model, providers: list, options=None):
+    """Return an ONNX Runtime session running the in-memory model on the given providers."""
+    import onnxruntime as ort
+    return ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                providers=providers)
+
+
+def letterbox_graph():
+    """Return an ONNX model computing letterbox()'s blob [N,3,input_h,input_w] float32 for N frames.
+
+    Inputs: frames uint8 [N,H,W,3] BGR; resized_hw int64 [2] (new_h, new_w from letterbox_size);
+    input_hw int64 [2] (detector input height, width). Resizing happens in NCHW because the CUDA
+    provider resizes linearly only over the two innermost axes; it is cv2.resize's INTER_LINEAR
+    (half-pixel centres, edge pixels repeated, no antialiasing), rounded to uint8 levels as
+    cv2.resize does before normalising. Bilinear values stay within [0, 255], so no Clip is needed.
+    The uint8 frames are cast first: TensorRT takes uint8 only as a network input or output.
+    """
+    from onnx import TensorProto, helper
+    nodes = [
+        helper.make_node("Cast", ["frames"], ["levels_nhwc"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["levels_nhwc"], ["levels_in"], perm=[0, 3, 1, 2]),
+        helper.make_node("Shape", ["levels_in"], ["batch_channels"], start=0, end=2),
+        helper.make_node("Concat", ["batch_channels", "resized_hw"], ["sizes"], axis=0),
+        helper.make_node("Resize", ["levels_in", "", "", "sizes"], ["resized"], mode="linear",
+                         coordinate_transformation_mode="half_pixel"),
+        helper.make_node("Round", ["resized"], ["levels_bgr"]),
+        helper.make_node("Gather", ["levels_bgr", "rgb_order"], ["levels_rgb"], axis=1),
+        helper.make_node("Sub", ["input_hw", "resized_hw"], ["pad_hw"]),
+        helper.make_node("Concat", ["no_padding", "pad_hw"], ["pads"], axis=0),
+        helper.make_node("Pad", ["levels_rgb", "pads"], ["canvas"], mode="constant"),
+        helper.make_node("Sub", ["canvas", "mean"], ["centred"]),
+        helper.make_node("Mul", ["centred", "inv_std"], ["blob"]),
+    ]
+    constants = {"rgb_order": np.array([2, 1, 0], np.int64), "no_padding": np.zeros(6, np.int64),
+                 "mean": np.float32(_DET_MEAN), "inv_std": np.float32(1.0 / _DET_STD)}
+    inputs = [("frames", np.uint8, ["N", "H", "W", 3]), ("resized_hw", np.int64, [2]),
+              ("input_hw", np.int64, [2])]
+    return build_graph_model("letterbox", nodes, inputs,
+                             [("blob", np.float32, ["N", 3, "input_h", "input_w"])], constants)
+
+
 @lru_cache(maxsize=64)
 def anchor_centers(height: int, width: int, stride: int, anchors: int) -> np.ndarray:
     """Return [height*width*anchors, 2] anchor centres (x, y) in detector-input pixels."""
@@ -1447,11 +1513,93 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return matrix
 
 
+def face_matrix(kps: np.ndarray, size: int = 112) -> np.ndarray:
+    """Return the 2x3 float64 map from frame pixels to ArcFace crop pixels for one face's 5 kps."""
+    return similarity_transform(kps.astype(np.float64), _ARCFACE_TEMPLATE_PX * size / 112)
+
+
 def align_face(image: np.ndarray, kps: np.ndarray, size: int = 112) -> np.ndarray:
     """Return the size x size ArcFace crop for one face's 5 keypoints."""
     import cv2
-    matrix = similarity_transform(kps.astype(np.float64), _ARCFACE_TEMPLATE_PX * size / 112)
-    return cv2.warpAffine(image, matrix, (size, size), borderValue=0.0)
+    return cv2.warpAffine(image, face_matrix(kps, size), (size, size), borderValue=0.0)
+
+
+def alignment_matrices(kps_list: list, size: int = 112) -> np.ndarray:
+    """Return [F,2,3] float32 maps from crop pixels (u, v, 1) to frame pixels, for alignment_graph.
+
+    These are the inverses of the matrices align_face gives cv2.warpAffine (which inverts them
+    itself); pixel centres sit on integer coordinates in both spaces, as in OpenCV.
+    """
+    inverses = np.zeros((len(kps_list), 2, 3), np.float64)
+    for face_idx, kps in enumerate(kps_list):
+        matrix = face_matrix(np.asarray(kps), size)
+        linear_inverse = np.linalg.inv(matrix[:, :2])
+        inverses[face_idx] = np.hstack([linear_inverse, -linear_inverse @ matrix[:, 2:]])
+    return inverses.astype(np.float32)
+
+
+def alignment_grid_nodes(size: int) -> tuple:
+    """Return (nodes, constants) turning `matrices` [F,2,3] into GridSample's `grid` [1,size,F*size,2].
+
+    The F crops lie side by side in one sampling grid, so the frame is read once for all faces.
+    GridSample with align_corners=0 puts pixel x's centre at (2x + 1) / W - 1.
+    """
+    from onnx import TensorProto, helper
+    rows, cols = np.mgrid[:size, :size]
+    crop_uv1 = np.stack([cols.ravel(), rows.ravel(), np.ones(size * size)], axis=1)
+    nodes = [
+        helper.make_node("Shape", ["frame"], ["frame_hw"], start=0, end=2),
+        helper.make_node("Cast", ["frame_hw"], ["frame_hw_px"], to=TensorProto.FLOAT),
+        helper.make_node("Gather", ["frame_hw_px", "xy_order"], ["frame_wh_px"], axis=0),
+        helper.make_node("Div", ["two", "frame_wh_px"], ["grid_scale"]),
+        helper.make_node("Div", ["one", "frame_wh_px"], ["half_pixel"]),
+        helper.make_node("Sub", ["half_pixel", "one"], ["grid_offset"]),
+        helper.make_node("Transpose", ["matrices"], ["matrices_t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["crop_uv1", "matrices_t"], ["frame_xy"]),  # [F, size*size, 2]
+        helper.make_node("Mul", ["frame_xy", "grid_scale"], ["scaled_xy"]),
+        helper.make_node("Add", ["scaled_xy", "grid_offset"], ["grid_per_face"]),
+        helper.make_node("Reshape", ["grid_per_face", "face_grid_shape"], ["face_grids"]),
+        helper.make_node("Transpose", ["face_grids"], ["rows_faces_cols"], perm=[1, 0, 2, 3]),
+        helper.make_node("Reshape", ["rows_faces_cols", "grid_shape"], ["grid"]),
+    ]
+    constants = {"crop_uv1": crop_uv1.astype(np.float32), "xy_order": np.array([1, 0], np.int64),
+                 "two": np.float32(2.0), "one": np.float32(1.0),
+                 "face_grid_shape": np.array([-1, size, size, 2], np.int64),
+                 "grid_shape": np.array([1, size, -1, 2], np.int64)}
+    return nodes, constants
+
+
+def alignment_graph(mean: float, std: float, size: int = 112):
+    """Return an ONNX model: one BGR frame, F crop-to-frame matrices -> recognizer blob [F,3,size,size].
+
+    Inputs: frame uint8 [H,W,3] BGR; matrices float32 [F,2,3] from alignment_matrices.
+    Output crops float32: cv2.dnn.blobFromImages(align_face crops, 1/std, (size, size),
+    (mean,) * 3, swapRB=True), i.e. bilinear sampling with black outside the frame (warpAffine's
+    borderValue=0), rounded to uint8 levels, RGB, then (x - mean) / std.
+    """
+    from onnx import TensorProto, helper
+    grid_nodes, constants = alignment_grid_nodes(size)
+    nodes = [
+        helper.make_node("Cast", ["frame"], ["levels_hwc"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["levels_hwc"], ["levels_chw"], perm=[2, 0, 1]),
+        helper.make_node("Unsqueeze", ["levels_chw", "batch_axis"], ["levels_in"]),
+        *grid_nodes,
+        helper.make_node("GridSample", ["levels_in", "grid"], ["sampled"], mode="bilinear",
+                         padding_mode="zeros", align_corners=0),  # [1, 3, size, F*size]
+        helper.make_node("Round", ["sampled"], ["levels_bgr"]),
+        helper.make_node("Gather", ["levels_bgr", "rgb_order"], ["levels_rgb"], axis=1),
+        helper.make_node("Sub", ["levels_rgb", "mean"], ["centred"]),
+        helper.make_node("Mul", ["centred", "inv_std"], ["side_by_side"]),
+        helper.make_node("Reshape", ["side_by_side", "split_faces"], ["channels_rows_faces"]),
+        helper.make_node("Transpose", ["channels_rows_faces"], ["crops"], perm=[2, 0, 1, 3]),
+    ]
+    constants.update({"batch_axis": np.array([0], np.int64),
+                      "rgb_order": np.array([2, 1, 0], np.int64),
+                      "mean": np.float32(mean), "inv_std": np.float32(1.0 / std),
+                      "split_faces": np.array([3, size, -1, size], np.int64)})
+    inputs = [("frame", np.uint8, ["H", "W", 3]), ("matrices", np.float32, ["F", 2, 3])]
+    return build_graph_model("alignment", nodes, inputs,
+                             [("crops", np.float32, ["F", 3, size, size])], constants)
 
 
 def embed_faces(models: FaceModels, crops: list, chunk_size: int) -> np.ndarray:
