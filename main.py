@@ -817,6 +817,7 @@ class FaceModels:
     det_batched: bool = False  # det_session takes [N,3,H,W] and returns [N, anchors, C]
     det_file: str = ""  # the file det_session runs: det_path, or its batch-capable copy
     gpu: GpuSlot | None = None
+    device: DeviceGraphs | None = None  # set when frames go to the models' device (FRAMES_ON_DEVICE)
 
 
 def find_model_pack(model_root: str, pack: str) -> Path:
@@ -1282,8 +1283,27 @@ def load_face_models(settings: Settings, provider_choice: str, threads: int,
     rec_session, rec_provider = open_model(rec_path, chain, recognizer_profile(rec_input, rec_chunk),
                                            threads, gpu, settings, say)
     recognizer = ArcFaceONNX(model_file=str(rec_path), session=rec_session)
-    return face_models(det_path, det_file, det_session, batched, recognizer, rec_path,
-                       1 if rec_chunk == 1 else 1 << 30, gpu)
+    models = face_models(det_path, det_file, det_session, batched, recognizer, rec_path,
+                         1 if rec_chunk == 1 else 1 << 30, gpu)
+    device_type = device_for(det_provider, rec_provider, settings.FRAMES_ON_DEVICE, say)
+    if device_type is not None:
+        models.device = DeviceGraphs(models, device_type, gpu.id)
+        say(f"frames go to the {device_type.upper()} once: resizing, face alignment, detector and "
+            f"recognizer run there")
+    return models
+
+
+def device_for(det_provider: str, rec_provider: str, choice: str, say) -> str | None:
+    """Return where the frames go for the device path ('cuda' or 'cpu'), or None to keep the
+    CPU path (FRAMES_ON_DEVICE off, or auto without a GPU, or models on different devices)."""
+    gpu = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
+    if choice == "off" or (choice == "auto" and det_provider not in gpu):
+        return None
+    if (det_provider in gpu) != (rec_provider in gpu):
+        say(f"the detector runs on {det_provider} but the recognizer on {rec_provider}: frames "
+            f"stay on the CPU")
+        return None
+    return "cuda" if det_provider in gpu else "cpu"
 
 
 def face_models(det_path: Path, det_file: Path, det_session, batched: bool, recognizer,
@@ -1615,6 +1635,134 @@ def embed_faces(models: FaceModels, crops: list, chunk_size: int) -> np.ndarray:
     return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
 
 
+@dataclass(frozen=True)
+class DeviceFrames:
+    """A batch of frames of one size, uploaded once to the models' device (uint8 [N,H,W,3])."""
+
+    value: object  # the OrtValue on the device
+    host: np.ndarray  # the host copy it was made from (on the CPU device, its memory)
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class DeviceLook:
+    """One face to recognise: frame `index` of an uploaded batch and the face's 5 keypoints."""
+
+    frames: DeviceFrames
+    index: int
+    kps: np.ndarray
+
+
+class DeviceGraphs:
+    """The letterbox and alignment graphs on the models' device, chained to the detector and the
+    recognizer through ONNX Runtime IO binding: each frame is uploaded once, and only the
+    detector's outputs and the embeddings come back. Thread-safe (a binding per call)."""
+
+    def __init__(self, models: FaceModels, device_type: str, device_id: int):
+        self.models, self.device_type, self.device_id = models, device_type, device_id
+        # On the CUDA provider, not TensorRT: fp16 would blur the alignment grid, and the
+        # resize sizes change per video (TensorRT would need a profile per size).
+        providers = ([("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+                     if device_type == "cuda" else ["CPUExecutionProvider"])
+        self.letterbox = graph_session(letterbox_graph(), providers)
+        self.align = graph_session(alignment_graph(models.rec_mean, models.rec_std), providers)
+
+    def upload(self, images: list) -> DeviceFrames:
+        """Return the frames (all of one size) copied to the device in one transfer."""
+        import onnxruntime as ort
+        host = np.ascontiguousarray(np.stack(images))
+        value = ort.OrtValue.ortvalue_from_numpy(host, self.device_type, self.device_id)
+        return DeviceFrames(value, host, host.shape[1], host.shape[2])
+
+    def blob(self, frames: DeviceFrames, input_size: tuple):
+        """Return the detector input [N,3,H,W] of uploaded frames, left on the device."""
+        new_w, new_h = letterbox_size((frames.height, frames.width), input_size)
+        binding = self.letterbox.io_binding()
+        binding.bind_ortvalue_input("frames", frames.value)
+        binding.bind_cpu_input("resized_hw", np.array([new_h, new_w], np.int64))
+        binding.bind_cpu_input("input_hw", np.array([input_size[1], input_size[0]], np.int64))
+        binding.bind_output("blob", self.device_type, self.device_id)
+        self.letterbox.run_with_iobinding(binding)
+        return binding.get_outputs()[0], new_h / frames.height
+
+    def detector_outputs(self, blob, first: int, count: int, input_size: tuple) -> list:
+        """Return the detector's outputs (host arrays, batch axis first) for blob[first:first+count]."""
+        models = self.models
+        binding = models.det_session.io_binding()
+        shape = [count, 3, input_size[1], input_size[0]]
+        offset = first * 3 * input_size[0] * input_size[1] * 4  # float32 bytes per image
+        binding.bind_input(models.det_input_name, self.device_type, self.device_id, np.float32,
+                           shape, blob.data_ptr() + offset)
+        for name in models.det_output_names:
+            binding.bind_output(name, "cpu")
+        models.det_session.run_with_iobinding(binding)
+        outputs = binding.copy_outputs_to_cpu()
+        return outputs if models.det_batched else [o[None] for o in outputs]
+
+    def embed(self, frames: DeviceFrames, index: int, matrices: np.ndarray) -> np.ndarray:
+        """Return the recognizer's raw embeddings [F, dim] of faces of one uploaded frame."""
+        models = self.models
+        binding = self.align.io_binding()
+        frame_bytes = frames.height * frames.width * 3
+        binding.bind_input("frame", self.device_type, self.device_id, np.uint8,
+                           [frames.height, frames.width, 3], frames.value.data_ptr() + index * frame_bytes)
+        binding.bind_cpu_input("matrices", matrices)
+        binding.bind_output("crops", self.device_type, self.device_id)
+        self.align.run_with_iobinding(binding)
+        recognize = models.rec_session.io_binding()
+        recognize.bind_ortvalue_input(models.rec_input_name, binding.get_outputs()[0])
+        recognize.bind_output(models.rec_session.get_outputs()[0].name, "cpu")
+        models.rec_session.run_with_iobinding(recognize)
+        return recognize.copy_outputs_to_cpu()[0]
+
+
+def detect_on_device(models: FaceModels, images: list, settings: Settings) -> tuple:
+    """Return ([(boxes, kps)] per image, [(DeviceFrames, index)] per image): frames of one size
+    are uploaded together (BATCH_SIZE at most), resized on the device and detected there."""
+    groups = {}
+    for i, image in enumerate(images):
+        groups.setdefault(image.shape[:2], []).append(i)
+    results, handles = [None] * len(images), [None] * len(images)
+    for frame_hw, members in groups.items():
+        input_size = detector_input_size(models, settings, frame_hw)
+        for start in range(0, len(members), settings.BATCH_SIZE):
+            chunk = members[start:start + settings.BATCH_SIZE]
+            frames = models.device.upload([images[i] for i in chunk])
+            blob, scale = models.device.blob(frames, input_size)
+            step = len(chunk) if models.det_batched else 1
+            for first in range(0, len(chunk), step):
+                outputs = models.device.detector_outputs(blob, first, min(step, len(chunk) - first), input_size)
+                for j in range(len(outputs[0])):
+                    results[chunk[first + j]] = decode_scrfd(
+                        [o[j] for o in outputs], models.det_strides, models.det_anchors,
+                        input_size, scale, settings.det_prob_threshold)
+            for j, i in enumerate(chunk):
+                handles[i] = (frames, j)
+    return results, handles
+
+
+def embed_looks(models: FaceModels, looks: list, chunk_size: int) -> np.ndarray:
+    """Return L2-normalised embeddings [len(looks), dim] of aligned crops (CPU path) or of
+    DeviceLooks (aligned and recognised on the device, one frame's faces per call)."""
+    if not looks or not isinstance(looks[0], DeviceLook):
+        return embed_faces(models, looks, chunk_size)
+    rows = [None] * len(looks)
+    groups = {}
+    for i, look in enumerate(looks):
+        groups.setdefault((id(look.frames), look.index), []).append(i)
+    step = min(chunk_size, models.rec_max_chunk)
+    for members in groups.values():
+        first = looks[members[0]]
+        for start in range(0, len(members), step):
+            part = members[start:start + step]
+            matrices = alignment_matrices([looks[i].kps for i in part])
+            for i, row in zip(part, models.device.embed(first.frames, first.index, matrices)):
+                rows[i] = row
+    embeddings = np.stack(rows).astype(np.float32)
+    return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+
+
 def worker_main(name, settings, layout, videos, references, filled_q, free_q, result_q,
                 stop_event, threads_per_session, gpu):
     """Load the models (on its GPU, if any), then run GPU_WORKER_THREADS threads over the
@@ -1701,15 +1849,18 @@ def process_batch(context: WorkerContext, batch: list) -> None:
     frames = [item for item in batch if item is not None and item[6] is not None]
     images = [context.ring[slot, :h, :w] for (_, _, _, _, h, w, slot) in frames]
     started = time.perf_counter()
-    detections = detect_faces(context.models, images, context.settings)
+    if context.models.device is not None:
+        detections, handles = detect_on_device(context.models, images, context.settings)
+    else:
+        detections, handles = detect_faces(context.models, images, context.settings), [None] * len(images)
     context.clock.add("detect", time.perf_counter() - started, len(frames))
     if context.settings.debug_det:
         for frame, image, found in zip(frames, images, detections):
             save_debug_detections(context, frame, image, found)
     thumbs = [thumbnail(image) for image in images]
     del images
-    for frame, (boxes, kps), thumb in zip(frames, detections, thumbs):
-        context.sequencer(frame[0]).submit(frame[1], (frame, boxes, kps, thumb))
+    for frame, (boxes, kps), thumb, handle in zip(frames, detections, thumbs, handles):
+        context.sequencer(frame[0]).submit(frame[1], (frame, boxes, kps, thumb, handle))
     for item in batch:
         if item is not None and item[6] is None:  # end of a video: (video_idx, frame count, ...)
             context.sequencer(item[0]).submit(item[1], None)
@@ -1756,13 +1907,15 @@ class FrameSequencer:
             self.feed_frame(*item)
             self.context.result_q.put(("progress", self.video_idx, 1))
 
-    def feed_frame(self, frame: tuple, boxes: np.ndarray, kps: np.ndarray, thumb: np.ndarray) -> None:
-        """Run the tracker on one frame, then return its slot to the decoders."""
+    def feed_frame(self, frame: tuple, boxes: np.ndarray, kps: np.ndarray, thumb: np.ndarray,
+                   handle: tuple | None = None) -> None:
+        """Run the tracker on one frame, then return its slot to the decoders (a copy of the
+        frame on the models' device, handle, may live on in a track's last look)."""
         _, seq, frame_idx, time_s, height, width, slot = frame
         try:
             image = self.context.ring[slot, :height, :width]
             started = time.perf_counter()
-            self.tracker.step(seq, frame_idx, time_s, image, boxes, kps, thumb)
+            self.tracker.step(seq, frame_idx, time_s, image, boxes, kps, thumb, handle)
             self.context.clock.add("track", time.perf_counter() - started)
             del image
         finally:
@@ -2081,10 +2234,12 @@ class VideoTracker:
         self.active: list = []
         self.previous_thumb = None
         self.next_id = 0
+        self.frame_handle = None  # the current frame on the models' device (see step)
 
     def step(self, seq: int, frame_idx: int, time_s: float, image: np.ndarray, boxes: np.ndarray,
-             kps: np.ndarray, thumb: np.ndarray) -> None:
-        """Advance every track by one processed frame."""
+             kps: np.ndarray, thumb: np.ndarray, handle: tuple | None = None) -> None:
+        """Advance every track by one processed frame (handle: its copy on the models' device)."""
+        self.frame_handle = handle
         if is_shot_cut(self.previous_thumb, thumb):
             self.end_tracks(list(self.active))
         self.previous_thumb = thumb
@@ -2126,14 +2281,17 @@ class VideoTracker:
         return self.recognise_looks([self.look(image, kps, d) for d in due])
 
     def look(self, image: np.ndarray, kps: np.ndarray, d: int):
-        """Return what the recognizer needs of face d: its aligned crop."""
+        """Return what the recognizer needs of face d: its aligned crop, or with frames on the
+        models' device, where it is there (aligned when recognised)."""
+        if self.frame_handle is not None:
+            return DeviceLook(*self.frame_handle, kps[d].copy())
         return align_face(image, kps[d])
 
     def recognise_looks(self, looks: list) -> tuple:
-        """Return (embeddings, distances [faces, people]) of aligned crops."""
+        """Return (embeddings, distances [faces, people]) of looks (see look)."""
         context = self.context
         started = time.perf_counter()
-        embeddings = embed_faces(context.models, looks, self.settings.REC_CHUNK_SIZE)
+        embeddings = embed_looks(context.models, looks, self.settings.REC_CHUNK_SIZE)
         context.clock.add("track.recognise", time.perf_counter() - started, len(looks))
         return embeddings, person_distances(embeddings, context.ref_embeddings,
                                             context.ref_owners, len(context.people))

@@ -633,3 +633,59 @@ def test_alignment_matrices_invert_the_matrices_align_face_uses(main_module, fac
         composed = forward[:, :2] @ inverse.astype(np.float64)
         composed[:, 2] += forward[:, 2]
         assert np.allclose(composed, np.eye(2, 3), atol=1e-4), composed
+
+
+@pytest.fixture(scope="module")
+def device_models(main_module, tmp_path_factory):
+    """(settings, models) with FRAMES_ON_DEVICE on, on the CPU: the device path's graphs, IO
+    binding and batched detector, exactly as on a GPU but with 'cpu' as the device."""
+    cache = tmp_path_factory.mktemp("cache")
+    settings = main_module.load_settings([
+        "--model-root", str(MODEL_ROOT), "--model-pack", MODEL_PACK, "--providers", "cpu",
+        "--frames-on-device", "on", "--batch-size", "4", "--trt-cache-dir", str(cache)])
+    said = []
+    models = main_module.load_face_models(settings, "cpu", 1, say=said.append)
+    assert models.device is not None and models.det_batched, said
+    assert any("frames go to the CPU once" in line for line in said), said
+    return settings, models
+
+
+def test_device_path_detects_the_faces_the_cpu_path_detects(main_module, images, device_models,
+                                                           cpu_models, test_settings):
+    """Frames uploaded once, letterboxed by the graph and detected through IO binding give the
+    CPU path's faces: same count, boxes and keypoints within 1 px, scores within 0.01 (the
+    graph's resize is within 1 grey level of cv2's)."""
+    settings, models = device_models
+    found, handles = main_module.detect_on_device(models, images, settings)
+    faces = 0
+    for n, image in enumerate(images):
+        reference = main_module.detect_faces(cpu_models, [image], test_settings)[0]
+        assert len(found[n][0]) == len(reference[0]), f"image {n}: {len(found[n][0])} vs {len(reference[0])}"
+        if len(reference[0]):
+            assert np.abs(found[n][0][:, :4] - reference[0][:, :4]).max() <= 1.0, f"image {n} boxes"
+            assert np.abs(found[n][0][:, 4] - reference[0][:, 4]).max() <= 0.01, f"image {n} scores"
+            assert np.abs(found[n][1] - reference[1]).max() <= 1.0, f"image {n} keypoints"
+        frames, index = handles[n]
+        assert frames.host[index].shape == image.shape and np.array_equal(frames.host[index], image)
+        faces += len(reference[0])
+    assert faces >= len(images), f"only {faces} faces: the test saw too little"
+
+
+def test_device_looks_embed_like_the_cpu_path(main_module, images, device_models, cpu_models,
+                                              test_settings):
+    """Faces aligned and recognised on the device from the uploaded frame embed like align_face +
+    embed_faces on the CPU: cosine >= 0.995 with the int8 recognizer (it quantizes each call, so
+    a pixel one grey level off moves it by ~0.001; see the alignment-graph test)."""
+    settings, models = device_models
+    found, handles = main_module.detect_on_device(models, images[:6], settings)
+    looks, crops = [], []
+    for (boxes, kps), handle, image in zip(found, handles, images[:6]):
+        for points in kps:
+            looks.append(main_module.DeviceLook(*handle, points))
+            crops.append(main_module.align_face(image, points))
+    assert len(looks) >= 6, f"only {len(looks)} faces"
+    on_device = main_module.embed_looks(models, looks, 32)
+    on_cpu = main_module.embed_faces(cpu_models, crops, 32)
+    cosines = (on_device * on_cpu).sum(axis=1)
+    assert cosines.min() >= 0.995, f"lowest cosine {cosines.min():.5f} over {len(looks)} faces"
+    assert np.allclose(np.linalg.norm(on_device, axis=1), 1.0, atol=1e-5)

@@ -335,3 +335,26 @@ def test_a_worker_that_fails_reports_its_traceback_and_the_run_stops(tmp_path, a
     assert json.loads((tmp_path / "out" / "results.json").read_text())["complete"] is False
     time.sleep(0.5)
     assert processes_with_marker(marker) == []
+
+
+def test_frames_on_device_names_the_same_frames_as_the_cpu_path(search, tmp_path, all_refs_dir):
+    """FRAMES_ON_DEVICE on (here the 'device' is the CPU: the same graphs, IO binding and batched
+    detector a GPU runs) names Barack_Obama on the same frames of obama_whcd.mp4 as the default
+    CPU path, with distances within 0.02 (the int8 recognizer moves by ~0.01 for a pixel one grey
+    level off: see test_device_looks_embed_like_the_cpu_path), and says that frames go to the
+    device once."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    os.symlink(TESTDATA / "videos" / "obama_whcd.mp4", videos / "obama_whcd.mp4")
+    cmd = search_command(videos, all_refs_dir, tmp_path / "out", "--frames-on-device", "on",
+                         "--trt-cache-dir", str(tmp_path / "cache"))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "frames go to the CPU once" in done.stdout, done.stdout[-2000:]
+    device = json.loads((tmp_path / "out" / "results.json").read_text())["videos"][0]
+    default = video_entry(search, "obama_whcd.mp4")
+    by_frame = {(d["frame"], d["name"]): d["distance"] for d in default["detections"]}
+    got = {(d["frame"], d["name"]): d["distance"] for d in device["detections"]}
+    assert set(got) == set(by_frame), f"only device {set(got) - set(by_frame)}, only CPU {set(by_frame) - set(got)}"
+    worst = max(abs(got[k] - by_frame[k]) for k in got)
+    assert worst <= 0.02, f"distances differ by up to {worst:.4f}"
