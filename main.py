@@ -3428,6 +3428,8 @@ def run_search(settings: Settings) -> int:
     """Run the whole search; return the exit code (see main)."""
     for name, value in changed_settings(settings).items():
         print(f"[*] {name} = {value!r}")
+    if both_onnxruntime_builds_problem():
+        print(f"[!] {both_onnxruntime_builds_problem()}")
     output_dir = Path(settings.OUTPUT_DIR)
     try:
         video_paths = list_videos(Path(settings.VIDEO_DIR))

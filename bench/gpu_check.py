@@ -138,13 +138,23 @@ def engines(report: Report, model_root: str, pack: str, cache_dir: Path, working
                 f"{len(runs[0]['engines'])} engine file(s){', REBUILT' if rebuilt or warmup_again else ', reused'}")
 
 
-def synthetic_frames(count: int) -> list:
-    """Return 1080p BGR frames with face-like blobs (the detector's cost does not depend on content)."""
+def test_frames(count: int) -> list:
+    """Return `count` 1080p BGR frames: the shared reference photos (real faces) pasted on a grey
+    canvas when ../shared/testdata is there, else noise blobs (speed does not depend on content)."""
+    import cv2
+    photos = sorted((REPO.parent / "shared" / "testdata" / "refs").glob("*.jpg"))
     rng = np.random.default_rng(1)
     frames = []
-    for _ in range(count):
-        frame = rng.integers(0, 255, (*FRAME_HW, 3), dtype=np.uint8)
-        frames.append(np.ascontiguousarray(np.repeat(np.repeat(frame[::8, ::8], 8, 0), 8, 1)))
+    for i in range(count):
+        frame = np.full((*FRAME_HW, 3), 90, np.uint8)
+        if photos:
+            photo = cv2.imread(str(photos[i % len(photos)]))
+            scale = FRAME_HW[0] * (0.3 + 0.1 * (i % 5)) / photo.shape[0]
+            small = cv2.resize(photo, None, fx=scale, fy=scale)
+            frame[:small.shape[0], :small.shape[1]] = small[:FRAME_HW[0], :FRAME_HW[1]]
+        else:
+            frame[::] = np.repeat(np.repeat(rng.integers(0, 255, (135, 240, 3), np.uint8), 8, 0), 8, 1)
+        frames.append(frame)
     return frames
 
 
@@ -160,35 +170,65 @@ def time_runs(run, runs: int) -> float:
     return float(np.median(times))
 
 
+def detector_speed(models, settings, frames: list, runs: int) -> None:
+    """Print frames/s per batch size: the model alone (blob ready), the CPU path (cv2 letterbox,
+    model, decoding) and, with frames on the device, the device path (upload, graph, model)."""
+    size = main.detector_input_size(models, settings, FRAME_HW)
+    blob = np.concatenate([main.letterbox(f, size)[0] for f in frames])
+    for batch in BATCHES if models.det_batched else (1,):
+        feed = {models.det_input_name: blob[:batch]}
+        model_s = time_runs(lambda: models.det_session.run(models.det_output_names, feed), runs)
+        cpu_s = time_runs(lambda: main.detect_faces(models, frames[:batch], settings), max(2, runs // 4))
+        line = (f"      batch {batch:>2}: model {batch / model_s:8.1f} frames/s, CPU path "
+                f"{batch / cpu_s:8.1f} frames/s")
+        if models.device is not None:
+            dev_s = time_runs(lambda: main.detect_on_device(models, frames[:batch], settings), max(2, runs // 4))
+            line += f", device path {batch / dev_s:8.1f} frames/s"
+        print(line, flush=True)
+
+
+def detections_agree(report: Report, provider: str, models, settings, frames: list) -> None:
+    """Check that batched detections (and the device path's) equal single-frame CPU-path ones."""
+    single_settings = main.load_settings([*settings_flags(settings), "--batch-size", "1"])
+    single = [main.detect_faces(models, [f], single_settings)[0] for f in frames[:8]]
+    paths = {"batched": main.detect_faces(models, frames[:8], settings)}
+    if models.device is not None:
+        paths["device path"] = main.detect_on_device(models, frames[:8], settings)[0]
+    faces = sum(len(boxes) for boxes, _ in single)
+    for name, found in paths.items():
+        same = all(len(a[0]) == len(b[0]) and np.abs(a[0][:, :4] - b[0][:, :4]).max(initial=0) <= 1.0
+                   for a, b in zip(single, found))
+        report.line("ok" if same else "!!", f"{provider}: {name} detections equal single-frame ones "
+                                            f"({faces} faces in 8 frames)")
+
+
+def settings_flags(settings) -> list:
+    """Return the flags that rebuild these settings."""
+    return ["--model-root", settings.MODEL_ROOT, "--model-pack", settings.MODEL_PACK_NAME,
+            "--providers", settings.PROVIDERS, "--frames-on-device", settings.FRAMES_ON_DEVICE,
+            "--det-size", str(DET_SIZE), "--trt-cache-dir", settings.TRT_CACHE_DIR]
+
+
 def speed(report: Report, model_root: str, pack: str, cache_dir: Path, provider: str,
           runs: int) -> None:
-    """Print detector frames/s at each batch size (letterboxed blobs ready, and end to end from
-    frames) and recognizer faces/s; check batched detections equal single-frame ones."""
+    """Print detector frames/s at each batch size and recognizer faces/s on one provider; check
+    that batched and device-path detections equal single-frame ones."""
     choice = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda"}.get(provider, "cpu")
     settings = run_settings(model_root, pack, cache_dir, choice, max(BATCHES))
     gpu = main.gpu_slots(settings, 1)[0] if choice != "cpu" else None
     models = main.load_face_models(settings, choice, 4, gpu, lambda text: None)
-    frames = synthetic_frames(max(BATCHES))
-    size = main.detector_input_size(models, settings, FRAME_HW)
-    blob = np.concatenate([main.letterbox(f, size)[0] for f in frames])
-    print(f"    {provider} (detector {Path(models.det_file).name}, input {size[0]}x{size[1]}):")
-    for batch in BATCHES if models.det_batched else (1,):
-        feed = {models.det_input_name: blob[:batch]}
-        seconds = time_runs(lambda: models.det_session.run(models.det_output_names, feed), runs)
-        whole = time_runs(lambda: main.detect_faces(models, frames[:batch], settings), max(2, runs // 4))
-        print(f"      batch {batch:>2}: {batch / seconds:8.1f} frames/s model only, "
-              f"{batch / whole:8.1f} frames/s with pre/post-processing")
-    single = [main.detect_faces(models, [f], run_settings(model_root, pack, cache_dir, choice, 1))[0]
-              for f in frames[:8]]
-    together = main.detect_faces(models, frames[:8], settings)
-    same = all(len(a[0]) == len(b[0]) and np.allclose(a[0], b[0], atol=0.05)
-               for a, b in zip(single, together))
-    report.line("ok" if same else "!!", f"{provider}: batched detections equal single-frame ones")
+    frames = test_frames(max(BATCHES))
+    print(f"    {provider}: detector {Path(models.det_file).name} on "
+          f"{models.providers[Path(models.det_path).name][0]}, recognizer on "
+          f"{models.providers[Path(models.rec_path).name][0]}, frames on device: "
+          f"{models.device.device_type if models.device else 'no'}", flush=True)
+    detector_speed(models, settings, frames, runs)
+    detections_agree(report, provider, models, settings, frames)
     crops = [np.zeros((112, 112, 3), np.uint8) + i for i in range(max(REC_CHUNKS))]
     for chunk in REC_CHUNKS:
         seconds = time_runs(lambda: main.embed_faces(models, crops[:chunk], chunk), max(2, runs // 4))
         print(f"      recognizer, {chunk:>2} faces per call: {chunk / seconds:8.1f} faces/s"
-              f"{' (int8: one face per call)' if models.rec_max_chunk == 1 else ''}")
+              f"{' (int8: one face per call)' if models.rec_max_chunk == 1 else ''}", flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -222,7 +262,7 @@ def main_check(argv=None) -> int:
     working = providers(report, detector)
     print(f"== TensorRT engine cache ({cache_dir})")
     engines(report, args.model_root, args.model_pack, cache_dir, working)
-    print("== speed (synthetic 1080p frames)")
+    print("== speed (1080p frames)")
     for provider in working:
         speed(report, args.model_root, args.model_pack, cache_dir, provider,
               5 if args.quick else TIMED_RUNS)
