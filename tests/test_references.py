@@ -110,3 +110,89 @@ def test_missing_reference_folder_names_it(main_module, tmp_path):
     """A reference folder that does not exist raises BadInput naming it."""
     with pytest.raises(main_module.BadInput, match="does_not_exist"):
         main_module.list_reference_photos(tmp_path / "does_not_exist")
+
+
+def face_px(main_module, models, settings, image) -> float:
+    """The shorter side of the largest face's box in an image, in px."""
+    boxes, _ = main_module.detect_faces(models, [image], settings)[0]
+    return main_module.face_size_px(boxes[main_module.largest_face_index(boxes)])
+
+
+def photo_with_face_of(main_module, models, settings, size_px: float) -> np.ndarray:
+    """Obama's reference photo scaled so that his face is size_px, on a small grey canvas."""
+    import cv2
+    photo = main_module.read_image(TESTDATA / "refs" / "Barack_Obama.jpg")
+    scale = size_px / face_px(main_module, models, settings, photo)
+    small = cv2.resize(photo, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    canvas = np.full((max(160, small.shape[0]), max(160, small.shape[1]), 3), 120, np.uint8)
+    canvas[:small.shape[0], :small.shape[1]] = small
+    return canvas
+
+
+@pytest.mark.parametrize("size_px, outcome", [(22, "skipped"), (44, "note"), (120, "clean")])
+def test_tiny_faces_are_skipped_and_small_ones_warned(main_module, tmp_path, cpu_models,
+                                                      test_settings, size_px, outcome):
+    """A reference face below MIN_FACE_SIZE (32 px) is skipped with a message naming the photo;
+    one below 56 px is used with a warning; a large one is used silently."""
+    import cv2
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    image = photo_with_face_of(main_module, cpu_models, test_settings, size_px)
+    cv2.imwrite(str(folder / "Barack_Obama.png"), image)
+    measured = face_px(main_module, cpu_models, test_settings, image)
+    references, problems, notes = main_module.load_references(folder, cpu_models, test_settings)
+    if outcome == "skipped":
+        assert measured < 32 and references == [], (measured, references)
+        assert len(problems) == 1 and "Barack_Obama.png" in problems[0] and "too small" in problems[0], problems
+    elif outcome == "note":
+        assert 32 <= measured < 56 and len(references) == 1 and problems == [], (measured, problems)
+        assert any("Barack_Obama.png" in n and "the face is small" in n for n in notes), notes
+    else:
+        assert measured >= 56 and len(references) == 1 and problems == [] and notes == [], (measured, notes)
+
+
+def test_label_spellings_that_differ_only_in_case_or_separators_are_one_person(
+        main_module, tmp_path, cpu_models, test_settings):
+    """Barack_Obama.jpg and 'barack obama_2.jpg' are one person (the first spelling), with a note."""
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    os.symlink(TESTDATA / "refs" / "Barack_Obama.jpg", folder / "Barack_Obama.jpg")
+    os.symlink(TESTDATA / "refs_alt" / "Barack_Obama" / "obama2.jpg", folder / "barack obama_2.jpg")
+    references, problems, notes = main_module.load_references(folder, cpu_models, test_settings)
+    assert [(r.name, len(r.photos)) for r in references] == [("Barack_Obama", 2)], references
+    assert problems == [] and any("differ only in case" in n and "'barack obama'" in n for n in notes), notes
+
+
+def test_unsupported_files_are_named_and_system_files_ignored(main_module, tmp_path, cpu_models,
+                                                              test_settings):
+    """A .heic or .gif photo is reported by name with the fix (convert to .jpg); .DS_Store and
+    Thumbs.db are not photos and are passed over silently; .bmp is read."""
+    import cv2
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    (folder / "Kit_Harington.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (folder / "Rose_Leslie.gif").write_bytes(b"GIF89a")
+    (folder / ".DS_Store").write_bytes(b"\x00Bud1")
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf")
+    cv2.imwrite(str(folder / "Michelle_Obama.bmp"), main_module.read_image(TESTDATA / "refs" / "Michelle_Obama.jpg"))
+    references, problems, _ = main_module.load_references(folder, cpu_models, test_settings)
+    assert [r.name for r in references] == ["Michelle_Obama"], references
+    assert len(problems) == 2, problems
+    for name, suffix in (("Kit_Harington.heic", ".heic"), ("Rose_Leslie.gif", ".gif")):
+        line = next(p for p in problems if name in p)
+        assert f"not a supported photo format ({suffix})" in line and "convert it to .jpg" in line, line
+
+
+def test_the_same_face_under_two_names_is_refused_for_the_second(main_module, tmp_path, cpu_models,
+                                                                 test_settings):
+    """The same photo saved as Barack_Obama.jpg and President.jpg could never be named (no match
+    would beat the other by MATCH_MARGIN): the second is skipped with a message naming both."""
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    os.symlink(TESTDATA / "refs" / "Barack_Obama.jpg", folder / "Barack_Obama.jpg")
+    os.symlink(TESTDATA / "refs" / "Barack_Obama.jpg", folder / "President.jpg")
+    os.symlink(TESTDATA / "refs" / "Michelle_Obama.jpg", folder / "Michelle_Obama.jpg")
+    references, problems, _ = main_module.load_references(folder, cpu_models, test_settings)
+    assert [r.name for r in references] == ["Barack_Obama", "Michelle_Obama"], references
+    assert len(problems) == 1 and "President.jpg" in problems[0] and "Barack_Obama.jpg" in problems[0], problems
+    assert "same face" in problems[0], problems
