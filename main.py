@@ -7,9 +7,10 @@ Run (after `pip install -r requirements.txt`):
 
 Data flow (all processes come from one `spawn` context owned by the parent):
 
-    parent ──jobs_q──> decoder-i  (NUM_CPU_LOADERS processes, PyAV; one video at a time)
+    parent ──jobs_q──> decoder-i  (NUM_CPU_LOADERS processes, PyAV or OpenCV; one video at a time)
                           │  free_q: slot indices ready to be written   (parent fills, workers return)
                           │  ring:   shared memory, MAX_BUFFER_SLOTS frames of the largest video
+                          │          (fewer if /dev/shm or RAM is short: plan_ring says so)
                           v  filled_qs[video_idx % workers]: (video_idx, seq, frame_idx, time_s,
                           │      height, width, slot), then an end marker with slot None
                        worker-j   (NUM_GPU_PROCESSES processes x GPU_WORKER_THREADS threads)
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -68,7 +70,7 @@ NUM_GPU_PROCESSES = 1  # inference worker processes, 1..16
 GPU_WORKER_THREADS = 2  # threads per worker process, 1..16; overlap pre/post-processing with inference
 NUM_CPU_LOADERS = 2  # decoder processes, 1..32; each decodes one video at a time
 BATCH_SIZE = 8  # frames a worker thread takes at once, 1..256
-MAX_BUFFER_SLOTS = 32  # frames in the shared-memory ring, 2..4096; memory = slots x largest frame
+MAX_BUFFER_SLOTS = 32  # frames in the shared-memory ring, 2..4096; memory = slots x largest frame; fewer if short
 REC_CHUNK_SIZE = 32  # aligned faces per recognizer call, 1..1024
 # Detection
 MODEL_PACK_NAME = "buffalo_l"  # InsightFace pack folder name, e.g. buffalo_l, buffalo_s, buffalo_sc
@@ -160,6 +162,11 @@ _FRONTAL_GAIN_FOR_RECHECK = 0.25  # ... or this much more frontal (0 = profile, 
 _MAX_PENDING_SNAPSHOTS = 8  # snapshots kept in memory per track until it is named
 _MAX_UNVERIFIED_S = 1.0  # s: a named track is re-recognised at least this often
 _SURE_FACE_SCORE = 0.5  # SCRFD score from which a new track is recognised at once (insightface's default)
+_DECODER_CHECK_FRAMES = 8  # first kept frames checked for a decoder that returns blank/stale pictures
+_DECODER_CHECK_BYTES = 128 * 2**20  # ... but no more than fit in this (at least 2 frames: 8K is 100 MB)
+_BLANK_STD_GREY = 2.0  # grey levels: a picture whose spread is below this is blank (black, green, grey)
+_FROZEN_MAD_GREY = 0.5  # grey levels: pictures closer than this (mean difference) are the same picture
+_MIN_RING_SLOTS = 2  # the fewest ring slots the pipeline runs with: one being decoded, one in a worker
 _KEYFRAME_SEEK_PAST_S = 0.001  # fast clips: seek this far past the keyframe, so ffmpeg starts on it
 _PALETTE_BGR = [(0, 200, 255), (255, 120, 0), (80, 220, 80), (200, 60, 255), (255, 255, 0),
                 (60, 60, 255), (0, 255, 180), (255, 0, 160), (160, 160, 255), (0, 140, 255)]
@@ -219,8 +226,8 @@ class VideoInfo:
     idx: int  # position in this run's video list
     path: str
     output_name: str  # folder name under OUTPUT_DIR (the stem, made unique)
-    width: int
-    height: int
+    width: int  # px, as displayed (after rotation_deg)
+    height: int  # px, as displayed
     fps: float  # average frame rate, for display and frame durations only
     frame_count: int  # from the header; an estimate when the header has none
     duration_s: float  # of the video stream, from its first frame
@@ -228,6 +235,8 @@ class VideoInfo:
     origin_pts: int  # pts of the first video frame: time 0
     video_start_offset_s: float  # video start minus container start (Hamilton clip: 0.844)
     has_audio: bool
+    rotation_deg: int = 0  # 0/90/180/270: decoded frames are turned this far counter-clockwise
+    frame_count_from_header: bool = False  # frame_count is the header's count, not an estimate
 
 
 @dataclass(frozen=True)
@@ -587,12 +596,14 @@ def reference_matrix(references: list) -> tuple:
 # 2 Decoding
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 def list_videos(folder: Path) -> list:
-    """Return the video files under a folder, sorted; raise BadInput if the folder is missing."""
+    """Return the video files under a folder, sorted, and any folders named like a video (probe_all
+    reports those by name; the videos inside them are listed too); raise BadInput if the folder is
+    missing."""
     if not folder.is_dir():
         raise BadInput(f"video folder {folder} does not exist: create it and put your videos in it "
                        f"(or see a complete example first with: python main.py --demo)")
     return sorted(p.resolve() for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in _VIDEO_EXTENSIONS)
+                  if p.suffix.lower() in _VIDEO_EXTENSIONS and (p.is_file() or p.is_dir()))
 
 
 def unique_output_names(paths: list, root: Path) -> list:
@@ -606,34 +617,126 @@ def unique_output_names(paths: list, root: Path) -> list:
     return [p.stem if stems.count(p.stem) == 1 else long_name(p) for p in paths]
 
 
+def read_head(path: Path) -> bytes:
+    """Return the first 64 bytes of a file; raise BadInput for a folder, an unreadable or an
+    empty file, saying what to do."""
+    if path.is_dir():
+        raise BadInput(f"{path}: is a folder named like a video, not a video; the videos inside it "
+                       f"are searched. Rename the folder (without '{path.suffix}') to silence this")
+    try:
+        with open(path, "rb") as file:
+            head = file.read(64)
+    except PermissionError:
+        raise BadInput(f"{path}: permission denied, this user cannot read it; make it readable "
+                       f"(chmod a+r, or ask its owner), or remove it from the folder") from None
+    if not head:
+        raise BadInput(f"{path}: is empty (0 bytes), probably an unfinished copy or download; copy "
+                       f"it again, or remove it from the folder")
+    return head
+
+
+def describe_content(head: bytes) -> str | None:
+    """Return what a file's first bytes show it to be ("a text file", "a JPEG image", "an MP4/MOV
+    file", ...), or None when they do not tell."""
+    signatures = [(b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"),
+                  (b"GIF8", "a GIF image"), (b"%PDF", "a PDF document"), (b"PK\x03\x04", "a ZIP archive")]
+    for signature, what in signatures:
+        if head.startswith(signature):
+            return what
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide"):
+        return "an MP4/MOV file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:  # the 64 bytes may end inside a character
+        text = head[:error.start].decode("utf-8") if error.start >= len(head) - 3 else ""
+    return "a text file" if text and all(c.isprintable() or c in "\r\n\t" for c in text) else None
+
+
+def unreadable_message(path: Path, head: bytes, error: Exception) -> str:
+    """Return the message for a file ffmpeg cannot open: what it is, and what to do."""
+    what = describe_content(head)
+    if what == "an MP4/MOV file":
+        return (f"{path}: is an MP4/MOV file that ffmpeg cannot read ({error}); it is truncated "
+                f"(its index, the 'moov' atom, is missing when a download or recording did not "
+                f"finish) or damaged: copy it again, or repair it (e.g. with untrunc)")
+    if what is not None:
+        photo_hint = " (photos of people belong in the reference folder)" if "image" in what else ""
+        return f"{path}: is {what}, not a video; remove it from the video folder{photo_hint}"
+    return (f"{path}: cannot be opened as a video ({error}); check that it plays in a video "
+            f"player: if it does not, it is damaged, so copy it again or remove it from the folder")
+
+
 def probe_video(path: Path, idx: int, output_name: str) -> VideoInfo:
-    """Return the video's facts from its headers; raise BadInput naming the file and the problem."""
+    """Return the video's facts from its headers and first frame; raise BadInput naming the file,
+    what is wrong and what to do."""
     import av
+    head = read_head(path)
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise BadInput(f"{path}: has no video stream (audio only?); skipped")
-            stream = container.streams.video[0]
-            time_base = Fraction(stream.time_base)
-            origin_pts = stream.start_time if stream.start_time is not None else 0
-            container_start_s = (container.start_time or 0) / 1_000_000
-            fps = float(stream.average_rate or stream.guessed_rate or 25)
-            if stream.duration:
-                duration_s = float(stream.duration * time_base)
-            else:
-                duration_s = (container.duration or 0) / 1_000_000
-            frame_count = stream.frames or int(round(duration_s * fps))
-            if not stream.width or not stream.height:
-                raise BadInput(f"{path}: video stream has no frame size; the file may be damaged")
-            return VideoInfo(
-                idx=idx, path=str(path), output_name=output_name, width=stream.width,
-                height=stream.height, fps=fps, frame_count=frame_count, duration_s=duration_s,
-                time_base=time_base, origin_pts=origin_pts,
-                video_start_offset_s=float(origin_pts * time_base) - container_start_s,
-                has_audio=bool(container.streams.audio))
+            stream = video_stream_of(path, container)
+            rotation = first_frame_rotation(path, container, stream)
+            return video_info(path, idx, output_name, container, stream, rotation)
     except (av.error.FFmpegError, OSError, ValueError) as error:
-        raise BadInput(f"{path}: cannot be opened as a video ({error}); check the file plays, "
-                       f"or remove it from the folder") from None
+        raise BadInput(unreadable_message(path, head, error)) from None
+
+
+def first_frame_rotation(path: Path, container, stream) -> float:
+    """Return the display rotation (degrees counter-clockwise) of the first decodable frame;
+    raise BadInput when no frame can be decoded."""
+    damaged_pts = []
+    frames = (frame for packet in container.demux(stream)
+              for frame in decode_packet(packet, damaged_pts))
+    first = next(frames, None)
+    if first is None:
+        reason = f" ({len(damaged_pts)} damaged packets)" if damaged_pts else ""
+        raise BadInput(f"{path}: no frame can be decoded{reason}; the file is truncated or "
+                       f"damaged: copy it again, or remove it from the folder")
+    return first.rotation
+
+
+def video_stream_of(path: Path, container):
+    """Return the container's first video stream; raise BadInput for an audio-only file or a
+    still image."""
+    if not container.streams.video:
+        audio = [s.codec_context.name for s in container.streams.audio]
+        what = f"audio only: {', '.join(audio)}" if audio else "no audio either"
+        raise BadInput(f"{path}: has no video stream ({what}), so there is nothing to search; "
+                       f"remove it from the folder")
+    if container.format.name.endswith("_pipe") or container.format.name == "image2":
+        raise BadInput(f"{path}: is a still image ({container.format.name}), not a video; remove "
+                       f"it from the video folder (photos of people belong in the reference folder)")
+    stream = container.streams.video[0]
+    if not stream.width or not stream.height:
+        raise BadInput(f"{path}: video stream has no frame size; the file may be damaged")
+    return stream
+
+
+def video_info(path: Path, idx: int, output_name: str, container, stream, rotation: float) -> VideoInfo:
+    """Return the VideoInfo of an open video; width and height are as displayed (rotated)."""
+    time_base = Fraction(stream.time_base)
+    origin_pts = stream.start_time if stream.start_time is not None else 0
+    container_start_s = (container.start_time or 0) / 1_000_000
+    fps = float(stream.average_rate or stream.guessed_rate or 25)
+    if stream.duration:
+        duration_s = float(stream.duration * time_base)
+    else:
+        duration_s = (container.duration or 0) / 1_000_000
+    rotation_deg = display_rotation_deg(rotation)
+    width, height = (stream.height, stream.width) if rotation_deg in (90, 270) else \
+        (stream.width, stream.height)
+    return VideoInfo(
+        idx=idx, path=str(path), output_name=output_name, width=width, height=height, fps=fps,
+        frame_count=stream.frames or int(round(duration_s * fps)), duration_s=duration_s,
+        time_base=time_base, origin_pts=origin_pts,
+        video_start_offset_s=float(origin_pts * time_base) - container_start_s,
+        has_audio=bool(container.streams.audio), rotation_deg=rotation_deg,
+        frame_count_from_header=bool(stream.frames))
+
+
+def display_rotation_deg(rotation: float) -> int:
+    """Return a display matrix's rotation (degrees counter-clockwise, -180..180, as PyAV's
+    frame.rotation gives it) as 0, 90, 180 or 270."""
+    return int(round(rotation / 90)) % 4 * 90
 
 
 def frame_time_s(pts: int, origin_pts: int, time_base: Fraction) -> float:
@@ -641,22 +744,175 @@ def frame_time_s(pts: int, origin_pts: int, time_base: Fraction) -> float:
     return float((pts - origin_pts) * time_base)
 
 
-def decode_frames(info: VideoInfo, frame_interval: int):
-    """Yield (frame_idx, time_s, BGR array) for every frame_interval-th decoded frame."""
+def to_display(image: np.ndarray, rotation_deg: int) -> np.ndarray:
+    """Return a decoded image turned counter-clockwise by rotation_deg, as players show it."""
+    return np.ascontiguousarray(np.rot90(image, rotation_deg // 90)) if rotation_deg else image
+
+
+def bob_deinterlace(image: np.ndarray) -> np.ndarray:
+    """Return an interlaced frame's top field (its even lines) stretched to full height: the
+    picture of one instant, without the combing that two fields woven together show."""
+    import cv2
+    return cv2.resize(image[0::2], (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def pyav_frames(info: VideoInfo, frame_interval: int, damaged_pts: list):
+    """Yield (frame_idx, time_s, BGR array as displayed, or None for a frame that is not kept)
+    for every frame PyAV decodes; interlaced frames are deinterlaced (bob). Packets the decoder
+    rejects are skipped, as the ffmpeg command line does, and their pts added to damaged_pts."""
     import av
     with av.open(info.path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         last_pts = None
         frame_duration = 1 / Fraction(info.fps).limit_denominator(100000) / info.time_base
-        for frame_idx, frame in enumerate(container.decode(stream)):
+        frames = (frame for packet in container.demux(stream)
+                  for frame in decode_packet(packet, damaged_pts))
+        for frame_idx, frame in enumerate(frames):
             pts = frame.pts
             if pts is None:  # rare: a frame without a timestamp follows its predecessor
                 pts = info.origin_pts if last_pts is None else last_pts + int(frame_duration)
             last_pts = pts
+            image = None
             if frame_idx % frame_interval == 0:
-                yield frame_idx, frame_time_s(pts, info.origin_pts, info.time_base), \
-                    frame.to_ndarray(format="bgr24")
+                image = frame.to_ndarray(format="bgr24")
+                if frame.interlaced_frame:
+                    image = bob_deinterlace(image)
+                image = to_display(image, info.rotation_deg)
+            yield frame_idx, frame_time_s(pts, info.origin_pts, info.time_base), image
+
+
+def decode_packet(packet, damaged_pts: list) -> list:
+    """Return the frames one packet decodes to; a packet the decoder rejects as invalid data
+    gives none, and its pts is added to damaged_pts."""
+    import av
+    try:
+        return packet.decode()
+    except av.error.InvalidDataError:
+        damaged_pts.append(packet.pts)
+        return []
+
+
+def presentation_times_s(info: VideoInfo) -> list:
+    """Return the sorted times (s, frame clock) of the video stream's packets, read without
+    decoding: every frame's exact timestamp."""
+    import av
+    with av.open(info.path) as container:
+        stream = container.streams.video[0]
+        return sorted(frame_time_s(packet.pts, info.origin_pts, info.time_base)
+                      for packet in container.demux(stream) if packet.pts is not None)
+
+
+def nearest_time_s(times_s: list, approx_s: float, tolerance_s: float) -> float:
+    """Return the time in sorted times_s nearest to approx_s, or approx_s itself when none is
+    within tolerance_s."""
+    import bisect
+    i = bisect.bisect_left(times_s, approx_s)
+    near = [t for t in times_s[max(0, i - 1):i + 1] if abs(t - approx_s) <= tolerance_s]
+    return min(near, key=lambda t: abs(t - approx_s)) if near else approx_s
+
+
+def opencv_frames(info: VideoInfo, frame_interval: int):
+    """Yield what pyav_frames yields, decoded by OpenCV (the fallback decoder). Each time is the
+    packet timestamp (exact, read by PyAV's demuxer) nearest to OpenCV's position, which counts
+    from the first frame too; OpenCV's own where no packet is within half a frame."""
+    import cv2
+    times_s = presentation_times_s(info)
+    capture = cv2.VideoCapture(info.path, cv2.CAP_FFMPEG)
+    capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)  # rotated below, exactly as PyAV's frames
+    try:
+        frame_idx = 0
+        while capture.grab():
+            time_s = nearest_time_s(times_s, capture.get(cv2.CAP_PROP_POS_MSEC) / 1000,
+                                    0.5 / info.fps)
+            image = None
+            if frame_idx % frame_interval == 0:
+                ok, image = capture.retrieve()
+                image = to_display(image, info.rotation_deg) if ok else None
+            yield frame_idx, time_s, image
+            frame_idx += 1
+    finally:
+        capture.release()
+
+
+def frames_look_broken(images: list) -> bool:
+    """Return True when there is no picture, every picture is blank (near-uniform: black, green,
+    grey), or they are all the same picture (a decoder repeating a stale frame)."""
+    if not images:
+        return True
+    grey = [image[::8, ::8].mean(axis=2) for image in images]
+    if all(g.std() < _BLANK_STD_GREY for g in grey):
+        return True
+    return len(grey) > 1 and all(np.abs(g - grey[0]).mean() < _FROZEN_MAD_GREY for g in grey[1:])
+
+
+def take_kept(frames, count: int) -> list:
+    """Return the next items of a frame iterator, up to and including its count-th kept image."""
+    taken = []
+    for item in frames:
+        taken.append(item)
+        if sum(image is not None for _, _, image in taken) >= count:
+            break
+    return taken
+
+
+def working_decoder_frames(info: VideoInfo, frame_interval: int, damaged_pts: list):
+    """Return an iterator like pyav_frames': PyAV's frames, or OpenCV's when PyAV's first kept
+    frames look broken (blank or frozen) and OpenCV's do not. A video that really opens on black
+    or on a still picture looks the same in both, so it stays with PyAV."""
+    primary = pyav_frames(info, frame_interval, damaged_pts)
+    frame_bytes = info.width * info.height * 3
+    head = take_kept(primary, max(2, min(_DECODER_CHECK_FRAMES, _DECODER_CHECK_BYTES // frame_bytes)))
+    images = [image for _, _, image in head if image is not None]
+    if not images or not frames_look_broken(images):  # no frame at all: decode_frames reports it
+        return itertools.chain(head, primary)
+    fallback = opencv_frames(info, frame_interval)
+    fallback_head = take_kept(fallback, max(1, len(images)))
+    if frames_look_broken([image for _, _, image in fallback_head if image is not None]):
+        fallback.close()
+        return itertools.chain(head, primary)
+    primary.close()
+    damaged_pts.clear()
+    print(f"[!] {info.path}: PyAV decoded only blank or frozen pictures at the start, where "
+          f"OpenCV's decoder shows a picture: this video is decoded with OpenCV", flush=True)
+    return itertools.chain(fallback_head, fallback)
+
+
+def decoding_problem(info: VideoInfo, decoded_count: int, last_time_s: float,
+                     damaged_pts: list) -> str | None:
+    """Return the message for a video whose decoding ended well before its header's frame count
+    (or, without one, its duration), or skipped damaged packets; None when neither happened."""
+    problems = []
+    if info.frame_count_from_header:  # a damaged packet explains one missing frame
+        early = decoded_count + len(damaged_pts) < info.frame_count - max(2, info.frame_count // 100)
+    else:
+        early = last_time_s + 1 / info.fps < info.duration_s - max(2.0, 0.1 * info.duration_s)
+    if early:
+        problems.append(f"decoding stopped at {last_time_s:.2f} s of {info.duration_s:.2f} s "
+                        f"({decoded_count} of {info.frame_count} frames): the file is truncated, "
+                        f"and the rest was not searched")
+    if damaged_pts:
+        times_s = sorted(frame_time_s(p, info.origin_pts, info.time_base)
+                         for p in damaged_pts if p is not None)
+        where = f" (at {', '.join(f'{t:.2f}' for t in times_s[:5])} s)" if times_s else ""
+        problems.append(f"{len(damaged_pts)} damaged packet(s) could not be decoded{where}: the "
+                        f"frames around them were not searched")
+    if not problems:
+        return None
+    return (f"{info.path}: {'; '.join(problems)}. Copy the file again, or re-encode the readable "
+            f"part (ffmpeg -i IN -c:v libx264 OUT.mp4) to silence this")
+
+
+def decode_frames(info: VideoInfo, frame_interval: int):
+    """Yield (frame_idx, time_s, BGR array as displayed) for every frame_interval-th decoded
+    frame; at the end, raise BadInput if the file turned out truncated or damaged."""
+    decoded_count, last_time_s, damaged_pts = 0, 0.0, []
+    for frame_idx, time_s, image in working_decoder_frames(info, frame_interval, damaged_pts):
+        decoded_count, last_time_s = frame_idx + 1, time_s
+        if image is not None:
+            yield frame_idx, time_s, image
+    if problem := decoding_problem(info, decoded_count, last_time_s, damaged_pts):
+        raise BadInput(problem)
 
 
 def run_child(name: str, layout, result_q, queues: tuple, body) -> None:
@@ -727,7 +983,10 @@ def decode_into_ring(info, ring, free_q, filled_q, stop_event, frame_interval,
             sent += 1
     except (av.error.FFmpegError, OSError) as error:
         return sent, (f"{info.path}: decoding stopped after {sent} processed frames ({error}); "
-                      f"the file may be truncated or damaged")
+                      f"the file is truncated or damaged and the rest was not searched; copy it "
+                      f"again, or re-encode the readable part (ffmpeg -i IN -c:v libx264 OUT.mp4)")
+    except BadInput as error:  # decoding ended early or skipped damaged packets
+        return sent, str(error)
     return sent, None
 
 
@@ -739,6 +998,89 @@ def ring_layout_for(videos: list, slot_count: int, run_tag: str) -> RingLayout:
     """Return a layout whose slots fit the largest frame of any video."""
     return RingLayout(name=f"{_SHM_PREFIX}{run_tag}r", slot_count=slot_count,
                       height=max(v.height for v in videos), width=max(v.width for v in videos))
+
+
+def available_ram_bytes() -> int | None:
+    """Return the RAM available to new allocations in bytes (Linux MemAvailable; Windows
+    GlobalMemoryStatusEx; other systems' free pages), or None where it cannot be read."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    if sys.platform == "win32":
+        return windows_available_ram_bytes()
+    names = getattr(os, "sysconf_names", {})
+    if "SC_AVPHYS_PAGES" in names and "SC_PAGE_SIZE" in names:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def windows_available_ram_bytes() -> int | None:
+    """Return Windows' available physical memory in bytes (GlobalMemoryStatusEx), or None."""
+    import ctypes
+
+    class MemoryStatus(ctypes.Structure):  # MEMORYSTATUSEX
+        _fields_ = [("length", ctypes.c_ulong), ("load", ctypes.c_ulong),
+                    *[(name, ctypes.c_ulonglong) for name in (
+                        "total_phys", "avail_phys", "total_page_file", "avail_page_file",
+                        "total_virtual", "avail_virtual", "avail_extended_virtual")]]
+    status = MemoryStatus(length=ctypes.sizeof(MemoryStatus))
+    return status.avail_phys if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)) \
+        else None
+
+
+def ring_memory_budget() -> tuple:
+    """Return (bytes the ring may take, what sets that limit), or (None, "") where nothing can be
+    measured: the smaller of /dev/shm's free space (Linux; Docker's default is 64 MB) and half
+    the available RAM (the other half is for the models and the frames being processed)."""
+    limits = []
+    if Path("/dev/shm").is_dir():
+        free = shutil.disk_usage("/dev/shm").free
+        limits.append((free, f"{free / 2**20:.0f} MB free in /dev/shm"))
+    ram = available_ram_bytes()
+    if ram:
+        limits.append((ram // 2, f"half of the {ram / 2**20:.0f} MB of available RAM"))
+    return min(limits) if limits else (None, "")
+
+
+def fit_slot_count(requested: int, slot_bytes: int, budget_bytes: int | None) -> int:
+    """Return how many slots of slot_bytes to make: requested, or fewer where budget_bytes (None:
+    unknown) holds fewer; the caller refuses videos that leave fewer than _MIN_RING_SLOTS."""
+    return requested if budget_bytes is None else min(requested, budget_bytes // slot_bytes)
+
+
+def check_fits_ring(info: VideoInfo, budget_bytes: int | None, why: str) -> None:
+    """Raise BadInput if even the fewest ring slots (_MIN_RING_SLOTS) of this video's frame size
+    do not fit the memory the ring may take."""
+    slot_bytes = info.width * info.height * 3
+    if fit_slot_count(_MIN_RING_SLOTS, slot_bytes, budget_bytes) < _MIN_RING_SLOTS:
+        raise BadInput(
+            f"{info.path}: its {info.width}x{info.height} frames need "
+            f"{_MIN_RING_SLOTS * slot_bytes / 2**20:.0f} MB of shared memory for the "
+            f"{_MIN_RING_SLOTS} ring slots a search needs at least, more than the "
+            f"{budget_bytes / 2**20:.0f} MB available ({why}); skipped. Free memory, enlarge "
+            f"/dev/shm (Docker: --shm-size=2g), or scale it down "
+            f"(ffmpeg -i IN -vf scale=-2:2160 OUT.mp4)")
+
+
+def plan_ring(videos: list, settings: Settings, run_tag: str) -> RingLayout:
+    """Return the ring's layout: MAX_BUFFER_SLOTS slots of the largest frame, or as many as fit
+    the memory budget (never fewer than _MIN_RING_SLOTS), printing why when it is fewer."""
+    wanted = ring_layout_for(videos, settings.MAX_BUFFER_SLOTS, run_tag)
+    budget_bytes, why = ring_memory_budget()
+    slot_count = fit_slot_count(wanted.slot_count, wanted.slot_bytes, budget_bytes)
+    if slot_count >= wanted.slot_count:
+        return wanted
+    slot_count = max(slot_count, _MIN_RING_SLOTS)
+    useful = settings.NUM_GPU_PROCESSES * settings.GPU_WORKER_THREADS + 1
+    print(f"[!] ring buffer: {wanted.slot_count} slots of {wanted.width}x{wanted.height} frames "
+          f"would take {wanted.slot_count * wanted.slot_bytes / 2**20:.0f} MB, more than the "
+          f"{budget_bytes / 2**20:.0f} MB available ({why}): using {slot_count} slots"
+          + (f", fewer than the {useful} the workers can use at once, so they will wait for "
+             f"frames; free memory or enlarge /dev/shm (Docker: --shm-size) to go faster"
+             if slot_count < useful else ""), flush=True)
+    return ring_layout_for(videos, slot_count, run_tag)
 
 
 def create_ring(layout: RingLayout) -> shared_memory.SharedMemory:
@@ -2841,7 +3183,7 @@ def start_pipeline(settings: Settings, videos: list, references: list) -> Pipeli
     fails, stop what was started and release the ring before re-raising."""
     gpus = worker_gpus(settings)
     ctx = mp.get_context("spawn")
-    layout = ring_layout_for(videos, settings.MAX_BUFFER_SLOTS, str(os.getpid()))
+    layout = plan_ring(videos, settings, str(os.getpid()))
     shm = create_ring(layout)
     try:
         # filled queues need no bound of their own: at most slot_count frames exist at once.
@@ -3190,11 +3532,17 @@ def prepare_references(settings: Settings) -> tuple:
 
 
 def probe_all(paths: list, video_dir: Path) -> tuple:
-    """Return ([VideoInfo] for the usable videos, [problems])."""
+    """Return ([VideoInfo] for the usable videos, [problems]): each problem names the file, what
+    is wrong and what to do (see read_head, probe_video, check_fits_ring)."""
     videos, problems = [], []
-    for path, output_name in zip(paths, unique_output_names(paths, video_dir.resolve())):
+    files = [p for p in paths if not p.is_dir()]  # a folder named like a video is reported below
+    names = dict(zip(files, unique_output_names(files, video_dir.resolve())))
+    budget_bytes, why = ring_memory_budget()
+    for path in paths:
         try:
-            videos.append(probe_video(path, len(videos), output_name))
+            info = probe_video(path, len(videos), names.get(path, path.name))
+            check_fits_ring(info, budget_bytes, why)
+            videos.append(info)
         except BadInput as error:
             problems.append(str(error))
     return videos, problems

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -93,15 +94,6 @@ def test_variable_frame_rate_times_follow_timestamps_not_frame_rate(main_module,
     assert np.allclose(times, expected, atol=1.5e-3), f"times {np.round(times, 3).tolist()}"
 
 
-@pytest.mark.parametrize("content", [b"", b"this is not a video\n" * 100], ids=["empty", "text"])
-def test_a_file_that_is_not_a_video_is_reported_by_name(main_module, tmp_path, content):
-    """probe_video raises BadInput naming the file for an empty or non-video file."""
-    path = tmp_path / "holiday clip.mp4"
-    path.write_bytes(content)
-    with pytest.raises(main_module.BadInput, match="holiday clip.mp4"):
-        probe(main_module, path)
-
-
 def test_output_names_stay_unique_when_stems_clash(main_module):
     """a.mp4, a.mkv and sub/a.mp4 get different output folders; unique stems stay as they are."""
     root = Path("/videos")
@@ -110,10 +102,532 @@ def test_output_names_stay_unique_when_stems_clash(main_module):
     assert names == ["a_mp4", "a_mkv", "sub_a_mp4", "b"], names
 
 
-def test_a_file_with_audio_but_no_video_is_reported_by_name(main_module, tmp_path, ffmpeg_exe):
-    """An audio-only .mp4 raises BadInput naming the file and saying it has no video stream."""
-    path = tmp_path / "only sound.mp4"
-    subprocess.run([ffmpeg_exe, "-nostdin", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=440",
-                    "-t", "1", "-c:a", "aac", str(path)], check=True)
-    with pytest.raises(main_module.BadInput, match="only sound.mp4.*no video stream"):
+# ── Bad input (issue #5): every case is generated here, then probed, decoded and searched ─────
+OBAMA = TESTDATA / "videos" / "obama_whcd.mp4"
+X264 = ["-c:v", "libx264", "-preset", "ultrafast", "-crf", "18"]
+UNICODE_NAME = "it's \"ünïcode\" clip #1.mp4"
+
+
+def run_ffmpeg(ffmpeg_exe: str, *args) -> None:
+    """Run ffmpeg quietly; fail the test with its stderr if it fails."""
+    done = subprocess.run([ffmpeg_exe, "-nostdin", "-v", "error", "-y", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"ffmpeg {args}: {done.stderr[-2000:]}"
+
+
+def set_display_rotation(ffmpeg_exe: str, source: Path, target: Path, degrees: int) -> Path:
+    """Copy a video, adding a display matrix that turns it degrees counter-clockwise: with
+    -display_rotation on ffmpeg >= 6.1, else with the 'rotate' tag that ffmpeg 5.1 turns into one."""
+    import av
+    for how in (["-display_rotation", str(degrees), "-i", source],
+                ["-i", source, "-metadata:s:v:0", f"rotate={degrees}"]):
+        done = subprocess.run([ffmpeg_exe, "-nostdin", "-v", "error", "-y", *map(str, how),
+                               "-c", "copy", str(target)], capture_output=True, text=True)
+        if done.returncode == 0:
+            with av.open(str(target)) as container:
+                if next(container.decode(video=0)).rotation % 360 == degrees % 360:
+                    return target
+    raise AssertionError(f"{ffmpeg_exe} cannot write a display rotation of {degrees} degrees")
+
+
+def cut_in_half(source: Path, target: Path) -> Path:
+    """Write the first half of a file's bytes, as an interrupted download leaves it."""
+    target.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    return target
+
+
+def make_bad_files(folder: Path, ffmpeg_exe: str) -> None:
+    """Write every bad file of BAD_FILES and PARTLY_READABLE into folder."""
+    import random
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "notes.mp4").write_text("my notes about the trip\n" * 20)
+    (folder / "photo.mov").write_bytes((TESTDATA / "refs" / "Barack_Obama.jpg").read_bytes())
+    (folder / "noise.mkv").write_bytes(random.Random(1).randbytes(100_000))
+    run_ffmpeg(ffmpeg_exe, "-f", "lavfi", "-i", "sine=frequency=440", "-t", "1", "-c:a", "aac",
+               folder / "only sound.mp4")
+    cut_in_half(OBAMA, folder / "cut short.mp4")  # its index ('moov') is at the end: gone
+    faststart = folder.parent / "faststart.mp4"  # the index first: what is left still plays
+    run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-c", "copy", "-movflags", "+faststart", faststart)
+    cut_in_half(faststart, folder / "cut short faststart.mp4")
+    (folder / "cut before the first frame.mp4").write_bytes(faststart.read_bytes()[:4000])
+    damaged = bytearray(faststart.read_bytes())
+    noise = random.Random(5).randbytes(50_000)
+    damaged[len(damaged) // 3: len(damaged) // 3 + len(noise)] = noise
+    (folder / "damaged.mp4").write_bytes(bytes(damaged))
+    (folder / "clip.mp4").mkdir()
+
+
+def make_good_files(folder: Path, ffmpeg_exe: str) -> None:
+    """Write every video of GOOD_VIDEOS into folder: Obama's clip in many shapes and codecs."""
+    run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-c", "copy", folder / UNICODE_NAME)
+    sideways = folder.parent / "sideways.mp4"  # the face lies on its side in the raw frames
+    run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-t", "2", "-vf", "transpose=1", *X264, "-an", sideways)
+    set_display_rotation(ffmpeg_exe, sideways, folder / "rotated.mp4", 90)
+    run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-t", "2", "-vf", "crop=400:614:220:0", *X264,
+               folder / "portrait.mp4")
+    run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-t", "2", "-vf", "scale=-2:2160,pad=3840:2160:(ow-iw)/2:0",
+               *X264, "-an", folder / "4k.mp4")
+    run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-frames:v", "3", "-vf",
+               "scale=-2:4320,pad=7680:4320:(ow-iw)/2:0", *X264, "-an", folder / "8k.mp4")
+    for name, codec in (("mpeg4.avi", "mpeg4"), ("mpeg4.mp4", "mpeg4"), ("mjpeg.avi", "mjpeg")):
+        run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-t", "2", "-c:v", codec, "-q:v", "3", folder / name)
+    run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-vf", "crop=844:612:0:0,tinterlace=4,setfield=tff", *X264,
+               "-flags", "+ildct+ilme", "-x264-params", "interlaced=1:tff=1", "-field_order", "tt",
+               "-an", folder / "interlaced.mp4")  # two source frames woven into each frame
+    run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-frames:v", "30", "-vf",  # 15 frames 2/15 s apart, then 1/15
+               "setpts='if(lt(N,15),N*2/15,2+(N-15)/15)/TB'", "-fps_mode", "vfr", *X264, "-an",
+               folder / "vfr.mkv")
+    (folder / "clip.mp4").mkdir(exist_ok=True)
+    run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-frames:v", "15", "-c:v", "mpeg4", "-q:v", "3", "-an",
+               folder / "clip.mp4" / "inside.mp4")
+
+
+BAD_FILES = {  # file -> what its message must say (it always starts with the file's path)
+    "empty.mp4": r"is empty \(0 bytes\), probably an unfinished copy or download; copy it again",
+    "notes.mp4": r"is a text file, not a video; remove it from the video folder",
+    "photo.mov": r"is a still image \(jpeg_pipe\), not a video; remove it .*reference folder",
+    "noise.mkv": r"cannot be opened as a video \(.*\); check that it plays in a video player",
+    "only sound.mp4": r"has no video stream \(audio only: aac\), so there is nothing to search",
+    "cut short.mp4": r"is an MP4/MOV file that ffmpeg cannot read .* truncated .*'moov'.* copy it again",
+    "cut before the first frame.mp4": r"no frame can be decoded.*; the file is truncated or damaged",
+    "clip.mp4": r"is a folder named like a video, not a video; the videos inside it are searched",
+}
+PARTLY_READABLE = {  # file -> (frames decoded, what its message must say)
+    "cut short faststart.mp4": (29, r"decoding stopped at 1\.87 s of 4\.00 s \(29 of 60 frames\): "
+                                    r"the file is truncated, and the rest was not searched"),
+    "damaged.mp4": (57, r"3 damaged packet\(s\) could not be decoded \(at [0-9., ]+ s\): the "
+                        r"frames around them were not searched"),
+}
+GOOD_VIDEOS = {  # file -> (frames, displayed width x height, share of frames Obama must be named on)
+    UNICODE_NAME: (60, (844, 614), 0.9),
+    "rotated.mp4": (30, (844, 614), 0.9),
+    "portrait.mp4": (30, (400, 614), 0.9),
+    "4k.mp4": (30, (3840, 2160), 0.9),
+    "8k.mp4": (3, (7680, 4320), 0.0),  # processed without error is enough: 3 frames
+    "mpeg4.avi": (30, (844, 614), 0.9),
+    "mpeg4.mp4": (30, (844, 614), 0.9),
+    "mjpeg.avi": (30, (844, 614), 0.9),
+    "interlaced.mp4": (30, (844, 612), 0.9),
+    "vfr.mkv": (30, (844, 614), 0.9),
+    "inside.mp4": (15, (844, 614), 0.9),  # in the folder clip.mp4/
+}
+
+
+@pytest.fixture(scope="module")
+def matrix_dir(tmp_path_factory, ffmpeg_exe) -> Path:
+    """A folder holding every bad file and every good variant of Obama's clip."""
+    folder = tmp_path_factory.mktemp("matrix") / "videos"
+    folder.mkdir()
+    make_bad_files(folder, ffmpeg_exe)
+    make_good_files(folder, ffmpeg_exe)
+    return folder
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_a_bad_file_is_refused_naming_it_what_is_wrong_and_what_to_do(main_module, matrix_dir, name):
+    """probe_video raises BadInput that starts with the file's path and says what to do."""
+    path = matrix_dir / name
+    with pytest.raises(main_module.BadInput) as raised:
         main_module.probe_video(path, 0, path.stem)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: "), message
+    assert re.search(BAD_FILES[name], message), f"{name}: {message}"
+
+
+@pytest.mark.parametrize("name", PARTLY_READABLE)
+def test_a_truncated_or_damaged_file_yields_what_it_can_then_says_so(main_module, matrix_dir, name):
+    """A file that opens but ends early or holds damaged packets gives every frame it can, then
+    BadInput saying what was lost."""
+    path = matrix_dir / name
+    info = main_module.probe_video(path, 0, path.stem)
+    frames = []
+    with pytest.raises(main_module.BadInput) as raised:
+        for frame in main_module.decode_frames(info, 1):
+            frames.append(frame)
+    count, pattern = PARTLY_READABLE[name]
+    assert len(frames) == count, f"{name}: {len(frames)} frames, expected {count}"
+    assert str(raised.value).startswith(f"{path}: ") and re.search(pattern, str(raised.value)), \
+        str(raised.value)
+
+
+def probe_as_other_user(folder: Path) -> tuple:
+    """Run probe_all over a folder in a forked child, as user nobody when we are root (root reads
+    any file); return (usable file names, problems)."""
+    import multiprocessing
+    import os
+    import main
+
+    def child(results):
+        if os.geteuid() == 0:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+        videos, problems = main.probe_all(main.list_videos(folder), folder)
+        results.put(([Path(v.path).name for v in videos], problems))
+
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    process = ctx.Process(target=child, args=(results,))
+    process.start()
+    try:
+        return results.get(timeout=60)
+    finally:
+        process.join(timeout=10)
+
+
+def test_an_unreadable_video_is_reported_as_permission_denied(ffmpeg_exe):
+    """A video this user may not read (chmod 000) is reported by name, with 'permission denied'
+    and how to fix it; a readable one beside it is probed as usual."""
+    import os
+    import shutil
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="sfv_test_perm_"))  # not tmp_path: that is mode 0700
+    try:
+        folder.chmod(0o755)
+        run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-frames:v", "5", "-c:v", "mpeg4", folder / "readable.mp4")
+        locked = folder / "locked.mp4"
+        shutil.copy(folder / "readable.mp4", locked)
+        locked.chmod(0)
+        (folder / "readable.mp4").chmod(0o644)
+        usable, problems = probe_as_other_user(folder)
+    finally:
+        shutil.rmtree(folder)
+    assert usable == ["readable.mp4"], (usable, problems)
+    assert len(problems) == 1 and problems[0].startswith(f"{locked}: permission denied"), problems
+    assert "make it readable (chmod a+r" in problems[0], problems
+
+
+@pytest.mark.parametrize("head, expected", [
+    (b"", None),
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF", "a JPEG image"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"%PDF-1.7\n", "a PDF document"),
+    (b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00", "an MP4/MOV file"),
+    (b"my notes about the trip\n", "a text file"),
+    ("ünïcode notes, cut inside a character: ü".encode()[:-1], "a text file"),
+    (b"\x1aE\xdf\xa3\x9fB\x86\x81\x01", None),  # Matroska: ffmpeg's to judge
+    (bytes(range(64)), None),
+])
+def test_first_bytes_tell_what_a_file_is(main_module, head, expected):
+    """describe_content names common non-videos from their first bytes, and nothing else."""
+    assert main_module.describe_content(head) == expected, head
+
+
+@pytest.mark.parametrize("rotation, expected", [
+    (0, 0), (90, 90), (-90, 270), (180, 180), (-180, 180), (89.6, 90), (-0.0, 0), (270, 270)])
+def test_display_rotation_is_a_quarter_turn_counter_clockwise(main_module, rotation, expected):
+    """PyAV's frame.rotation (degrees counter-clockwise, -180..180) becomes 0, 90, 180 or 270."""
+    assert main_module.display_rotation_deg(rotation) == expected
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_rotated_video_frames_are_what_a_player_shows(main_module, ffmpeg_exe, tmp_path, degrees):
+    """With a display rotation in the file, width and height are the displayed ones and every
+    frame equals what the ffmpeg command line shows (it rotates, like players do)."""
+    short = tmp_path / "short.mp4"
+    run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-frames:v", "5", *X264, "-an", short)
+    path = set_display_rotation(ffmpeg_exe, short, tmp_path / f"rotated_{degrees}.mp4", degrees)
+    info = probe(main_module, path)
+    expected_size = (614, 844) if degrees in (90, 270) else (844, 614)
+    assert (info.width, info.height, info.rotation_deg) == (*expected_size, degrees), info
+    shown = list(cli_frames(ffmpeg_exe, path, info.width, info.height))
+    ours = [image for _, _, image in main_module.decode_frames(info, 1)]
+    assert len(ours) == len(shown) == 5
+    for i, (a, b) in enumerate(zip(shown, ours)):
+        diff = float(np.abs(a.astype(np.int16) - b).mean())
+        assert diff < 2.0, f"frame {i}: mean difference {diff:.2f} from the player's picture"
+
+
+def combing(image: np.ndarray) -> float:
+    """Mean difference between neighbouring lines minus that between lines two apart: > 0 where
+    two fields from different instants are woven together."""
+    grey = image.astype(np.float32).mean(axis=2)
+    return float(np.abs(grey[1:] - grey[:-1]).mean() - np.abs(grey[2:] - grey[:-2]).mean() / 2)
+
+
+def test_bob_deinterlace_keeps_one_field_at_full_height(main_module):
+    """Two pictures woven line by line become the first picture (its even lines, stretched)."""
+    first = np.tile(np.linspace(0, 200, 64, dtype=np.uint8)[:, None, None], (1, 48, 3))
+    woven = first.copy()
+    woven[1::2] = 255 - first[1::2]
+    result = main_module.bob_deinterlace(woven)
+    assert result.shape == woven.shape
+    diff = float(np.abs(result.astype(np.int16) - first).mean())
+    assert diff < 3.0, f"mean difference {diff:.2f} from the first picture"
+
+
+def test_interlaced_frames_are_deinterlaced_before_detection(main_module, matrix_dir):
+    """Frames flagged interlaced come out without combing (PyAV's raw frames show it)."""
+    import av
+    info = probe(main_module, matrix_dir / "interlaced.mp4")
+    with av.open(info.path) as container:
+        raw = [f for f in container.decode(video=0)]
+    assert all(f.interlaced_frame for f in raw), "the test file should be interlaced"
+    raw_combing = np.mean([combing(f.to_ndarray(format="bgr24")) for f in raw])
+    ours = np.mean([combing(image) for _, _, image in main_module.decode_frames(info, 1)])
+    assert ours < raw_combing / 2, f"combing {ours:.2f} after, {raw_combing:.2f} before"
+
+
+# ── A decoder that 'succeeds' with blank or frozen pictures: OpenCV takes over ────────────────
+@pytest.mark.parametrize("pictures, broken", [
+    ([], True),
+    ([np.zeros((60, 80, 3), np.uint8)] * 3, True),
+    ([np.full((60, 80, 3), (0, 135, 0), np.uint8)] * 3, True),  # green: YUV all zero
+    ([np.random.default_rng(1).integers(0, 255, (60, 80, 3), dtype=np.uint8)] * 3, True),  # frozen
+    ([np.random.default_rng(i).integers(0, 255, (60, 80, 3), dtype=np.uint8) for i in range(3)], False),
+    ([np.zeros((60, 80, 3), np.uint8), np.full((60, 80, 3), 90, np.uint8)], True),  # two blanks
+    ([np.random.default_rng(1).integers(0, 255, (60, 80, 3), dtype=np.uint8)], False),  # one picture
+], ids=["none", "black", "green", "frozen", "moving", "black-then-grey", "one-picture"])
+def test_blank_or_frozen_pictures_look_broken(main_module, pictures, broken):
+    """frames_look_broken: no picture, only uniform ones, or one picture repeated."""
+    assert main_module.frames_look_broken(pictures) is broken
+
+
+@pytest.mark.parametrize("approx_s, expected_s", [
+    (0.0, 0.0), (0.0665, 0.0667), (0.1, 0.1), (0.11, 0.11), (0.12, 0.1334), (5.0, 5.0)])
+def test_opencv_positions_snap_to_packet_timestamps(main_module, approx_s, expected_s):
+    """nearest_time_s returns the nearest exact timestamp within the tolerance, else the guess."""
+    times_s = [0.0, 0.0667, 0.1334]
+    assert main_module.nearest_time_s(times_s, approx_s, 0.02) == expected_s
+
+
+def opencv_pictures(path: Path) -> list:
+    """Every picture OpenCV decodes from a video, in order."""
+    import cv2
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    pictures = []
+    while (read := capture.read())[0]:
+        pictures.append(read[1])
+    capture.release()
+    return pictures
+
+
+def decode_with_fake_ring(main_module, info) -> tuple:
+    """Run decode_into_ring in this process on a NumPy ring with plain queues; return (result,
+    [(frame_idx, time_s, picture)])."""
+    import queue
+    import threading
+    ring = np.zeros((info.frame_count + 1, info.height, info.width, 3), np.uint8)
+    free_q, filled_q = queue.Queue(), queue.Queue()
+    for slot in range(len(ring)):
+        free_q.put(slot)
+    result = main_module.decode_into_ring(info, ring, free_q, filled_q, threading.Event(), 1,
+                                          main_module.StageClock())
+    frames = []
+    while not filled_q.empty():
+        _, _, frame_idx, time_s, height, width, slot = filled_q.get()
+        frames.append((frame_idx, time_s, ring[slot, :height, :width].copy()))
+    return result, frames
+
+
+def blank_decoder(real):
+    """A pyav_frames that keeps the real times but returns black pictures."""
+    def frames(info, frame_interval, damaged_pts):
+        for frame_idx, time_s, image in real(info, frame_interval, damaged_pts):
+            yield frame_idx, time_s, None if image is None else np.zeros_like(image)
+    return frames
+
+
+def frozen_decoder(real):
+    """A pyav_frames that keeps the real times but repeats the first picture."""
+    def frames(info, frame_interval, damaged_pts):
+        first = None
+        for frame_idx, time_s, image in real(info, frame_interval, damaged_pts):
+            first = image if first is None else first
+            yield frame_idx, time_s, None if image is None else first.copy()
+    return frames
+
+
+@pytest.mark.parametrize("broken_decoder", [blank_decoder, frozen_decoder], ids=["blank", "frozen"])
+def test_a_decoder_giving_blank_or_frozen_pictures_is_replaced_by_opencv(
+        main_module, monkeypatch, capsys, broken_decoder):
+    """If PyAV returns success with blank (or always the same) pictures, the ring gets OpenCV's
+    pictures instead, each at its exact timestamp, and a message names the file."""
+    info = probe(main_module, OBAMA)
+    true_times = [t for _, t, _ in main_module.decode_frames(info, 1)]
+    monkeypatch.setattr(main_module, "pyav_frames", broken_decoder(main_module.pyav_frames))
+    (sent, error), frames = decode_with_fake_ring(main_module, info)
+    assert (sent, error) == (60, None), error
+    assert [t for _, t, _ in frames] == true_times, "times must be the frames' own timestamps"
+    assert [i for i, _, _ in frames] == list(range(60))
+    for (frame_idx, _, picture), expected in zip(frames, opencv_pictures(OBAMA), strict=True):
+        assert np.array_equal(picture, expected), f"frame {frame_idx} is not OpenCV's picture"
+    printed = capsys.readouterr().out
+    assert f"{OBAMA}: PyAV decoded only blank or frozen pictures" in printed, printed
+    assert "decoded with OpenCV" in printed, printed
+
+
+@pytest.mark.parametrize("opening", ["black", "still"])
+def test_a_video_that_opens_on_black_or_a_still_stays_with_pyav(main_module, ffmpeg_exe, tmp_path,
+                                                                monkeypatch, capsys, opening):
+    """A real video starting with a second of black, or of one still picture (lossless, so its
+    frames are identical), looks broken in both decoders: OpenCV is asked, shows the same, and
+    PyAV keeps decoding it, with no message (no false alarm)."""
+    path = tmp_path / f"{opening}.mp4"
+    first = ["-f", "lavfi", "-i", "color=black:size=844x614:rate=15:duration=1"] if opening == "black" \
+        else ["-loop", "1", "-framerate", "15", "-t", "1", "-i", TESTDATA / "refs" / "Barack_Obama.jpg"]
+    run_ffmpeg(ffmpeg_exe, *first, "-i", OBAMA, "-filter_complex",
+               "[0:v]scale=844:614,setsar=1,format=yuv420p[a];[1:v]setsar=1[b];[a][b]concat=n=2:v=1[v]",
+               "-map", "[v]", "-c:v", "libx264", "-preset", "ultrafast", "-qp", "0", path)
+    asked = []
+    real_opencv = main_module.opencv_frames
+    monkeypatch.setattr(main_module, "opencv_frames",
+                        lambda *args: asked.append(args[0].path) or real_opencv(*args))
+    info = probe(main_module, path)
+    ours = list(main_module.decode_frames(info, 1))
+    printed = capsys.readouterr().out
+    assert asked == [str(path)], "OpenCV should have been asked for a second opinion"
+    assert "decoded with OpenCV" not in printed, printed
+    assert len(ours) == 75, len(ours)
+    import av
+    with av.open(str(path)) as container:
+        plain = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+    assert all(np.array_equal(a, b) for (_, _, a), b in zip(ours, plain)), "not PyAV's pictures"
+
+
+# ── The whole search over the bad-input folder: one run, then one check per case ─────────────
+@pytest.fixture(scope="module")
+def matrix_run(matrix_dir, ffmpeg_exe):
+    """One search (in a subprocess) over every bad file and good variant, with every reference."""
+    import os
+    import time
+    import uuid
+    from test_orchestration import search_command
+    base = matrix_dir.parent
+    refs = base / "refs"
+    refs.mkdir()
+    for sub in ("refs", "refs_distractors"):
+        for photo in (TESTDATA / sub).glob("*.jpg"):
+            os.symlink(photo, refs / photo.name)
+    marker = f"SFV_TEST_{uuid.uuid4().hex}"
+    env = {**os.environ, marker: "1", "PYTHONUNBUFFERED": "1"}
+    cmd = search_command(matrix_dir, refs, base / "out")
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=base) as process:
+        stdout, stderr = process.communicate(timeout=900)
+    time.sleep(0.5)
+    return {"returncode": process.returncode, "stdout": stdout, "stderr": stderr, "out": base / "out",
+            "marker": marker, "ring": f"sfv{process.pid}r",
+            "results": json.loads((base / "out" / "results.json").read_text())}
+
+
+def matrix_entry(matrix_run, name: str) -> dict:
+    """The results.json entry of the video with this file name (there must be exactly one)."""
+    entries = [v for v in matrix_run["results"]["videos"] if Path(v["file"]).name == name]
+    assert len(entries) == 1, f"{name}: {len(entries)} entries in results.json"
+    return entries[0]
+
+
+def test_a_run_over_bad_files_goes_on_exits_1_and_leaves_nothing_behind(matrix_run):
+    """Bad files do not stop the run: it ends normally with exit code 1 (something was skipped),
+    leaving no child process and no shared memory."""
+    from test_orchestration import processes_with_marker, shm_names
+    output = matrix_run["stdout"] + matrix_run["stderr"]
+    assert matrix_run["returncode"] == 1, output[-3000:]
+    assert "pipeline broken" not in output and "Traceback" not in output, output[-3000:]
+    assert processes_with_marker(matrix_run["marker"]) == []
+    assert matrix_run["ring"] not in shm_names(), f"/dev/shm/{matrix_run['ring']} was left behind"
+
+
+@pytest.mark.parametrize("name", [*BAD_FILES, *PARTLY_READABLE])
+def test_each_bad_file_is_listed_in_failures_by_name_with_what_to_do(matrix_run, matrix_dir, name):
+    """Every bad file has exactly one failure in results.json (also printed under problems) that
+    starts with its path and says what is wrong and what to do."""
+    pattern = BAD_FILES.get(name) or PARTLY_READABLE[name][1]
+    path = matrix_dir / name
+    mine = [f for f in matrix_run["results"]["failures"] if f.startswith(f"{path}: ")]
+    assert len(mine) == 1 and re.search(pattern, mine[0]), (name, mine)
+    assert f"    - {mine[0]}" in matrix_run["stdout"], "the summary must print it"
+
+
+@pytest.mark.parametrize("name", PARTLY_READABLE)
+def test_a_partly_readable_video_is_searched_as_far_as_it_goes(matrix_run, name):
+    """A truncated or damaged video is searched up to where it breaks: Obama is found there."""
+    entry = matrix_entry(matrix_run, name)
+    frames = {d["frame"] for d in entry["detections"] if d["name"] == "Barack_Obama"}
+    assert entry["processed_frame_count"] == PARTLY_READABLE[name][0], entry["processed_frame_count"]
+    assert len(frames) >= 0.75 * entry["processed_frame_count"], f"found on {len(frames)} frames"
+    assert entry["status"] == "incomplete" and entry["errors"], entry["status"]
+
+
+def fits_the_ring(main_module, width: int, height: int) -> bool:
+    """Whether this machine's memory holds the 2 ring slots such frames need."""
+    budget_bytes, _ = main_module.ring_memory_budget()
+    return budget_bytes is None or budget_bytes >= main_module._MIN_RING_SLOTS * width * height * 3
+
+
+@pytest.mark.parametrize("name", GOOD_VIDEOS)
+def test_each_good_variant_is_searched_and_obama_found(main_module, matrix_run, matrix_dir, name):
+    """Odd names, rotation, portrait, 4K/8K, old codecs, interlacing, VFR and a video inside a
+    folder named like a video: searched without error at the displayed size, Obama named on
+    most frames, with a clip and snapshots for each range."""
+    frame_count, (width, height), share = GOOD_VIDEOS[name]
+    if not fits_the_ring(main_module, width, height):  # this machine: refused, by name
+        assert any(name in f and "of shared memory" in f for f in matrix_run["results"]["failures"])
+        return
+    entry = matrix_entry(matrix_run, name)
+    assert entry["errors"] == [] and entry["status"] == "ok", entry["errors"]
+    assert (entry["width"], entry["height"]) == (width, height)
+    assert entry["processed_frame_count"] == frame_count, entry["processed_frame_count"]
+    frames = {d["frame"] for d in entry["detections"] if d["name"] == "Barack_Obama"}
+    assert len(frames) >= share * entry["processed_frame_count"], \
+        f"{name}: Obama on {len(frames)} of {entry['processed_frame_count']} frames"
+    for r in entry["ranges"]:
+        assert (matrix_run["out"] / r["clip"]).is_file(), r
+    snapshots = list((matrix_run["out"] / entry["output_folder"]).glob("frame_*.jpg"))
+    assert snapshots or not entry["ranges"], f"{name}: no snapshot"
+
+
+def test_a_rotated_video_gives_upright_snapshots_and_clips(matrix_run, matrix_dir, ffmpeg_exe):
+    """Snapshots of the rotated video are upright (844 wide, 614 high), and its accurate clip is
+    re-encoded upright with the same size and no rotation left; its first frame is the first
+    frame as displayed."""
+    import av
+    import cv2
+    entry = matrix_entry(matrix_run, "rotated.mp4")
+    shots = list((matrix_run["out"] / entry["output_folder"]).glob("frame_*.jpg"))
+    assert shots and all(cv2.imread(str(p)).shape == (614, 844, 3) for p in shots), shots
+    clip = matrix_run["out"] / entry["ranges"][0]["clip"]
+    with av.open(str(clip)) as container:
+        first = next(container.decode(video=0))
+        assert (first.width, first.height, first.rotation) == (844, 614, 0)
+        picture = first.to_ndarray(format="bgr24").astype(np.int16)
+    shown = next(cli_frames(ffmpeg_exe, matrix_dir / "rotated.mp4", 844, 614))
+    diff = float(np.abs(picture - shown).mean())
+    assert diff < 4.0, f"the clip's first frame differs from the displayed one by {diff:.2f}"
+
+
+def test_a_fast_clip_of_a_rotated_video_keeps_its_rotation(main_module, matrix_dir, ffmpeg_exe, tmp_path):
+    """A stream-copied (fast) clip keeps the display matrix, so players show it upright too."""
+    import av
+    info = probe(main_module, matrix_dir / "rotated.mp4")
+    time_range = main_module.TimeRange("Barack_Obama", 0.0, 1.0, 0.5, 0.0, 1.0)
+    clip = main_module.cut_clip(ffmpeg_exe, info, time_range, tmp_path, "fast", 0.0)
+    with av.open(str(clip)) as container:
+        assert next(container.decode(video=0)).rotation == 90
+
+
+def test_report_links_open_the_clips_and_snapshots_of_an_odd_name(matrix_run):
+    """In index.html, every link and picture of the video named with quotes, spaces, '#' and
+    accents opens an existing file."""
+    import html
+    from urllib.parse import unquote
+    page = (matrix_run["out"] / "index.html").read_text(encoding="utf-8")
+    targets = [unquote(html.unescape(t)) for t in re.findall(r'(?:href|src)="([^"]+)"', page)
+               if not t.startswith(("data:", "#"))]
+    odd = [t for t in targets if t.startswith(Path(UNICODE_NAME).stem + "/")]
+    assert any(t.endswith(".mp4") for t in odd) and any(t.endswith(".jpg") for t in odd), odd
+    missing = [t for t in targets if not (matrix_run["out"] / t).is_file()]
+    assert not missing, f"links to missing files: {missing[:5]}"
+
+
+def test_vfr_video_detections_are_at_its_frame_timestamps(main_module, matrix_run, matrix_dir):
+    """In the variable-frame-rate file, every detection's time is one of its frames' own times."""
+    info = probe(main_module, matrix_dir / "vfr.mkv")
+    times = [t for _, t, _ in main_module.decode_frames(info, 1)]
+    gaps = set(np.round(np.diff(times), 2).tolist())  # Matroska keeps milliseconds
+    assert gaps == {0.13, 0.07}, f"not the variable frame rate made: gaps {sorted(gaps)}"
+    entry = matrix_entry(matrix_run, "vfr.mkv")
+    assert entry["processed_frame_count"] == len(times)
+    off = [d["time"] for d in entry["detections"] if min(abs(d["time"] - t) for t in times) > 1e-3]
+    assert not off, f"detections between frames: {off[:5]}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,80 @@ def test_decoder_finishes_a_truncated_video_early_and_goes_on(main_module, tmp_p
             process.kill()
         shm.close()
         shm.unlink()
+
+
+# ── The ring's size fits the memory (issue #5: 4K and larger frames) ─────────────────────────
+MB = 2**20
+
+
+@pytest.mark.parametrize("requested, slot_bytes, budget_bytes, expected", [
+    (32, 6 * MB, None, 32),  # nothing measurable (e.g. macOS): as asked
+    (32, 6 * MB, 1024 * MB, 32),  # fits
+    (32, 100 * MB, 1024 * MB, 10),  # 8K frames: as many as fit
+    (32, 100 * MB, 150 * MB, 1),  # fewer than the minimum: the caller refuses such videos
+    (4, 1 * MB, 64 * MB, 4),
+])
+def test_slot_count_is_what_was_asked_or_what_fits(main_module, requested, slot_bytes, budget_bytes,
+                                                   expected):
+    """fit_slot_count: MAX_BUFFER_SLOTS, or fewer where the memory budget holds fewer."""
+    assert main_module.fit_slot_count(requested, slot_bytes, budget_bytes) == expected
+
+
+def infos_of_size(main_module, *sizes) -> list:
+    """VideoInfo records of the given (width, height), built directly."""
+    return [main_module.VideoInfo(idx=i, path=f"/videos/v{i}.mp4", output_name=f"v{i}", width=w,
+                                  height=h, fps=25.0, frame_count=100, duration_s=4.0,
+                                  time_base=Fraction(1, 12800), origin_pts=0,
+                                  video_start_offset_s=0.0, has_audio=False)
+            for i, (w, h) in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("budget_mb, expected_slots, says_workers_wait", [
+    (4096, 12, False),  # fits: no message
+    (800, 8, False),  # 8 slots of 8K, still more than workers x threads + 1 = 3
+    (250, 2, True),  # 2 slots: fewer than the workers could use
+])
+def test_the_ring_shrinks_to_the_memory_and_says_why(main_module, monkeypatch, capsys,
+                                                     budget_mb, expected_slots, says_workers_wait):
+    """plan_ring lowers the slot count to what the memory budget holds, never below 2, and
+    prints how many slots it uses and why."""
+    monkeypatch.setattr(main_module, "ring_memory_budget",
+                        lambda: (budget_mb * MB, f"{budget_mb} MB free in /dev/shm"))
+    settings = main_module.load_settings(["--max-buffer-slots", "12"])
+    layout = main_module.plan_ring(infos_of_size(main_module, (640, 360), (7680, 4320)), settings, "t2")
+    assert (layout.slot_count, layout.width, layout.height) == (expected_slots, 7680, 4320), layout
+    printed = capsys.readouterr().out
+    if expected_slots == 12:
+        assert printed == "", printed
+    else:
+        assert (f"12 slots of 7680x4320 frames would take 1139 MB, more than the {budget_mb} MB "
+                f"available ({budget_mb} MB free in /dev/shm): using {expected_slots} slots") in printed
+        assert ("fewer than the 3 the workers can use at once" in printed) is says_workers_wait, printed
+
+
+def test_a_video_too_large_for_the_memory_is_refused_by_name(main_module, monkeypatch):
+    """probe_all refuses a video whose frames do not fit even 2 ring slots, saying why and what
+    to do; the other videos are kept, numbered without a gap."""
+    budget_bytes = 2 * 1920 * 1080 * 3 - 1  # the crowd clip is 1920x1080
+    monkeypatch.setattr(main_module, "ring_memory_budget", lambda: (budget_bytes, "a test limit"))
+    videos, problems = main_module.probe_all(VIDEOS, VIDEOS[0].parent)
+    assert [Path(v.path).name for v in videos] == ["obama_whcd.mp4", "short_hamilton_clip.mp4"]
+    assert [v.idx for v in videos] == [0, 1]
+    crowd = TESTDATA / "videos" / "crowd_royal_opera_house.mp4"
+    assert problems == [
+        f"{crowd}: its 1920x1080 frames need 12 MB of shared memory for the 2 ring slots a search "
+        f"needs at least, more than the 12 MB available (a test limit); skipped. Free memory, "
+        f"enlarge /dev/shm (Docker: --shm-size=2g), or scale it down "
+        f"(ffmpeg -i IN -vf scale=-2:2160 OUT.mp4)"], problems
+
+
+def test_the_memory_budget_is_the_smaller_of_dev_shm_and_half_the_ram(main_module):
+    """On Linux the budget is min(/dev/shm free, MemAvailable / 2), and it says which."""
+    import shutil
+    budget_bytes, why = main_module.ring_memory_budget()
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    shm_free = shutil.disk_usage("/dev/shm").free
+    expected = min(shm_free, available // 2)
+    assert abs(budget_bytes - expected) < 64 * MB, (budget_bytes, shm_free, available)  # memory moves
+    assert ("free in /dev/shm" if shm_free < available // 2 else "available RAM") in why, why
