@@ -19,9 +19,10 @@ Data flow (all processes come from one `spawn` context owned by the parent):
                           │  into tracks, recognise (align + ArcFace) a few times per track, name
                           │  tracks from agreeing evidence, write snapshots, return the slot
                           v
-    parent <──result_q── ("progress" | "track" | "video_tracked" | "video_done" | "ready" | "note" |
-       │                  "stats" | "error" | "done", ...)
-       └─> ranges per person -> clip thread (ffmpeg) -> results.json / results.csv / summary
+    parent <──result_q── ("video_start" | "progress" | "track" | "video_tracked" | "video_done" |
+       │                  "ready" | "note" | "stats" | "error" | "done", ...)
+       └─> ranges per person -> clip thread (ffmpeg) -> results.json / results.csv / summary,
+           and per finished video <video folder>/video.json, which a rerun reuses (RESUME)
 
 Ownership: the parent creates every queue, the stop event and the ring's shared memory; only the
 parent unlinks the ring, in a `finally`, after joining the children. Children attach by name,
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -95,6 +97,7 @@ CLIP_MODE = "accurate"  # accurate: re-encoded, frame-exact start | fast: stream
 VIDEO_DIR = "in_video"  # folder of videos to search (searched recursively)
 REFERENCE_DIR = "samples_jpg"  # reference photos: Name.jpg, Name_2.jpg, or a subfolder Name/
 OUTPUT_DIR = "found_fragments_colored_"  # snapshots, clips, results.json, results.csv
+RESUME = True  # reuse the videos an earlier run finished in OUTPUT_DIR when nothing they depend on changed
 MODEL_ROOT = "~/.insightface"  # holds models/<MODEL_PACK_NAME>/ (a folder holding <pack>/ also works)
 TRT_CACHE_DIR = "insightface_trt_cache"  # TensorRT engines and timing cache
 FFMPEG_DIR = "ffmpeg"  # optional local ffmpeg binary (ffmpeg or ffmpeg.exe); then PATH; then imageio-ffmpeg
@@ -113,8 +116,8 @@ SETTING_NAMES = (
     "BOX_PADDING_PERCENTAGE", "CUSTOM_THRESHOLD", "MATCH_MARGIN", "MIN_TRACK_HITS", "MIN_FACE_SIZE",
     "RECOGNITION_INTERVAL", "TRACK_MAX_GAP", "FRAME_INTERVAL", "CLIP_DURATION_BEFORE",
     "CLIP_DURATION_AFTER", "MERGE_GAP_TOLERANCE", "CLIP_MODE", "VIDEO_DIR", "REFERENCE_DIR", "OUTPUT_DIR",
-    "MODEL_ROOT", "TRT_CACHE_DIR", "FFMPEG_DIR", "PROVIDERS", "GPU_DEVICE_IDS", "FRAMES_ON_DEVICE",
-    "TRT_FP16", "debug_det", "debug_det_dir", "debug_rec",
+    "RESUME", "MODEL_ROOT", "TRT_CACHE_DIR", "FFMPEG_DIR", "PROVIDERS", "GPU_DEVICE_IDS",
+    "FRAMES_ON_DEVICE", "TRT_FP16", "debug_det", "debug_det_dir", "debug_rec",
 )
 
 # Internal constants ---------------------------------------------------------------------------
@@ -168,6 +171,28 @@ _BLANK_STD_GREY = 2.0  # grey levels: a picture whose spread is below this is bl
 _FROZEN_MAD_GREY = 0.5  # grey levels: pictures closer than this (mean difference) are the same picture
 _MIN_RING_SLOTS = 2  # the fewest ring slots the pipeline runs with: one being decoded, one in a worker
 _KEYFRAME_SEEK_PAST_S = 0.001  # fast clips: seek this far past the keyframe, so ffmpeg starts on it
+# Resume (section 7): a video's saved results are reused only if these settings are unchanged.
+# They change what is found, its snapshots or its clips. PROVIDERS is among them because TensorRT
+# runs in fp16 and GPUs round differently from the CPU, so distances can change in the last digits.
+_RESULT_SETTINGS = ("MODEL_PACK_NAME", "DET_SIZE", "PRE_UPSCALE_FACTOR", "det_prob_threshold",
+                    "BOX_PADDING_PERCENTAGE", "CUSTOM_THRESHOLD", "MATCH_MARGIN", "MIN_TRACK_HITS",
+                    "MIN_FACE_SIZE", "RECOGNITION_INTERVAL", "TRACK_MAX_GAP", "FRAME_INTERVAL",
+                    "CLIP_DURATION_BEFORE", "CLIP_DURATION_AFTER", "MERGE_GAP_TOLERANCE", "CLIP_MODE",
+                    "PROVIDERS", "FRAMES_ON_DEVICE", "TRT_FP16")
+# ... and these cannot change the results: the Performance group only changes speed (frames are
+# tracked in order whatever the batching, and int8 recognizers get one face per call); the folders
+# are replaced by what the fingerprint records of their contents (the video file, each photo's and
+# each model's content), or say where to write; the debug settings only add debug files.
+_NEUTRAL_SETTINGS = ("NUM_GPU_PROCESSES", "GPU_WORKER_THREADS", "NUM_CPU_LOADERS", "BATCH_SIZE",
+                     "MAX_BUFFER_SLOTS", "REC_CHUNK_SIZE", "VIDEO_DIR", "REFERENCE_DIR", "OUTPUT_DIR",
+                     "RESUME", "MODEL_ROOT", "TRT_CACHE_DIR", "FFMPEG_DIR", "GPU_DEVICE_IDS", "debug_det",
+                     "debug_det_dir", "debug_rec")
+_SAVED_VIDEO_FILE = "video.json"  # OUTPUT_DIR/<video folder>/video.json: one finished video's results
+_SAVED_VIDEO_FORMAT = 1
+# The files main.py writes in a video's folder (and its clips/ folder); only these are removed
+# before a video is searched again. Anything else there is the user's.
+_TOOL_FILE_NAMES = re.compile(r"(frame_\d{7}_\d+\.\d{3}s_.+\.jpg|video\.json)(\.part)?")
+_TOOL_CLIP_NAMES = re.compile(r"\d+\.\d{2}s_.+_d\d+\.\d{3}\.mp4(\.part)?")
 _PALETTE_BGR = [(0, 200, 255), (255, 120, 0), (80, 220, 80), (200, 60, 255), (255, 255, 0),
                 (60, 60, 255), (0, 255, 180), (255, 0, 160), (160, 160, 255), (0, 140, 255)]
 
@@ -181,6 +206,10 @@ class BadInput(Exception):
 
 class ClipError(Exception):
     """ffmpeg failed to cut a clip; the message names the video, range, exit code and stderr."""
+
+
+class OutputError(Exception):
+    """A file in OUTPUT_DIR could not be written (disk full, no permission); the message names it."""
 
 
 class PipelineBroken(Exception):
@@ -315,6 +344,7 @@ class VideoResult:
     clips: list = field(default_factory=list)  # (path or None, clip start s) per range, in order
     errors: list = field(default_factory=list)
     finished: bool = False
+    reused: dict | None = None  # its results.json entry, saved by an earlier run (see RESUME)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -333,6 +363,7 @@ _LIMITS = {  # name -> (minimum, maximum) for numbers; choices for strings
 }
 _FLAG_ALIASES = {"VIDEO_DIR": ["--videos"], "REFERENCE_DIR": ["--refs"], "OUTPUT_DIR": ["--output"],
                  "MODEL_ROOT": [], "MODEL_PACK_NAME": ["--model-pack"], "PROVIDERS": []}
+_NEGATING_FLAGS = {"RESUME": ("--force", "search every video again (the same as --no-resume)")}
 
 
 def default_settings() -> dict:
@@ -403,6 +434,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
         else:
             kwargs["type"] = float if isinstance(default, float) else type(default)
         parser.add_argument(*flags, **kwargs)
+        if name in _NEGATING_FLAGS:  # a flag that sets a boolean setting to False
+            flag, text = _NEGATING_FLAGS[name]
+            parser.add_argument(flag, dest=name, action="store_false", default=argparse.SUPPRESS,
+                                help=text)
     parser.add_argument("--check", action="store_true",
                         help="print what would run (versions, providers, GPUs, models, ffmpeg, "
                              "videos, photos and their problems) and change nothing")
@@ -946,6 +981,7 @@ def decoder_main(name, layout, jobs_q, free_q, filled_qs, result_q, stop_event, 
     def body(ring):
         clock = StageClock()
         while (info := get_with_stop(jobs_q, stop_event)) is not None:
+            result_q.put(("video_start", name, info.idx))
             filled_q = filled_qs[info.idx % len(filled_qs)]
             sent, error = decode_into_ring(info, ring, free_q, filled_q, stop_event, frame_interval,
                                            clock)
@@ -1188,6 +1224,8 @@ def classify_pack_models(pack_dir: Path) -> tuple:
             graph = onnx.load(str(path), load_external_data=False).graph
         except Exception as error:
             raise BadInput(f"{path}: not a valid ONNX model ({error}); download the pack again")
+        if not graph.input or not graph.output:  # an empty file parses as an empty model
+            raise BadInput(f"{path}: not a valid ONNX model (empty or truncated); download the pack again")
         dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
         if len(graph.output) >= 5 and detector is None:
             detector = path
@@ -1214,7 +1252,6 @@ def uses_dynamic_quantization(model_path: Path) -> bool:
 
 def file_sha256(path: Path) -> str:
     """Return the hex SHA-256 of a file's bytes."""
-    import hashlib
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
@@ -1479,7 +1516,6 @@ def engine_cache_key(model_sha256: str, profile: dict, gpu_name: str, trt_versio
     """Return the 16-hex-digit key of one TensorRT engine: everything that makes an engine
     unusable elsewhere (model bytes, shape profile, GPU model, TensorRT and ONNX Runtime
     versions, precision) and nothing else, so nothing else causes a rebuild."""
-    import hashlib
     facts = {"model": model_sha256, "profile": {k: [list(s) for s in v] for k, v in profile.items()},
              "gpu": gpu_name, "tensorrt": trt_version, "onnxruntime": ort_version, "fp16": fp16}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
@@ -2306,11 +2342,16 @@ def encode_snapshot(image: np.ndarray, box, name: str, distance: float, person_i
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a file through a .part file renamed into place, so no half-written file is left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a file through a .part file renamed into place, so no half-written file is left;
+    on failure (disk full, no permission) remove the .part and raise OSError naming the file."""
     part = path.with_name(path.name + ".part")
-    part.write_bytes(data)
-    os.replace(part, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part.write_bytes(data)
+        os.replace(part, path)
+    except OSError as error:
+        part.unlink(missing_ok=True)
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
 
 
 def save_debug_detections(context: WorkerContext, frame: tuple, image: np.ndarray, found) -> None:
@@ -2939,7 +2980,9 @@ def video_status(result: VideoResult) -> str:
 
 
 def video_report(result: VideoResult, output_dir: Path, frame_interval: int) -> dict:
-    """Return the results.json entry of one video."""
+    """Return the results.json entry of one video (a reused one as it was saved)."""
+    if result.reused is not None:
+        return result.reused
     info = result.info
     return {
         "file": info.path, "output_folder": info.output_name, "status": video_status(result),
@@ -3142,21 +3185,114 @@ def write_html_report(report: dict, output_dir: Path, thumbnails: dict) -> None:
     write_bytes_atomic(output_dir / "index.html", page.encode("utf-8"))
 
 
-def summary_table(results: list) -> str:
-    """Return the end-of-run table: one line per video and person found."""
+def summary_table(videos: list, reused_files: set) -> str:
+    """Return the end-of-run table from the results.json entries: one line per video and person
+    found; a video reused from an earlier run says so."""
     lines = [f"{'video':<36} {'frames':>7}  {'person':<24} {'ranges':>6} {'best d':>7}  status"]
-    for result in results:
-        name = Path(result.info.path).name[:36]
-        status = video_status(result)
-        people = sorted({r.name for r in result.ranges})
+    for video in videos:
+        name = Path(video["file"]).name[:36]
+        status = video["status"] + (" (reused)" if video["file"] in reused_files else "")
+        frames = video["processed_frame_count"]
+        people = sorted({r["name"] for r in video["ranges"]})
         if not people:
-            lines.append(f"{name:<36} {result.processed_frame_count:>7}  {'(nobody)':<24} "
-                         f"{0:>6} {'':>7}  {status}")
+            lines.append(f"{name:<36} {frames:>7}  {'(nobody)':<24} {0:>6} {'':>7}  {status}")
         for person in people:
-            mine = [r for r in result.ranges if r.name == person]
-            lines.append(f"{name:<36} {result.processed_frame_count:>7}  {person:<24} "
-                         f"{len(mine):>6} {min(r.best_distance for r in mine):>7.3f}  {status}")
+            mine = [r["best_distance"] for r in video["ranges"] if r["name"] == person]
+            lines.append(f"{name:<36} {frames:>7}  {person:<24} {len(mine):>6} {min(mine):>7.3f}  {status}")
     return "\n".join(lines)
+
+
+# Saved results per video (resume) -------------------------------------------------------------
+def run_fingerprint(settings: Settings, references: list, model_paths: list) -> dict:
+    """Return what every video's results depend on besides the video: the settings that change
+    results (_RESULT_SETTINGS), each person's photos by content, in order, and the model files
+    by content (as JSON would read it back: tuples become lists)."""
+    return json.loads(json.dumps({
+        "settings": {name: settings.values[name] for name in _RESULT_SETTINGS},
+        "references": [[r.name, [file_sha256(Path(p)) for p in r.photos]] for r in references],
+        "models": {Path(p).name: file_sha256(Path(p)) for p in model_paths}}))
+
+
+def video_fingerprint(path: str) -> dict:
+    """Return the identity of a video file: its resolved path, size in bytes and mtime in ns."""
+    stat = os.stat(path)
+    return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def saved_video_path(output_dir: Path, info: VideoInfo) -> Path:
+    """Return where a video's finished results are saved: OUTPUT_DIR/<video folder>/video.json."""
+    return output_dir / info.output_name / _SAVED_VIDEO_FILE
+
+
+def tool_output_files(folder: Path) -> list:
+    """Return the files main.py writes in a video's folder: snapshots, clips, video.json and
+    their .part files (nothing else there is touched)."""
+    found = []
+    for directory, names in ((folder, _TOOL_FILE_NAMES), (folder / "clips", _TOOL_CLIP_NAMES)):
+        if directory.is_dir():
+            found += [p for p in directory.iterdir() if p.is_file() and names.fullmatch(p.name)]
+    return sorted(found)
+
+
+def save_video_results(path: Path, fingerprint: dict, entry: dict) -> None:
+    """Write video.json: the video's results.json entry, the snapshots on disk, the fingerprint."""
+    snapshots = sorted(p.name for p in path.parent.glob("frame_*.jpg")
+                       if _TOOL_FILE_NAMES.fullmatch(p.name))
+    write_json_atomic(path, {"format": _SAVED_VIDEO_FORMAT,
+                             "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                             "fingerprint": fingerprint, "snapshots": snapshots, "entry": entry})
+
+
+def read_saved_video(path: Path) -> dict | None:
+    """Return a video.json's content, or None if there is none; raise BadInput naming the file
+    if it cannot be read or is not one (truncated, edited, from another version)."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+        raise BadInput(f"{path}: cannot be read ({error}); the video is searched again") from None
+    kinds = {"fingerprint": dict, "snapshots": list, "entry": dict}
+    if not isinstance(saved, dict) or saved.get("format") != _SAVED_VIDEO_FORMAT \
+            or not all(isinstance(saved.get(key), kind) for key, kind in kinds.items()):
+        raise BadInput(f"{path}: not a video.json of this version; the video is searched again")
+    return saved
+
+
+def reuse_problem(saved: dict, fingerprint: dict, folder: Path, output_dir: Path) -> str | None:
+    """Return why a saved video cannot be reused, or None if it can: the video file, a setting,
+    a photo or a model changed, or its search or clips did not finish, or a file is missing."""
+    old = saved["fingerprint"]
+    old_settings = old.get("settings") if isinstance(old.get("settings"), dict) else {}
+    changed = [k for k, v in fingerprint["settings"].items()
+               if k not in old_settings or old_settings[k] != v]
+    if old.get("video") != fingerprint["video"]:
+        return "the video file changed"
+    if changed:
+        return f"settings changed: {', '.join(changed)}"
+    if old.get("references") != fingerprint["references"]:
+        return "the reference photos changed"
+    if old.get("models") != fingerprint["models"]:
+        return "the model files changed"
+    return entry_problem(saved["entry"], saved["snapshots"], folder, output_dir)
+
+
+def entry_problem(entry: dict, snapshots: list, folder: Path, output_dir: Path) -> str | None:
+    """Return why a saved results.json entry is not a finished video with all its files on disk,
+    or None if it is one."""
+    try:
+        if entry["status"] != "ok" or entry["errors"]:
+            return f"its search did not finish (status {entry['status']}, {len(entry['errors'])} error(s))"
+        if entry["output_folder"] != folder.name:
+            return f"it was saved for the folder {entry['output_folder']}"
+        clips = [r["clip"] for r in entry["ranges"]]
+    except (KeyError, TypeError):  # an entry edited by hand, or from another version
+        return "its saved entry lacks fields"
+    if None in clips:
+        return f"{clips.count(None)} of its {len(clips)} clips were not cut"
+    missing = [c for c in clips if not (output_dir / str(c)).is_file()] + \
+              [s for s in snapshots if not (folder / str(s)).is_file()]
+    return f"{len(missing)} of its files are missing, e.g. {missing[0]}" if missing else None
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -3178,12 +3314,15 @@ class Pipeline:
     finished_children: set = field(default_factory=set)
 
 
-def start_pipeline(settings: Settings, videos: list, references: list) -> Pipeline:
+def start_pipeline(settings: Settings, videos: list, references: list,
+                   jobs: list | None = None) -> Pipeline:
     """Create the queues and ring, then start the decoder and worker processes; if a start
-    fails, stop what was started and release the ring before re-raising."""
+    fails, stop what was started and release the ring before re-raising. The decoders take the
+    jobs (default: every video); the workers know every video by its index."""
     gpus = worker_gpus(settings)
     ctx = mp.get_context("spawn")
-    layout = plan_ring(videos, settings, str(os.getpid()))
+    jobs = videos if jobs is None else jobs
+    layout = plan_ring(jobs, settings, str(os.getpid()))
     shm = create_ring(layout)
     try:
         # filled queues need no bound of their own: at most slot_count frames exist at once.
@@ -3195,7 +3334,7 @@ def start_pipeline(settings: Settings, videos: list, references: list) -> Pipeli
         shm.unlink()
         raise
     try:
-        for item in (*videos, *[None] * settings.NUM_CPU_LOADERS):
+        for item in (*jobs, *[None] * settings.NUM_CPU_LOADERS):
             pipe.jobs_q.put(item)
         for i in range(settings.NUM_CPU_LOADERS):
             start_child(pipe, f"decoder-{i}", decoder_main, layout, pipe.jobs_q, pipe.free_q,
@@ -3292,6 +3431,10 @@ class RunState:
         self.last_frame_s = None  # ... and the last one
         self.ready_s = None  # when the last worker had loaded its models
         self.stages = {}  # process name -> StageClock report
+        self.fingerprints = {}  # video_idx -> what its results depend on; saved in its video.json
+        self.decoding = {}  # decoder name -> video_idx it started last ("video_start")
+        self.started_videos = set()  # video_idx of every video a decoder has started
+        self.write_error = None  # the first file in OUTPUT_DIR that could not be written
 
     def stats(self) -> dict:
         """Return the run's timing: wall time, frames/s and seconds per stage and process."""
@@ -3303,7 +3446,8 @@ class RunState:
                 "processed_frames": frames,
                 "frames_per_s": round(frames / wall_s, 3) if wall_s > 0 else None,
                 "frames_per_s_after_models_ready": round(frames / working_s, 3) if working_s > 0 else None,
-                "clips_s": round(self.clips_s, 3), "stages": self.stages}
+                "clips_s": round(self.clips_s, 3), "stages": self.stages,
+                "reused_videos": [r.info.path for r in self.results if r.reused is not None]}
 
     def record_progress(self, video_idx: int, count: int) -> int:
         """Count frames a worker has finished; return the count."""
@@ -3337,6 +3481,21 @@ class RunState:
                               *(f"{p}={d:.4f}" for p, d in distances.items())])
             self.debug_rec_file.write(line + "\n")
             print("[debug_rec]", line)
+
+    def video_started(self, decoder: str, video_idx: int) -> None:
+        """Note which video a decoder is on (to name it if the decoder dies)."""
+        self.decoding[decoder] = video_idx
+        self.started_videos.add(video_idx)
+
+    def unfinished_videos_of(self, child: str) -> list:
+        """Return the unfinished VideoResults a child was working on: a decoder's current video,
+        or the started videos of a worker (video i goes to worker i % NUM_GPU_PROCESSES)."""
+        if child.startswith("decoder-"):
+            idxs = [self.decoding[child]] if child in self.decoding else []
+        else:
+            worker_idx = int(child.rsplit("-", 1)[1])
+            idxs = [i for i in self.started_videos if i % self.settings.NUM_GPU_PROCESSES == worker_idx]
+        return [self.results[i] for i in sorted(idxs) if not self.results[i].finished]
 
     def video_tracked(self, video_idx: int) -> None:
         """Note that the worker has ended every track of a video."""
@@ -3373,7 +3532,28 @@ class RunState:
     def save_reports(self) -> None:
         """Rewrite results.json, results.csv and index.html with everything found so far."""
         with self.lock:
-            write_reports(self.run, self.results, self.output_dir, self.settings, self.thumbnails)
+            self.write_output(write_reports, self.run, self.results, self.output_dir, self.settings,
+                              self.thumbnails)
+
+    def save_video(self, result: VideoResult) -> None:
+        """Save a video's results in its folder (video.json) once its clips are cut, so a later
+        run can reuse it (see reuse_problem); nothing without a fingerprint."""
+        fingerprint = self.fingerprints.get(result.info.idx)
+        if fingerprint is not None:
+            with self.lock:
+                entry = video_report(result, self.output_dir, self.settings.FRAME_INTERVAL)
+            self.write_output(save_video_results, saved_video_path(self.output_dir, result.info),
+                              fingerprint, entry)
+
+    def write_output(self, write, *args) -> None:
+        """Run one write into OUTPUT_DIR. A failure (disk full, no permission) is kept in
+        write_error, which stops the run at the next tick; the files written before stay whole."""
+        try:
+            write(*args)
+        except OSError as error:
+            with self.lock:
+                if self.write_error is None:
+                    self.write_error = str(error)
 
     def cut_clips(self) -> None:
         """Clip-cutting thread: cut each queued video's ranges; a None job ends it.
@@ -3389,6 +3569,7 @@ class RunState:
                     message = f"{result.info.path}: clips not cut ({type(error).__name__}: {error})"
                     result.errors.append(message)
                     self.failures.append(message)
+            self.save_video(result)
             self.save_reports()
 
     def cut_video_clips(self, result: VideoResult) -> None:
@@ -3447,6 +3628,8 @@ def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) 
         state.stages[message[1]] = message[2]
     elif kind == "video_done":
         state.video_decoded(*message[1:])
+    elif kind == "video_start":
+        state.video_started(*message[1:])
     elif kind == "note":
         text = message[2]
         bars["frames"].write(text if text.startswith("[") else f"[*] {message[1]}: {text}")
@@ -3472,32 +3655,22 @@ def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) 
         bars["videos"].update(finished - bars["videos"].n)
 
 
-def run_pipeline(state: RunState, videos: list, references: list) -> None:
-    """Run decoders and workers over every video until all children are done."""
+def run_pipeline(state: RunState, references: list) -> None:
+    """Run decoders and workers over every video not reused, until all children are done."""
     from tqdm import tqdm
     settings = state.settings
-    total = sum(math.ceil(v.frame_count / settings.FRAME_INTERVAL) for v in videos)
-    pipe = start_pipeline(settings, videos, references)
-    bars = {"videos": tqdm(total=len(videos), desc="videos", unit="video", position=0),
+    videos = [r.info for r in state.results]
+    jobs = [r.info for r in state.results if r.reused is None]
+    total = sum(math.ceil(v.frame_count / settings.FRAME_INTERVAL) for v in jobs)
+    pipe = start_pipeline(settings, videos, references, jobs)
+    bars = {"videos": tqdm(total=len(videos), initial=len(videos) - len(jobs), desc="videos",
+                           unit="video", position=0),
             "frames": tqdm(total=total, desc="frames", unit="frame", position=1, smoothing=0.1)}
     cutter = threading.Thread(target=state.cut_clips, name="clip-cutter", daemon=True)
     cutter.start()
     finished = False
     try:
-        def receive():
-            try:
-                message = pipe.result_q.get(timeout=_QUEUE_TIMEOUT_S)
-            except queue.Empty:
-                return
-            with state.lock:
-                handle_message(message, state, pipe, bars)
-
-        next_check = time.monotonic()
-        while len(pipe.finished_children) < len(pipe.processes):
-            receive()
-            if time.monotonic() >= next_check:  # also while messages keep coming
-                check_children(pipe, receive)
-                next_check = time.monotonic() + _QUEUE_TIMEOUT_S
+        follow_children(state, pipe, bars)
         finished = True
     finally:
         for bar in bars.values():
@@ -3516,8 +3689,30 @@ def run_pipeline(state: RunState, videos: list, references: list) -> None:
                 raise
 
 
+def follow_children(state: RunState, pipe: Pipeline, bars: dict) -> None:
+    """Apply the children's messages until every child is done; raise PipelineBroken when one
+    dies or fails, OutputError when a file in OUTPUT_DIR could not be written."""
+    def receive():
+        try:
+            message = pipe.result_q.get(timeout=_QUEUE_TIMEOUT_S)
+        except queue.Empty:
+            return
+        with state.lock:
+            handle_message(message, state, pipe, bars)
+
+    next_check = time.monotonic()
+    while len(pipe.finished_children) < len(pipe.processes):
+        receive()
+        if time.monotonic() >= next_check:  # also while messages keep coming
+            check_children(pipe, receive)
+            if state.write_error:
+                raise OutputError(state.write_error)
+            next_check = time.monotonic() + _QUEUE_TIMEOUT_S
+
+
 def prepare_references(settings: Settings) -> tuple:
-    """Return (references, problems) computed with the CPU provider in the parent."""
+    """Return (references, problems, [detector file, recognizer file]), the references computed
+    with the CPU provider in the parent."""
     if not list_reference_photos(Path(settings.REFERENCE_DIR)):
         raise BadInput(f"no photo in {settings.REFERENCE_DIR}: add one photo per person named after "
                        f"them (e.g. Barack_Obama.jpg), or try: python main.py --demo")
@@ -3528,7 +3723,7 @@ def prepare_references(settings: Settings) -> tuple:
     if not references:
         raise BadInput(f"no usable reference photo in {settings.REFERENCE_DIR}: add a photo per "
                        f"person named after them (e.g. Barack_Obama.jpg) showing the face clearly")
-    return references, problems
+    return references, problems, [Path(models.det_path), Path(models.rec_path)]
 
 
 def probe_all(paths: list, video_dir: Path) -> tuple:
@@ -3564,6 +3759,158 @@ def report_problems(title: str, problems: list) -> None:
         print(f"[!] {title}:")
         for problem in problems:
             print(f"    - {problem}")
+
+
+def check_output_dir(folder: Path) -> None:
+    """Create the output folder and make (and remove) a file in it; raise BadInput naming the
+    folder if that fails, so an unwritable folder stops the run before any heavy work."""
+    import tempfile
+    if folder.exists() and not folder.is_dir():
+        raise BadInput(f"output folder {folder} is a file, not a folder: choose another with --output")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise BadInput(f"output folder {folder} cannot be written ({error.strerror or error}): "
+                       f"choose another with --output, or make it writable") from None
+
+
+def prepare_search(settings: Settings) -> tuple:
+    """Return (video paths, references, problems, model files); raise BadInput for no videos,
+    an output folder that cannot be written, no usable reference photo or no usable models."""
+    video_paths = list_videos(Path(settings.VIDEO_DIR))
+    if not video_paths:
+        raise BadInput(f"no videos in {settings.VIDEO_DIR}: put .mp4/.mkv/.avi/... files there "
+                       f"and one photo per person in {settings.REFERENCE_DIR} (Name.jpg); or "
+                       f"see a complete example first with: python main.py --demo")
+    check_output_dir(Path(settings.OUTPUT_DIR))
+    return (video_paths, *prepare_references(settings))
+
+
+def start_run(settings: Settings, video_paths: list, references: list, problems: list,
+              model_paths: list) -> RunState:
+    """Return the run's state: ffmpeg found, videos probed, earlier results reused (RESUME)."""
+    print(f"[*] people: {', '.join(f'{r.name} ({len(r.photos)} photo(s))' for r in references)}")
+    ffmpeg = find_ffmpeg(settings.FFMPEG_DIR)
+    print(f"[*] ffmpeg: {ffmpeg or 'NOT FOUND - clips will not be cut (pip install imageio-ffmpeg)'}")
+    if ffmpeg is None:
+        problems.append(f"no ffmpeg in {settings.FFMPEG_DIR}/, on PATH or from imageio-ffmpeg: "
+                        f"clips were not cut")
+    videos, video_problems = probe_all(video_paths, Path(settings.VIDEO_DIR))
+    report_problems("videos skipped", video_problems)
+    state = RunState(videos, settings, ffmpeg, run_header(settings, references, ffmpeg))
+    state.failures.extend(problems + video_problems)
+    plan_resume(state, run_fingerprint(settings, references, model_paths))
+    return state
+
+
+def plan_resume(state: RunState, fingerprint: dict) -> None:
+    """Reuse every video an earlier run finished with the same fingerprint (when RESUME is on);
+    remove the files main.py wrote for each other video, which is then searched from scratch."""
+    for result in state.results:
+        info = result.info
+        state.fingerprints[info.idx] = {"video": video_fingerprint(info.path), **fingerprint}
+        entry = reusable_entry(state, info) if state.settings.RESUME else None
+        if entry is not None:
+            result.reused, result.finished = entry, True
+            print(f"[*] reused: {Path(info.path).name} (finished by an earlier run, "
+                  f"{saved_video_path(state.output_dir, info)})")
+            continue
+        for path in tool_output_files(state.output_dir / info.output_name):
+            path.unlink()
+    reused = sum(r.reused is not None for r in state.results)
+    if not state.settings.RESUME:
+        print("[*] --force (RESUME off): every video is searched again")
+    elif reused:
+        print(f"[*] {reused} of {len(state.results)} video(s) reused from an earlier run "
+              f"(--force searches them again)")
+
+
+def reusable_entry(state: RunState, info: VideoInfo) -> dict | None:
+    """Return the results.json entry an earlier run saved for this video, if it can be reused;
+    else None, saying why when there was a saved one."""
+    path = saved_video_path(state.output_dir, info)
+    try:
+        saved = read_saved_video(path)
+    except BadInput as error:
+        print(f"[!] {error}")
+        return None
+    if saved is None:
+        return None
+    problem = reuse_problem(saved, state.fingerprints[info.idx], path.parent, state.output_dir)
+    if problem is not None:
+        print(f"[*] {Path(info.path).name}: searched again: {problem} (since {path})")
+        return None
+    return saved["entry"]
+
+
+def search_videos(state: RunState, references: list) -> int:
+    """Search every video not reused and save the reports, also after a broken pipeline or
+    Ctrl-C; return 0, 1 (broken, or a file could not be written) or 130 (interrupted)."""
+    exit_code = 0
+    if state.settings.debug_rec:
+        state.debug_rec_file = open(state.output_dir / "debug_rec.tsv", "w", encoding="utf-8")
+    try:
+        if any(r.reused is None for r in state.results):
+            run_pipeline(state, references)
+        state.run["complete"] = all(r.finished for r in state.results)
+    except BadInput as error:  # a setting the workers cannot follow (GPU_DEVICE_IDS)
+        print(f"error: {error}", file=sys.stderr)
+        state.failures.append(str(error))
+        exit_code = 2
+    except PipelineBroken as error:
+        report_broken(state, error)
+        exit_code = 1
+    except OutputError:  # reported by finish_run
+        exit_code = 1
+    except KeyboardInterrupt:
+        print("\n[!] interrupted: results so far are saved, marked incomplete", file=sys.stderr)
+        exit_code = 130
+    finally:
+        if state.debug_rec_file:
+            state.debug_rec_file.close()
+        state.run["failures"] = state.failures
+        state.run["stats"] = state.stats()
+        state.save_reports()
+    return exit_code
+
+
+def report_broken(state: RunState, error: PipelineBroken) -> None:
+    """Print a broken pipeline and the videos it left unfinished; record it in failures and in
+    each of those videos' errors."""
+    with state.lock:
+        unfinished = state.unfinished_videos_of(error.name)
+        names = ", ".join(Path(r.info.path).name for r in unfinished) or "no video in progress"
+        lines = error.remote_traceback.strip().splitlines()
+        what = str(error).splitlines()[0] + (f": {lines[-1]}" if lines else "")
+        print(f"\n[!] pipeline broken: {error}", file=sys.stderr)
+        print(f"[!] {error.name} was working on: {names}. Not finished; a rerun searches "
+              f"{'them' if len(unfinished) > 1 else 'it'} again and reuses the finished videos",
+              file=sys.stderr)
+        for result in unfinished:
+            result.errors.append(f"{result.info.path}: not finished: {what}")
+        state.failures.append(f"pipeline broken: {what}; unfinished: {names}")
+
+
+def finish_run(state: RunState, exit_code: int) -> int:
+    """Print the summary and the problems; return the final exit code (1 if anything failed)."""
+    entries = [video_report(r, state.output_dir, state.settings.FRAME_INTERVAL) for r in state.results]
+    print(summary_table(entries, {r.info.path for r in state.results if r.reused is not None}))
+    stats = state.run["stats"]
+    print(f"[*] {stats['processed_frames']} frames in {stats['wall_s']:.1f} s "
+          f"({stats['frames_per_s'] or 0:.1f} frames/s; first frame after {stats['first_frame_s']} s)")
+    report_problems("problems", state.failures)
+    if state.write_error:
+        print(f"error: {state.write_error}. Free some space (or fix the permissions, or choose "
+              f"another --output) and run again: the files saved before are whole, and the videos "
+              f"finished so far are reused", file=sys.stderr)
+        return exit_code or 1
+    print(f"[*] results: {state.output_dir / 'results.json'}; report: {state.output_dir / 'index.html'}")
+    if exit_code == 0 and (state.failures or not state.run["complete"]):
+        exit_code = 1
+    return exit_code
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -3778,62 +4125,16 @@ def run_search(settings: Settings) -> int:
         print(f"[*] {name} = {value!r}")
     if both_onnxruntime_builds_problem():
         print(f"[!] {both_onnxruntime_builds_problem()}")
-    output_dir = Path(settings.OUTPUT_DIR)
     try:
-        video_paths = list_videos(Path(settings.VIDEO_DIR))
-        if not video_paths:
-            raise BadInput(f"no videos in {settings.VIDEO_DIR}: put .mp4/.mkv/.avi/... files there "
-                           f"and one photo per person in {settings.REFERENCE_DIR} (Name.jpg); or "
-                           f"see a complete example first with: python main.py --demo")
-        references, ref_problems = prepare_references(settings)
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except BadInput as error:
+        prepared = prepare_search(settings)
+        state = start_run(settings, *prepared)
+    except (BadInput, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"[*] people: {', '.join(f'{r.name} ({len(r.photos)} photo(s))' for r in references)}")
-    ffmpeg = find_ffmpeg(settings.FFMPEG_DIR)
-    print(f"[*] ffmpeg: {ffmpeg or 'NOT FOUND - clips will not be cut (pip install imageio-ffmpeg)'}")
-    if ffmpeg is None:
-        ref_problems.append(f"no ffmpeg in {settings.FFMPEG_DIR}/, on PATH or from imageio-ffmpeg: "
-                            f"clips were not cut")
-    videos, video_problems = probe_all(video_paths, Path(settings.VIDEO_DIR))
-    report_problems("videos skipped", video_problems)
-    run = run_header(settings, references, ffmpeg)
-    state = RunState(videos, settings, ffmpeg, run)
-    state.failures.extend(ref_problems + video_problems)
-    exit_code = 0
-    if settings.debug_rec:
-        state.debug_rec_file = open(output_dir / "debug_rec.tsv", "w", encoding="utf-8")
-    try:
-        if videos:
-            run_pipeline(state, videos, references)
-        run["complete"] = all(r.finished for r in state.results)
-    except BadInput as error:
-        print(f"error: {error}", file=sys.stderr)
-        state.failures.append(str(error))
-        exit_code = 2
-    except PipelineBroken as error:
-        print(f"\n[!] pipeline broken: {error}", file=sys.stderr)
-        state.failures.append(f"pipeline broken: {str(error).splitlines()[0]}")
-        exit_code = 1
     except KeyboardInterrupt:
-        print("\n[!] interrupted: results so far are saved, marked incomplete", file=sys.stderr)
-        exit_code = 130
-    finally:
-        if state.debug_rec_file:
-            state.debug_rec_file.close()
-        run["failures"] = state.failures
-        run["stats"] = state.stats()
-        state.save_reports()
-    print(summary_table(state.results))
-    stats = run["stats"]
-    print(f"[*] {stats['processed_frames']} frames in {stats['wall_s']:.1f} s "
-          f"({stats['frames_per_s'] or 0:.1f} frames/s; first frame after {stats['first_frame_s']} s)")
-    report_problems("problems", state.failures)
-    print(f"[*] results: {output_dir / 'results.json'}; report: {output_dir / 'index.html'}")
-    if exit_code == 0 and (state.failures or not run["complete"]):
-        exit_code = 1
-    return exit_code
+        print("\n[!] interrupted before the search started", file=sys.stderr)
+        return 130
+    return finish_run(state, search_videos(state, prepared[1]))
 
 
 def stop_on_sigterm(signum, frame) -> None:
@@ -3845,7 +4146,8 @@ def main(argv=None) -> int:
     """Run the search (or --check, or --demo); return the exit code.
 
     0: all went well; 1: something was skipped or failed (listed at the end); 2: bad settings,
-    no videos, no usable reference or no models; 130: interrupted (results so far are saved).
+    no videos, an output folder that cannot be written, no usable reference or no models;
+    130: interrupted (results so far are saved).
     """
     try:
         args = build_arg_parser().parse_args(argv)

@@ -155,10 +155,11 @@ def tree_memory_kib(root_pid: int) -> tuple:
 
 def run_pipeline(video_dir: Path, refs: Path, output: Path) -> dict:
     """Return {fps, wall, peak memory, results} of one main.py run (tree memory sampled at 1 Hz)."""
+    # --force: results an earlier bench run saved in the same output folder are not reused
     cmd = [sys.executable, str(REPO / "main.py"), "--videos", str(video_dir), "--refs", str(refs),
            "--output", str(output), "--model-root", str(MODEL_ROOT), "--model-pack", MODEL_PACK,
            "--custom-threshold", str(THRESHOLD), "--det-size", str(DET_SIZE),
-           "--det-prob-threshold", str(DET_THRESHOLD), *PIPELINE_FLAGS]
+           "--det-prob-threshold", str(DET_THRESHOLD), "--force", *PIPELINE_FLAGS]
     started = time.perf_counter()
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = [0, 0]  # RSS, PSS

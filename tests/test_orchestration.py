@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MODEL_PACK, MODEL_ROOT, REPO, TEST_THRESHOLD, TESTDATA
+from conftest import MODEL_PACK, MODEL_ROOT, REPO, TEST_THRESHOLD, TESTDATA, VIDEOS
 
 GROUND_TRUTH = json.loads((TESTDATA / "ground_truth.json").read_text())
 DISTRACTORS = {"Kit_Harington", "Rose_Leslie"}
@@ -214,7 +215,8 @@ def worker_pid(parent_pid: int, marker: str) -> int:
 @pytest.mark.parametrize("how", ["kill -9 worker", "Ctrl-C", "SIGTERM"])
 def test_a_killed_worker_or_ctrl_c_stops_the_run_cleanly(tmp_path, all_refs_dir, how):
     """A worker killed mid-run, or Ctrl-C: the run stops within seconds, saves what it has marked
-    incomplete, exits non-zero (1, or 130 for Ctrl-C), and leaves no process or shared memory."""
+    incomplete, exits non-zero (1, or 130 for Ctrl-C), and leaves no process or shared memory. A
+    killed worker is named, with the unfinished video it was searching."""
     marker = f"SFV_TEST_{uuid.uuid4().hex}"
     process, output = start_search(tmp_path, all_refs_dir, marker)
     if how == "Ctrl-C":
@@ -230,8 +232,27 @@ def test_a_killed_worker_or_ctrl_c_stops_the_run_cleanly(tmp_path, all_refs_dir,
     else:
         assert process.returncode == 1, text[-3000:]
         assert "pipeline broken: worker-0" in text, text[-3000:]
+        assert any(f"worker-0 was working on: {p.name}" in text for p in VIDEOS), text[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["complete"] is False
+    time.sleep(0.5)
+    assert processes_with_marker(marker) == [], "child processes outlived the run"
+    assert f"sfv{process.pid}r" not in shm_names(), "shared memory left behind"
+
+
+def test_ctrl_c_while_the_models_load_stops_at_once(tmp_path, all_refs_dir):
+    """Ctrl-C before the search has started (photos and models still loading): exit code 130 with
+    a message and no traceback, and no process or shared memory is left."""
+    marker = f"SFV_TEST_{uuid.uuid4().hex}"
+    process = subprocess.Popen(search_command(TESTDATA / "videos", all_refs_dir, tmp_path / "out"),
+                               env={**os.environ, marker: "1", "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    first = process.stdout.readline()  # "[*] VIDEO_DIR = ...": printed before the models load
+    os.kill(process.pid, signal.SIGINT)
+    rest, _ = process.communicate(timeout=120)
+    text = first + rest
+    assert process.returncode == 130 and "interrupted" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
     time.sleep(0.5)
     assert processes_with_marker(marker) == [], "child processes outlived the run"
     assert f"sfv{process.pid}r" not in shm_names(), "shared memory left behind"
@@ -358,3 +379,374 @@ def test_frames_on_device_names_the_same_frames_as_the_cpu_path(search, tmp_path
     assert set(got) == set(by_frame), f"only device {set(got) - set(by_frame)}, only CPU {set(by_frame) - set(got)}"
     worst = max(abs(got[k] - by_frame[k]) for k in got)
     assert worst <= 0.02, f"distances differ by up to {worst:.4f}"
+
+
+# Faults, interruption and resume (issue #5) ---------------------------------------------------
+def video_folder(base: Path, *names: str) -> Path:
+    """A folder of links to some of the shared clips (the files stay in place)."""
+    folder = base / "videos"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        os.symlink(TESTDATA / "videos" / name, folder / name)
+    return folder
+
+
+def run_main(cmd: list, cwd: Path, env: dict | None = None, timeout: int = 600) -> tuple:
+    """Run main.py to the end; return (exit code, stdout + stderr)."""
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return done.returncode, done.stdout + done.stderr
+
+
+def comparable(results: dict) -> dict:
+    """results.json without what depends on the run: created, stats, and the output folder."""
+    settings = {k: v for k, v in results["settings"].items() if k != "OUTPUT_DIR"}
+    return {**{k: v for k, v in results.items() if k not in ("created", "stats")}, "settings": settings}
+
+
+def tool_files(out: Path) -> dict:
+    """{relative path: bytes} of every snapshot under out."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("frame_*.jpg"))}
+
+
+def clip_facts(path: Path) -> tuple:
+    """(video frames counted by decoding, container duration in s) of a clip, from ffprobe."""
+    done = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0",
+                           "-show_entries", "stream=nb_read_frames:format=duration", "-of", "json",
+                           str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"ffprobe cannot read {path}: {done.stderr}"
+    facts = json.loads(done.stdout)
+    return int(facts["streams"][0]["nb_read_frames"]), round(float(facts["format"]["duration"]), 2)
+
+
+def clips_of(out: Path) -> dict:
+    """{relative clip path: clip_facts} of every clip under out."""
+    return {p.relative_to(out).as_posix(): clip_facts(p) for p in sorted(out.rglob("clips/*.mp4"))}
+
+
+def wait_for_file(path: Path, process: subprocess.Popen, bound_s: float = 600) -> None:
+    """Poll until path exists (the run still going); the bound only stops a hang."""
+    deadline = time.monotonic() + bound_s
+    while not path.exists():
+        assert process.poll() is None, f"the run ended ({process.returncode}) before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+def test_an_interrupted_run_resumed_gives_the_same_results_as_an_uninterrupted_one(tmp_path, all_refs_dir):
+    """Ctrl-C after the first video was saved, then a rerun: the finished video is reused, the
+    unfinished one redone, and results.json, snapshots and clips equal those of a run that was
+    never interrupted: nothing lost, nothing duplicated."""
+    videos = video_folder(tmp_path, "obama_whcd.mp4", "short_hamilton_clip.mp4")
+    code, text = run_main(search_command(videos, all_refs_dir, tmp_path / "full"), tmp_path)
+    assert code == 0, text[-3000:]
+    marker = f"SFV_TEST_{uuid.uuid4().hex}"
+    cmd = search_command(videos, all_refs_dir, tmp_path / "resumed")
+    process = subprocess.Popen(cmd, env={**os.environ, marker: "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    wait_for_file(tmp_path / "resumed" / "obama_whcd" / "video.json", process)
+    os.kill(process.pid, signal.SIGINT)
+    rest, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, rest[-3000:]
+    interrupted = json.loads((tmp_path / "resumed" / "results.json").read_text())
+    assert interrupted["videos"][0]["status"] == "ok" and interrupted["complete"] is False
+    assert interrupted["videos"][1]["status"] != "ok", "the second video should still have been running"
+    code, text = run_main(cmd, tmp_path)
+    assert code == 0, text[-3000:]
+    assert "[*] reused: obama_whcd.mp4" in text and "1 of 2 video(s) reused" in text, text[-3000:]
+    full = json.loads((tmp_path / "full" / "results.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "results.json").read_text())
+    assert resumed["stats"]["reused_videos"] == [str(TESTDATA / "videos" / "obama_whcd.mp4")]
+    assert comparable(resumed) == comparable(full), "results.json differs from the uninterrupted run"
+    assert tool_files(tmp_path / "resumed") == tool_files(tmp_path / "full"), "snapshots differ"
+    assert clips_of(tmp_path / "resumed") == clips_of(tmp_path / "full"), "clips differ"
+    assert not list((tmp_path / "resumed").rglob("*.part")), "a .part file was left"
+    time.sleep(0.5)
+    assert processes_with_marker(marker) == [], "child processes outlived the run"
+
+
+@pytest.fixture(scope="module")
+def obama_run(tmp_path_factory):
+    """One finished run over obama_whcd.mp4 alone: (its output folder, the videos and refs folders)."""
+    base = tmp_path_factory.mktemp("obama")
+    refs = base / "refs"
+    refs.mkdir()
+    for photo in (TESTDATA / "refs").glob("*.jpg"):
+        os.symlink(photo, refs / photo.name)
+    videos = video_folder(base, "obama_whcd.mp4")
+    code, text = run_main(search_command(videos, refs, base / "out"), base)
+    assert code == 0, text[-3000:]
+    return base / "out", videos, refs
+
+
+def rerun(obama_run, tmp_path: Path, *extra: str, prepare=None) -> tuple:
+    """Copy the obama run's output, optionally change it, run again into it; return (exit code,
+    output, results.json, video.json)."""
+    out = tmp_path / "out"
+    shutil.copytree(obama_run[0], out, symlinks=True)
+    if prepare:
+        prepare(out)
+    code, text = run_main(search_command(obama_run[1], obama_run[2], out, *extra), tmp_path)
+    results = json.loads((out / "results.json").read_text())
+    return code, text, results, json.loads((out / "obama_whcd" / "video.json").read_text())
+
+
+def files_match_results(out: Path, results: dict, saved: dict) -> None:
+    """Assert that the clips and snapshots on disk are exactly those results.json and video.json
+    name (nothing duplicated, nothing missing)."""
+    clips = {p.relative_to(out).as_posix() for p in out.rglob("clips/*.mp4")}
+    assert clips == {r["clip"] for v in results["videos"] for r in v["ranges"]}, clips
+    shots = {p.name for p in (out / "obama_whcd").glob("frame_*.jpg")}
+    assert shots == set(saved["snapshots"]) and shots, shots
+
+
+def test_a_rerun_with_nothing_left_to_do_writes_the_reports_and_exits_0(obama_run, tmp_path):
+    """Every video already finished: none is searched, results.json, results.csv and index.html
+    are written again with the same entries, and the exit code is 0."""
+    def remove_reports(out):
+        for name in ("results.json", "results.csv", "index.html"):
+            (out / name).unlink()
+    code, text, results, saved = rerun(obama_run, tmp_path, prepare=remove_reports)
+    assert code == 0, text[-3000:]
+    assert "[*] reused: obama_whcd.mp4" in text and "1 of 1 video(s) reused" in text, text[-2000:]
+    original = json.loads((obama_run[0] / "results.json").read_text())
+    assert comparable(results) == comparable(original)
+    assert results["stats"]["processed_frames"] == 0 and results["stats"]["reused_videos"]
+    assert (tmp_path / "out" / "results.csv").is_file() and (tmp_path / "out" / "index.html").is_file()
+
+
+def test_a_changed_result_setting_makes_the_rerun_search_the_video_again(obama_run, tmp_path):
+    """--custom-threshold 0.65 instead of 0.70: the saved video no longer fits, it is searched
+    again from scratch, and only the new run's clips and snapshots are left."""
+    code, text, results, saved = rerun(obama_run, tmp_path, "--custom-threshold", "0.65")
+    assert code == 0, text[-3000:]
+    assert "searched again: settings changed: CUSTOM_THRESHOLD" in text, text[-3000:]
+    assert results["stats"]["reused_videos"] == [] and results["stats"]["processed_frames"] == 60
+    assert saved["fingerprint"]["settings"]["CUSTOM_THRESHOLD"] == 0.65
+    files_match_results(tmp_path / "out", results, saved)
+
+
+def test_force_searches_every_video_again_and_leaves_user_files_alone(obama_run, tmp_path):
+    """--force redoes a finished video. Files main.py wrote earlier are removed first (here a stale
+    snapshot), files it does not write (notes, a clip of the user's) are kept."""
+    user_files = ["obama_whcd/notes.txt", "obama_whcd/clips/my_cut.mp4"]
+
+    def add_files(out):
+        for name in user_files:
+            (out / name).write_text("the user's")
+        (out / "obama_whcd" / "frame_0000059_00003.933s_Barack_Obama.jpg").write_bytes(b"stale")
+    code, text, results, saved = rerun(obama_run, tmp_path, "--force", prepare=add_files)
+    assert code == 0, text[-3000:]
+    assert "every video is searched again" in text and "reused:" not in text, text[-3000:]
+    assert results["stats"]["processed_frames"] == 60, results["stats"]
+    for name in user_files:
+        assert (tmp_path / "out" / name).read_text() == "the user's", f"{name} was touched"
+    (tmp_path / "out" / "obama_whcd" / "clips" / "my_cut.mp4").unlink()
+    files_match_results(tmp_path / "out", results, saved)
+
+
+def test_a_truncated_video_json_is_ignored_with_a_message_and_the_video_redone(obama_run, tmp_path):
+    """A video.json cut off halfway (a crash of the disk, an editor): the rerun says so, naming
+    the file, searches the video again and saves a whole video.json."""
+    def truncate(out):
+        path = out / "obama_whcd" / "video.json"
+        path.write_bytes(path.read_bytes()[:500])
+    code, text, results, saved = rerun(obama_run, tmp_path, prepare=truncate)
+    assert code == 0, text[-3000:]
+    path = tmp_path / "out" / "obama_whcd" / "video.json"
+    assert f"[!] {path}: cannot be read" in text and "searched again" in text, text[-3000:]
+    assert results["stats"]["processed_frames"] == 60 and saved["entry"] == results["videos"][0]
+    files_match_results(tmp_path / "out", results, saved)
+
+
+def decoder_pid(parent_pid: int, marker: str) -> int:
+    """The PID of the run's decoder: a spawned child without onnxruntime (not the resource tracker)."""
+    for pid in processes_with_marker(marker):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            spawned = b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            if f"PPid:\t{parent_pid}\n" in status and spawned \
+                    and "onnxruntime" not in Path(f"/proc/{pid}/maps").read_text():
+                return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no decoder process among {processes_with_marker(marker)}")
+
+
+def test_a_killed_decoder_stops_the_run_and_names_its_video(tmp_path, all_refs_dir):
+    """kill -9 of a decoder mid-run: the run stops, names the video that decoder was decoding
+    (marked not finished in results.json), keeps the videos finished before, exits 1, and leaves
+    no process or shared memory."""
+    marker = f"SFV_TEST_{uuid.uuid4().hex}"
+    process, output = start_search(tmp_path, all_refs_dir, marker)
+    os.kill(decoder_pid(process.pid, marker), signal.SIGKILL)
+    rest, _ = process.communicate(timeout=120)  # a hang fails here
+    text = "".join(output) + rest
+    assert process.returncode == 1, text[-3000:]
+    assert "pipeline broken: decoder-0 stopped (exit code -9)" in text, text[-3000:]
+    names = [p.name for p in VIDEOS if f"decoder-0 was working on: {p.name}." in text]
+    assert len(names) == 1, text[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["complete"] is False
+    entry = next(v for v in results["videos"] if Path(v["file"]).name == names[0])
+    assert entry["status"] != "ok" and any("decoder-0" in e for e in entry["errors"]), entry["errors"]
+    for video in results["videos"]:
+        if video["status"] == "ok":  # finished before the kill: saved for a rerun
+            saved = json.loads((tmp_path / "out" / video["output_folder"] / "video.json").read_text())
+            assert saved["entry"] == video
+    time.sleep(0.5)
+    assert processes_with_marker(marker) == [], "child processes outlived the run"
+    assert f"sfv{process.pid}r" not in shm_names(), "shared memory left behind"
+
+
+# Environment: models, ffmpeg, the output folder, a full disk (issue #5) -----------------------
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_a_corrupt_model_file_stops_the_run_naming_it(tmp_path, damage):
+    """A pack whose recognizer is random bytes, cut off halfway, or empty: exit code 2 before any
+    search, and the message names the file and says to download the pack again."""
+    pack = tmp_path / "models" / "models" / "broken_pack"
+    pack.mkdir(parents=True)
+    source = MODEL_ROOT / "models" / MODEL_PACK
+    os.symlink(source / "det_500m.onnx", pack / "det_500m.onnx")
+    data = (source / "w600k_mbf_int8.onnx").read_bytes()
+    damaged = {"garbage": os.urandom(len(data)), "truncated": data[:len(data) // 2], "empty": b""}
+    (pack / "w600k_mbf_int8.onnx").write_bytes(damaged[damage])
+    cmd = search_command(TESTDATA / "videos", TESTDATA / "refs", tmp_path / "out")
+    cmd[cmd.index("--model-root") + 1] = str(tmp_path / "models")
+    cmd[cmd.index("--model-pack") + 1] = "broken_pack"
+    code, text = run_main(cmd, tmp_path)
+    assert code == 2, text[-3000:]
+    assert f"{pack / 'w600k_mbf_int8.onnx'}: not a valid ONNX model" in text, text[-3000:]
+    assert "download the pack again" in text and "Traceback" not in text, text[-3000:]
+
+
+def test_without_any_ffmpeg_the_search_still_runs_and_reports_clips_not_cut(main_module, tmp_path):
+    """No ffmpeg in FFMPEG_DIR, none on PATH, and imageio-ffmpeg missing: every video is still
+    searched and reported, the ranges have no clip, the problem is listed, and the exit code is 1.
+    Such a video is not complete, so a later run with ffmpeg searches it again."""
+    shim, empty = tmp_path / "shim", tmp_path / "empty"
+    shim.mkdir()
+    empty.mkdir()
+    (shim / "imageio_ffmpeg.py").write_text('raise ImportError("imageio-ffmpeg is not installed (test)")\n')
+    videos = video_folder(tmp_path, "obama_whcd.mp4")
+    out = tmp_path / "out"
+    code, text = run_main(search_command(videos, TESTDATA / "refs", out, "--ffmpeg-dir", str(empty)),
+                          tmp_path, {"PATH": str(empty), "PYTHONPATH": str(shim)})
+    assert code == 1, text[-3000:]
+    assert "ffmpeg: NOT FOUND" in text and "clips were not cut" in text, text[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    entry = results["videos"][0]
+    assert results["ffmpeg"] is None and entry["detections"] and entry["ranges"], entry["ranges"]
+    assert [r["clip"] for r in entry["ranges"]] == [None] * len(entry["ranges"])
+    assert not list(out.rglob("*.mp4")), "no ffmpeg, yet a clip exists"
+    saved = json.loads((out / "obama_whcd" / "video.json").read_text())
+    problem = main_module.reuse_problem(saved, saved["fingerprint"], out / "obama_whcd", out)
+    assert problem and "clips were not cut" in problem, problem
+
+
+@pytest.mark.parametrize("where", ["below a file", "a file"])
+def test_an_output_folder_that_cannot_be_made_stops_the_run_before_any_work(tmp_path, where):
+    """OUTPUT_DIR below a regular file, or a file itself: exit code 2 with a message naming the
+    folder, before the models are loaded or any video is opened."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file where the output folder should be")
+    out = blocker / "out" if where == "below a file" else blocker
+    code, text = run_main(search_command(TESTDATA / "videos", TESTDATA / "refs", out), tmp_path)
+    assert code == 2, text[-3000:]
+    assert f"error: output folder {out} " in text and "--output" in text, text[-3000:]
+    assert "[*] people:" not in text, "the models were loaded before the folder was checked"
+
+
+def test_an_output_folder_without_write_permission_stops_the_run_before_any_work():
+    """A read-only OUTPUT_DIR (run as an unprivileged user: root may write anywhere): exit code 2,
+    'Permission denied' naming the folder, before the models are loaded."""
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="sfv-permission-"))  # pytest's tmp_path is 0700
+    try:
+        base.chmod(0o755)
+        out = base / "out"
+        out.mkdir(mode=0o555)
+        out.chmod(0o555)
+        cmd = search_command(TESTDATA / "videos", TESTDATA / "refs", out)
+        if os.geteuid() == 0:
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        code, text = run_main(cmd, base)
+    finally:
+        out.chmod(0o755)
+        shutil.rmtree(base)
+    assert code == 2, text[-3000:]
+    assert f"error: output folder {out} cannot be written (Permission denied)" in text, text[-3000:]
+    assert "[*] people:" not in text, "the models were loaded before the folder was checked"
+
+
+_FULL_DISK_SHIM = '''"""Test shim (issue #5): pathlib writes under SFV_TEST_FULL_DISK fail as on a full disk."""
+import errno
+import os
+import pathlib
+
+_FULL = os.environ["SFV_TEST_FULL_DISK"]
+_write_bytes = pathlib.Path.write_bytes
+
+
+def _write_bytes_on_a_full_disk(self, data):
+    if not str(self).startswith(_FULL):
+        return _write_bytes(self, data)
+    open(self, "wb").close()  # a full disk still creates the file, then fails to write it
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+
+pathlib.Path.write_bytes = _write_bytes_on_a_full_disk
+'''
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A folder on a 4 MiB tmpfs when mount is allowed (root), with fill() filling it for real;
+    elsewhere a plain folder, and fill() returns the environment of a shim that makes every write
+    under it fail with ENOSPC in main.py and its children. Yields (folder, fill, kind)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
+                                 capture_output=True, timeout=60).returncode == 0
+    except OSError:  # no mount command
+        mounted = False
+
+    def fill() -> dict:
+        if not mounted:
+            (tmp_path / "shim").mkdir()
+            (tmp_path / "shim" / "sitecustomize.py").write_text(_FULL_DISK_SHIM)
+            return {"PYTHONPATH": str(tmp_path / "shim"), "SFV_TEST_FULL_DISK": str(folder)}
+        with open(folder / "filler", "wb") as filler:
+            with pytest.raises(OSError, match="No space left"):
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+        return {}
+    yield folder, fill, "tmpfs" if mounted else "ENOSPC shim"
+    if mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_full_disk_stops_the_run_and_keeps_what_was_saved_before(small_disk, tmp_path):
+    """The disk fills up while a second video is searched: exit code 1, 'No space left on device'
+    naming the file; the previous results.json stays whole, no .part file is left, and the video
+    finished before (video.json, clip, snapshots) survives unchanged."""
+    folder, fill, kind = small_disk
+    out = folder / "out"
+    code, text = run_main(search_command(video_folder(tmp_path / "a", "obama_whcd.mp4"),
+                                         TESTDATA / "refs", out), tmp_path)
+    assert code == 0, text[-3000:]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    env = fill()
+    videos = video_folder(tmp_path / "b", "obama_whcd.mp4", "short_hamilton_clip.mp4")
+    code, text = run_main(search_command(videos, TESTDATA / "refs", out), tmp_path, env)
+    assert code == 1, f"{kind}: {text[-3000:]}"
+    assert "[*] reused: obama_whcd.mp4" in text, f"{kind}: {text[-3000:]}"
+    message = f"cannot write {out / 'results.json'}: No space left on device"
+    assert message in text, f"{kind}: {text[-3000:]}"
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert not [p for p in after if p.name.endswith(".part")], f"{kind}: .part files left"
+    changed = [p for p, data in before.items() if after.get(p) != data]
+    assert changed == [], f"{kind}: files saved before were changed or lost: {changed}"
+    assert json.loads(after[out / "results.json"])["complete"] is True

@@ -197,3 +197,169 @@ def test_video_report_lists_detections_in_frame_order(main_module):
     result.detections = [{"frame": 9, "name": "B"}, {"frame": 2, "name": "B"}, {"frame": 2, "name": "A"}]
     got = [(d["frame"], d["name"]) for d in main_module.video_report(result, main_module.Path("."), 1)["detections"]]
     assert got == [(2, "A"), (2, "B"), (9, "B")], f"detections in order {got}"
+
+
+# Atomic writes when the disk is full -------------------------------------------------------
+def test_a_failed_write_keeps_the_previous_file_whole_and_leaves_no_part(main_module, tmp_path,
+                                                                        monkeypatch):
+    """Disk full while writing (ENOSPC injected after half the bytes went out): the previous
+    results.json stays as it was, no .part is left, and the error names the file (issue #5)."""
+    import errno
+    from pathlib import Path
+    path = tmp_path / "results.json"
+    main_module.write_json_atomic(path, {"complete": True, "videos": [1, 2, 3]})
+    before = path.read_bytes()
+    real_write = Path.write_bytes
+
+    def half_then_full(self, data):
+        real_write(self, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    with pytest.raises(OSError) as raised:
+        main_module.write_json_atomic(path, {"complete": False, "videos": list(range(1000))})
+    monkeypatch.undo()
+    assert raised.value.errno == errno.ENOSPC
+    assert f"cannot write {path}: No space left on device" in str(raised.value), str(raised.value)
+    assert path.read_bytes() == before, "the previous complete results.json was damaged"
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["results.json"], f"folder holds {left}"
+
+
+def test_a_write_to_a_really_full_device_leaves_no_part(main_module, tmp_path):
+    """The same with the kernel's own ENOSPC: the .part file is /dev/full (always full)."""
+    import errno
+    import os
+    path = tmp_path / "index.html"
+    path.write_text("previous")
+    os.symlink("/dev/full", tmp_path / "index.html.part")
+    with pytest.raises(OSError) as raised:
+        main_module.write_bytes_atomic(path, b"x" * 100_000)
+    assert raised.value.errno == errno.ENOSPC, raised.value
+    assert "No space left on device" in str(raised.value) and str(path) in str(raised.value)
+    assert path.read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html"]
+
+
+# Resume: what a saved video depends on -------------------------------------------------------
+def test_every_setting_is_either_result_changing_or_neutral(main_module):
+    """Each setting is listed exactly once: in _RESULT_SETTINGS (a change makes a rerun search the
+    video again) or in _NEUTRAL_SETTINGS (speed, folders, debug); a new setting must be sorted in."""
+    result, neutral = set(main_module._RESULT_SETTINGS), set(main_module._NEUTRAL_SETTINGS)
+    names = set(main_module.SETTING_NAMES)
+    assert not result & neutral, f"in both lists: {result & neutral}"
+    assert result | neutral == names, \
+        f"unsorted: {names - result - neutral}; unknown: {(result | neutral) - names}"
+    assert {"CUSTOM_THRESHOLD", "FRAME_INTERVAL", "CLIP_MODE", "MODEL_PACK_NAME"} <= result
+    assert {"NUM_GPU_PROCESSES", "BATCH_SIZE", "OUTPUT_DIR", "debug_det", "RESUME"} <= neutral
+
+
+@pytest.fixture()
+def saved_video(main_module, tmp_path):
+    """A finished video saved as a run saves it: (saved dict, fingerprint, folder, output dir)."""
+    out = tmp_path / "out"
+    folder = out / "obama_whcd"
+    (folder / "clips").mkdir(parents=True)
+    video = tmp_path / "obama_whcd.mp4"
+    video.write_bytes(b"not really a video")
+    (folder / "clips" / "0.00s_Barack_Obama_d0.412.mp4").write_bytes(b"clip")
+    (folder / "frame_0000005_00000.333s_Barack_Obama.jpg").write_bytes(b"jpeg")
+    result = main_module.VideoResult(make_info(main_module, path=str(video)), processed_frame_count=60,
+                                     sent_frame_count=60, finished=True)
+    result.ranges = [make_range(main_module, "Barack_Obama", 0.0, 4.0, 0.412)]
+    result.clips = [(str(folder / "clips" / "0.00s_Barack_Obama_d0.412.mp4"), 0.0)]
+    settings = main_module.load_settings([])
+    fingerprint = {"video": main_module.video_fingerprint(str(video)),
+                   **main_module.run_fingerprint(settings, [], [])}
+    entry = main_module.video_report(result, out, 1)
+    main_module.save_video_results(folder / "video.json", fingerprint, entry)
+    saved = main_module.read_saved_video(folder / "video.json")
+    return saved, fingerprint, folder, out
+
+
+def test_a_saved_finished_video_with_its_files_is_reusable(main_module, saved_video):
+    """video.json holds the entry, the snapshots on disk and the fingerprint; nothing changed:
+    reusable."""
+    saved, fingerprint, folder, out = saved_video
+    assert saved["snapshots"] == ["frame_0000005_00000.333s_Barack_Obama.jpg"], saved["snapshots"]
+    assert saved["fingerprint"] == fingerprint
+    assert main_module.reuse_problem(saved, fingerprint, folder, out) is None
+
+
+def _change(saved, fingerprint, folder, what):
+    """Apply one change to a saved video (see the table below)."""
+    entry = saved["entry"]
+    if what == "status":
+        entry["status"] = "incomplete"
+    elif what == "errors":
+        entry["errors"] = ["obama_whcd.mp4: decoding stopped after 30 processed frames"]
+    elif what == "clip not cut":
+        entry["ranges"][0]["clip"] = None
+    elif what == "clip missing":
+        (folder / "clips" / "0.00s_Barack_Obama_d0.412.mp4").unlink()
+    elif what == "snapshot missing":
+        (folder / "frame_0000005_00000.333s_Barack_Obama.jpg").unlink()
+    elif what == "video changed":
+        fingerprint["video"]["size"] += 1
+    elif what == "setting changed":
+        fingerprint["settings"]["CUSTOM_THRESHOLD"] = 0.65
+    elif what == "photo changed":
+        fingerprint["references"] = [["Barack_Obama", ["0" * 64]]]
+    elif what == "model changed":
+        fingerprint["models"] = {"det_500m.onnx": "0" * 64}
+    elif what == "no ranges field":
+        del entry["ranges"]
+
+
+@pytest.mark.parametrize("what, reason", [
+    ("status", "did not finish"),  # interrupted, or a decoder or worker died
+    ("errors", "did not finish"),  # finished with an error (e.g. a clip failed)
+    ("clip not cut", "clips were not cut"),  # no ffmpeg, or stopped while cutting
+    ("clip missing", "files are missing"),  # deleted by the user
+    ("snapshot missing", "files are missing"),
+    ("video changed", "video file changed"),  # same path, other size or mtime
+    ("setting changed", "settings changed: CUSTOM_THRESHOLD"),
+    ("photo changed", "reference photos changed"),
+    ("model changed", "model files changed"),
+    ("no ranges field", "lacks fields"),  # edited by hand
+])
+def test_a_saved_video_is_not_reused_when_unfinished_or_anything_changed(main_module, saved_video,
+                                                                         what, reason):
+    """A saved video is searched again unless it finished without errors, every clip and snapshot
+    is on disk, and the video, the result settings, the photos and the models are unchanged."""
+    saved, fingerprint, folder, out = saved_video
+    _change(saved, fingerprint, folder, what)
+    problem = main_module.reuse_problem(saved, fingerprint, folder, out)
+    assert problem is not None and reason in problem, f"{what}: {problem!r}"
+
+
+@pytest.mark.parametrize("content", [
+    b'{"format": 1, "fingerprint": {"video": {"path": "/v', b"", b"\xff\xfe not utf-8",
+    b"[1, 2, 3]", b'{"format": 99, "fingerprint": {}, "snapshots": [], "entry": {}}',
+    b'{"format": 1, "fingerprint": {}, "snapshots": []}',
+])
+def test_a_truncated_or_foreign_video_json_is_rejected_naming_it(main_module, tmp_path, content):
+    """A video.json that is truncated, not JSON, or not this version's raises BadInput naming the
+    file (the video is then searched again); a missing one is simply None."""
+    path = tmp_path / "video.json"
+    assert main_module.read_saved_video(path) is None
+    path.write_bytes(content)
+    with pytest.raises(main_module.BadInput, match="video.json") as raised:
+        main_module.read_saved_video(path)
+    assert str(path) in str(raised.value) and "searched again" in str(raised.value)
+
+
+def test_only_files_main_writes_are_found_for_removal(main_module, tmp_path):
+    """Before a video is searched again, only its snapshots, clips, video.json and their .part
+    files are removed: a user's files in the same folders are not touched."""
+    folder = tmp_path / "obama_whcd"
+    (folder / "clips").mkdir(parents=True)
+    ours = ["frame_0000005_00000.333s_Barack_Obama.jpg", "frame_0000005_00000.333s_Barack_Obama.jpg.part",
+            "frame_1234567_123456.250s_Zoë Saldaña.jpg", "video.json", "video.json.part",
+            "clips/0.00s_Barack_Obama_d0.412.mp4", "clips/12.34s_Barack_Obama_d1.000.mp4.part"]
+    theirs = ["notes.txt", "frame_5.jpg", "my_frame_0000005_00000.333s_X.jpg", "video.json.bak",
+              "clips/holiday.mp4", "clips/0.00s_Barack_Obama_d0.412.mov", "results.json"]
+    for name in ours + theirs:
+        (folder / name).write_bytes(b"x")
+    found = sorted(p.relative_to(folder).as_posix() for p in main_module.tool_output_files(folder))
+    assert found == sorted(ours), f"found {found}"
+    assert main_module.tool_output_files(tmp_path / "missing") == []

@@ -152,6 +152,9 @@ def test_flag_names_are_spelled_from_setting_names(main_module):
     (["--video-dir", "v2"], "VIDEO_DIR", "v2"),
     (["--model-pack", "buffalo_sc"], "MODEL_PACK_NAME", "buffalo_sc"),
     (["--model-root", "/models"], "MODEL_ROOT", "/models"),
+    (["--no-resume"], "RESUME", False),
+    (["--force"], "RESUME", False),  # --force: the same as --no-resume
+    (["--force", "--resume"], "RESUME", True),  # the last one wins
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_a_flag_overrides_its_setting_with_the_default_s_type(main_module, argv, name, expected):
     """Each flag (or alias) sets its setting, typed like the default; nothing else changes."""
