@@ -4121,11 +4121,11 @@ def run_check(settings: Settings) -> int:
 
 def run_search(settings: Settings) -> int:
     """Run the whole search; return the exit code (see main)."""
-    for name, value in changed_settings(settings).items():
-        print(f"[*] {name} = {value!r}")
-    if both_onnxruntime_builds_problem():
-        print(f"[!] {both_onnxruntime_builds_problem()}")
     try:
+        for name, value in changed_settings(settings).items():
+            print(f"[*] {name} = {value!r}")
+        if both_onnxruntime_builds_problem():
+            print(f"[!] {both_onnxruntime_builds_problem()}")
         prepared = prepare_search(settings)
         state = start_run(settings, *prepared)
     except (BadInput, OSError) as error:

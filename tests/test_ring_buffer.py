@@ -70,10 +70,11 @@ def test_decoder_process_streams_a_video_through_few_slots_and_returns_all(main_
             assert np.array_equal(ring[slot, :h, :w], image), f"frame {frame_idx} differs in slot {slot}"
             free_q.put(slot)
         assert filled_q.get(timeout=30) == (0, 60, None, None, 0, 0, None), "end marker after 60 frames"
-        messages = [result_q.get(timeout=30) for _ in range(3)]
-        assert messages[0] == ("video_done", 0, 60, None), messages
-        assert messages[1][:2] == ("stats", "decoder-0") and messages[1][2]["decode"]["n"] == 60
-        assert messages[2] == ("done", "decoder-0"), messages
+        messages = [result_q.get(timeout=30) for _ in range(4)]
+        assert messages[0] == ("video_start", "decoder-0", 0), messages  # names the video it decodes
+        assert messages[1] == ("video_done", 0, 60, None), messages
+        assert messages[2][:2] == ("stats", "decoder-0") and messages[2][2]["decode"]["n"] == 60
+        assert messages[3] == ("done", "decoder-0"), messages
         process.join(timeout=30)
         assert process.exitcode == 0
         returned = sorted(free_q.get(timeout=5) for _ in range(layout.slot_count))
@@ -119,7 +120,9 @@ def test_decoder_finishes_a_truncated_video_early_and_goes_on(main_module, tmp_p
             except queue.Empty:
                 pass
             try:
-                done.append(result_q.get_nowait())
+                message = result_q.get_nowait()
+                if message[0] != "video_start":  # one per video, before its frames
+                    done.append(message)
             except queue.Empty:
                 pass
         assert done[0][:2] == ("video_done", 0)
