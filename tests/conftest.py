@@ -52,12 +52,16 @@ def cpu_models(main_module, test_settings):
     return main_module.load_face_models(test_settings, "cpu", 1)
 
 
-@pytest.fixture()
-def all_refs_dir(tmp_path):
-    """A folder of links to every photo in refs/ and refs_distractors/ (the files stay in place)."""
-    folder = tmp_path / "refs"
-    folder.mkdir()
+def link_all_refs(folder: Path) -> Path:
+    """Make folder hold links to every photo in refs/ and refs_distractors/ (the files stay in place)."""
+    folder.mkdir(parents=True)
     for sub in ("refs", "refs_distractors"):
         for photo in (TESTDATA / sub).glob("*.jpg"):
             os.symlink(photo, folder / photo.name)
     return folder
+
+
+@pytest.fixture()
+def all_refs_dir(tmp_path):
+    """A folder of links to every photo in refs/ and refs_distractors/."""
+    return link_all_refs(tmp_path / "refs")

@@ -493,12 +493,9 @@ def matrix_run(matrix_dir, ffmpeg_exe):
     import time
     import uuid
     from test_orchestration import search_command
+    from conftest import link_all_refs
     base = matrix_dir.parent
-    refs = base / "refs"
-    refs.mkdir()
-    for sub in ("refs", "refs_distractors"):
-        for photo in (TESTDATA / sub).glob("*.jpg"):
-            os.symlink(photo, refs / photo.name)
+    refs = link_all_refs(base / "refs")
     marker = f"SFV_TEST_{uuid.uuid4().hex}"
     env = {**os.environ, marker: "1", "PYTHONUNBUFFERED": "1"}
     cmd = search_command(matrix_dir, refs, base / "out")

@@ -93,6 +93,16 @@ def test_unknown_detector_layout_is_refused_naming_the_file(main_module, tmp_pat
         main_module.load_face_models(settings, "cpu", 1)
 
 
+def assert_same_faces(found: tuple, reference: tuple, px: float, score: float, what: str) -> None:
+    """Assert two (boxes, kps) detections hold the same faces: boxes and keypoints within px,
+    scores within score."""
+    assert len(found[0]) == len(reference[0]), f"{what}: {len(found[0])} vs {len(reference[0])} faces"
+    if len(reference[0]):
+        assert np.abs(found[0][:, :4] - reference[0][:, :4]).max() <= px, f"{what}: boxes"
+        assert np.abs(found[0][:, 4] - reference[0][:, 4]).max() <= score, f"{what}: scores"
+        assert np.abs(found[1] - reference[1]).max() <= px, f"{what}: keypoints"
+
+
 def batched_models(main_module, tmp_path: Path, detector: Path, batch: int):
     """(settings, models) with the batch-capable copy of a detector (made in tmp_path)."""
     root = pack_with(tmp_path, detector)
@@ -119,11 +129,7 @@ def test_batched_detections_equal_each_frames_own(main_module, images, tmp_path,
     faces = 0
     for n, frame in enumerate(frames):
         alone = main_module.detect_faces(alone_models, [frame], settings)[0]
-        assert len(together[n][0]) == len(alone[0]), f"frame {n}: {len(together[n][0])} vs {len(alone[0])}"
-        if len(alone[0]):
-            assert np.abs(together[n][0][:, :4] - alone[0][:, :4]).max() <= 0.01, f"frame {n} boxes"
-            assert np.abs(together[n][0][:, 4] - alone[0][:, 4]).max() <= 1e-4, f"frame {n} scores"
-            assert np.abs(together[n][1] - alone[1]).max() <= 0.01, f"frame {n} keypoints"
+        assert_same_faces(together[n], alone, 0.01, 1e-4, f"frame {n}")
         faces += len(alone[0])
     assert faces >= len(frames), f"only {faces} faces in {len(frames)} frames: the test saw too little"
 
@@ -660,11 +666,7 @@ def test_device_path_detects_the_faces_the_cpu_path_detects(main_module, images,
     faces = 0
     for n, image in enumerate(images):
         reference = main_module.detect_faces(cpu_models, [image], test_settings)[0]
-        assert len(found[n][0]) == len(reference[0]), f"image {n}: {len(found[n][0])} vs {len(reference[0])}"
-        if len(reference[0]):
-            assert np.abs(found[n][0][:, :4] - reference[0][:, :4]).max() <= 1.0, f"image {n} boxes"
-            assert np.abs(found[n][0][:, 4] - reference[0][:, 4]).max() <= 0.01, f"image {n} scores"
-            assert np.abs(found[n][1] - reference[1]).max() <= 1.0, f"image {n} keypoints"
+        assert_same_faces(found[n], reference, 1.0, 0.01, f"image {n}")
         frames, index = handles[n]
         assert frames.host[index].shape == image.shape and np.array_equal(frames.host[index], image)
         faces += len(reference[0])

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MODEL_PACK, MODEL_ROOT, REPO, TEST_THRESHOLD, TESTDATA, VIDEOS
+from conftest import MODEL_PACK, MODEL_ROOT, REPO, TEST_THRESHOLD, TESTDATA, link_all_refs, VIDEOS
 
 GROUND_TRUTH = json.loads((TESTDATA / "ground_truth.json").read_text())
 DISTRACTORS = {"Kit_Harington", "Rose_Leslie"}
@@ -49,11 +49,7 @@ def search_command(videos: Path, refs: Path, output: Path, *extra: str) -> list:
 def search(tmp_path_factory):
     """One full run on every shared clip with every reference, distractors included."""
     base = tmp_path_factory.mktemp("e2e")
-    refs = base / "refs"
-    refs.mkdir()
-    for sub in ("refs", "refs_distractors"):
-        for photo in (TESTDATA / sub).glob("*.jpg"):
-            os.symlink(photo, refs / photo.name)
+    refs = link_all_refs(base / "refs")
     marker = f"SFV_TEST_{uuid.uuid4().hex}"
     env = {**os.environ, marker: "1", "PYTHONUNBUFFERED": "1"}
     cmd = search_command(TESTDATA / "videos", refs, base / "out")
