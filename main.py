@@ -2182,6 +2182,11 @@ class WorkerContext:
                 self.sequencers[video_idx] = FrameSequencer(video_idx, tracker, self)
             return self.sequencers[video_idx]
 
+    def forget(self, video_idx: int) -> None:
+        """Drop a finished video's sequencer and tracker (and what they hold on the device)."""
+        with self.lock:
+            self.sequencers.pop(video_idx, None)
+
 
 def run_worker_threads(context: WorkerContext, filled_q, stop_event) -> None:
     """Run the worker threads to the end; re-raise the first error any of them hit."""
@@ -2280,6 +2285,7 @@ class FrameSequencer:
             self.next_seq += 1
             if item is None:
                 self.tracker.finish()
+                self.context.forget(self.video_idx)
                 self.context.result_q.put(("video_tracked", self.video_idx))
                 return
             self.feed_frame(*item)
@@ -2812,8 +2818,9 @@ class VideoTracker:
         return summary
 
     def finish(self) -> None:
-        """End every track at the end of the video."""
+        """End every track at the end of the video, and let go of its last frame on the device."""
         self.end_tracks(list(self.active))
+        self.frame_handle = None
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
