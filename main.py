@@ -144,6 +144,7 @@ _SCRFD_LAYOUTS = {
     15: ((8, 16, 32, 64, 128), 1, True),
 }
 _TRT_UNSUPPORTED_OPS = {"ConvInteger", "DynamicQuantizeLinear", "MatMulInteger"}  # int8 graphs
+_BATCHED_EDIT_VERSION = 1  # of make_detector_batchable: a change gets new batch-capable copies
 _PROVIDER_ORDER = {  # --providers value -> ONNX Runtime providers to try, best first
     "auto": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
@@ -272,7 +273,7 @@ class VideoInfo:
 class GpuSlot:
     """The GPU one worker process uses, and what its TensorRT engines are keyed by."""
 
-    id: int  # CUDA device index (PCI bus order, like nvidia-smi; see worker_gpu_ids)
+    id: int  # CUDA device index: PCI bus order among the GPUs CUDA_VISIBLE_DEVICES leaves visible
     name: str  # the GPU model, e.g. "NVIDIA H200"
     tensorrt: str | None  # TensorRT version, None when it is not installed
 
@@ -1356,13 +1357,37 @@ def batch_outputs_match(original: Path, batched: bytes, input_hw: tuple, batch: 
 def batched_detector(det_path: Path, cache_dir: Path) -> tuple:
     """Return (path of a batch-capable copy of the detector or None, note for the user).
 
-    The copy is made once per source file (keyed by its SHA-256) in cache_dir/batched/ and
-    proven equal to the original on a random batch before it is used.
+    The copy is made once per source file (keyed by its SHA-256 and by _BATCHED_EDIT_VERSION)
+    in cache_dir/batched/, by one process at a time (a file lock), and proven equal to the
+    original on a random batch before it is used; a copy that no longer loads is made again.
     """
+    from filelock import FileLock
+    target = (cache_dir / "batched" /
+              f"{det_path.stem}-{file_sha256(det_path)[:16]}-v{_BATCHED_EDIT_VERSION}.onnx")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if target.is_file() and loads_as_onnx(target):
+                return target, f"batched detector: {target}"
+            return make_batched_detector(det_path, target)
+    except OSError as error:
+        return None, f"cannot write {target} ({error}); frames go through the detector one at a time"
+
+
+def loads_as_onnx(path: Path) -> bool:
+    """Return True when a file parses as an ONNX model (a copy cut short by a crash does not)."""
     import onnx
-    target = cache_dir / "batched" / f"{det_path.stem}-{file_sha256(det_path)[:16]}.onnx"
-    if target.is_file():
-        return target, f"batched detector: {target}"
+    try:
+        onnx.load(str(path))
+        return True
+    except Exception:  # any parse error: the file is not usable
+        return False
+
+
+def make_batched_detector(det_path: Path, target: Path) -> tuple:
+    """Write the batch-capable copy of a detector to target if the edit works and is proven
+    equal; return (target or None, note for the user)."""
+    import onnx
     model = onnx.load(str(det_path))
     why = make_detector_batchable(model)
     if why is None:
@@ -1373,10 +1398,7 @@ def batched_detector(det_path: Path, cache_dir: Path) -> tuple:
     if why is not None:
         return None, (f"{det_path.name} cannot be made batch-capable ({why}); frames go "
                       f"through the detector one at a time")
-    try:
-        write_bytes_atomic(target, data)
-    except OSError as error:
-        return None, f"cannot write {target} ({error}); frames go through the detector one at a time"
+    write_bytes_atomic(target, data)
     return target, f"batched detector made from {det_path.name}: {target}"
 
 
@@ -1408,25 +1430,41 @@ def both_onnxruntime_builds_problem() -> str | None:
     return None
 
 
-def provider_load_problem(provider: str) -> str:
-    """Return why ONNX Runtime cannot use a provider: not in this build, or the error that
-    loading its library gives (it names the missing or mismatched CUDA/cuDNN/TensorRT library)."""
+def provider_library_error(provider: str) -> str | None:
+    """Return why ONNX Runtime's library of a GPU provider cannot be loaded - the system
+    loader's error names the missing or mismatched CUDA/cuDNN/TensorRT library - or None when
+    it loads (and for the CPU)."""
     import ctypes
+    library = provider_library(provider)
+    if library is None:
+        return None
+    if not library.is_file():
+        return f"its library {library.name} is missing from the onnxruntime package: reinstall onnxruntime-gpu"
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as error:
+        return f"{library.name} cannot be loaded: {error} ({onnxruntime_gpu_build()})"
+    return None
+
+
+def provider_load_problem(provider: str) -> str:
+    """Return why ONNX Runtime cannot use a provider: not in this build, or its library's
+    load error (see provider_library_error)."""
     import onnxruntime as ort
     both = both_onnxruntime_builds_problem()
     if provider not in ort.get_available_providers():
         build = "onnxruntime-gpu" if package_version("onnxruntime-gpu") else "onnxruntime"
         return both or (f"this onnxruntime build ({build} {ort.__version__}) has no {provider}: "
                         f"pip install onnxruntime-gpu (see README, GPU setup)")
-    library = provider_library(provider)
-    if library is None or not library.is_file():
-        return f"its library {library} is missing: reinstall onnxruntime-gpu"
-    try:
-        ctypes.CDLL(str(library))
-    except OSError as error:
-        return f"{library.name} cannot be loaded: {error} ({onnxruntime_gpu_build()})"
-    return (f"its library loads, but the session did not use it; run with ORT_LOG_LEVEL=0 to see "
-            f"ONNX Runtime's reason ({onnxruntime_gpu_build()})")
+    return provider_library_error(provider) or (
+        f"its library loads, but the session did not use it; run with ORT_LOG_LEVEL=0 to see "
+        f"ONNX Runtime's reason ({onnxruntime_gpu_build()})")
+
+
+def tensorrt_missing(provider: str, verdict: str) -> bool:
+    """Return True when a verdict on TensorRT only says TensorRT is not installed (onnxruntime-gpu
+    lists it always): optional, unlike a CUDA provider that fails."""
+    return provider == "TensorrtExecutionProvider" and ("nvinfer" in verdict or tensorrt_version() is None)
 
 
 def onnxruntime_gpu_build() -> str:
@@ -1460,42 +1498,59 @@ def session_options(threads: int):
     return options
 
 
+def try_session(path: Path, pairs: list, options, say):
+    """Return a session of the model on pairs (provider, options), best first, if the first
+    provider really runs it; else None, having said why. ONNX Runtime's own silent retry on
+    other providers is off (enable_fallback=0), so its real error is what is said."""
+    import onnxruntime as ort
+    provider = pairs[0][0]
+    try:
+        session = ort.InferenceSession(str(path), options, providers=[p for p, _ in pairs],
+                                       provider_options=[o for _, o in pairs], enable_fallback=0)
+    except Exception as error:  # a provider that fails to start is reported, then skipped
+        say(f"{path.name}: {provider} failed ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0][:300]})")
+        return None
+    if session.get_providers()[0] == provider:
+        return session
+    say(f"{path.name}: {provider} did not load: {provider_load_problem(provider)}")
+    return None
+
+
 def open_session(path: Path, chain: list, options, say):
     """Return (session, provider it really runs on) for the first provider of chain (pairs of
-    provider and options) that loads; say why each better one did not."""
-    import onnxruntime as ort
+    provider and options) that loads; the providers after it take the nodes it cannot run."""
+    last_error = None
     for i, (provider, _) in enumerate(chain):
-        rest = chain[i:]  # providers after it take the nodes it cannot run
-        try:
-            session = ort.InferenceSession(str(path), options, providers=[p for p, _ in rest],
-                                           provider_options=[o for _, o in rest])
-        except Exception as error:  # a provider that fails to start is reported, then skipped
-            say(f"{path.name}: {provider} failed ({type(error).__name__}: "
-                f"{str(error).strip().splitlines()[0][:300]})")
-            continue
-        if session.get_providers()[0] == provider:
+        heard = []
+        session = try_session(path, chain[i:], options, lambda text: heard.append(text))
+        for text in heard:
+            say(text)
+        if session is not None:
             return session, provider
-        say(f"{path.name}: {provider} did not load: {provider_load_problem(provider)}")
-    raise BadInput(f"{path}: no execution provider could open it; reinstall onnxruntime")
+        last_error = heard[-1] if heard else None
+    raise BadInput(f"{path}: no execution provider could open it ({last_error}); the file may be "
+                   f"damaged (download the pack again), or reinstall onnxruntime")
 
 
 def model_input(model_path: Path) -> tuple:
-    """Return (input name, dims) of a model's first input; a dim is None where it is dynamic."""
+    """Return (first input's name, its dims - None where dynamic -, output count) of a model."""
     import onnx
     graph = onnx.load(str(model_path), load_external_data=False).graph
     dims = [d.dim_value or None for d in graph.input[0].type.tensor_type.shape.dim]
-    return graph.input[0].name, dims
+    return graph.input[0].name, dims, len(graph.output)
 
 
-def detector_profile(input_name: str, dims: list, batch_count: int, box_wh: tuple) -> dict:
+def detector_profile(input_name: str, dims: list, batch_count: int, box_wh: tuple,
+                     largest_stride_px: int = 32) -> dict:
     """Return the detector's TensorRT optimisation profile {input: (min, opt, max) shapes}:
     batches of 1..batch_count (a short last batch needs no new engine) and, for a detector of
-    dynamic size, every trimmed input up to the box (DET_SIZE x PRE_UPSCALE_FACTOR)."""
-    height = dims[2] or box_wh[1]
-    width = dims[3] or box_wh[0]
-    low_h, low_w = (dims[2] or 32), (dims[3] or 32)
-    return {input_name: ((1, 3, low_h, low_w), (batch_count, 3, height, width),
-                         (batch_count, 3, height, width))}
+    dynamic size, every trimmed input from its largest stride (one feature cell) up to the box
+    (DET_SIZE x PRE_UPSCALE_FACTOR)."""
+    height_px, width_px = dims[2] or box_wh[1], dims[3] or box_wh[0]
+    low_h_px, low_w_px = dims[2] or largest_stride_px, dims[3] or largest_stride_px
+    return {input_name: ((1, 3, low_h_px, low_w_px), (batch_count, 3, height_px, width_px),
+                         (batch_count, 3, height_px, width_px))}
 
 
 def recognizer_profile(input_name: str, chunk_count: int, side_px: int = 112) -> dict:
@@ -1506,7 +1561,10 @@ def recognizer_profile(input_name: str, chunk_count: int, side_px: int = 112) ->
 
 def profile_text(profile: dict, which: int) -> str:
     """Return one of a profile's shape sets (0 min, 1 opt, 2 max) as ONNX Runtime's option text,
-    e.g. 'input.1:1x3x32x32'."""
+    e.g. 'input.1:1x3x32x32'; raise BadInput for an input name the text cannot hold."""
+    bad = [name for name in profile if ":" in name or "," in name]
+    if bad:
+        raise BadInput(f"model input {bad[0]!r}: TensorRT profiles cannot name inputs with ':' or ','")
     return ",".join(f"{name}:{'x'.join(str(v) for v in shapes[which])}"
                     for name, shapes in sorted(profile.items()))
 
@@ -1531,16 +1589,17 @@ def engine_folder(cache_dir: Path, model_path: Path, profile: dict, gpu: "GpuSlo
 
 
 def needs_engine_build(folder: Path) -> bool:
-    """Return True when a TensorRT engine folder holds no engine yet (the first run builds it)."""
+    """Return True when a TensorRT engine folder holds no engine yet (the first run builds it).
+    An engine folder only ever appears whole: see open_with_tensorrt."""
     return not any(folder.glob("*.engine"))
 
 
-def tensorrt_options(folder: Path, timing_dir: Path, profile: dict, gpu_id: int, fp16: bool) -> dict:
-    """Return the TensorRT provider options: engine cache in its keyed folder, a timing cache
-    shared per GPU model and TensorRT version, fp16, and explicit optimisation profiles."""
+def tensorrt_options(folder: Path, profile: dict, gpu_id: int, fp16: bool) -> dict:
+    """Return the TensorRT provider options: engine and timing cache in the engine's keyed
+    folder, fp16, and explicit optimisation profiles."""
     return {"device_id": gpu_id, "trt_fp16_enable": fp16,
             "trt_engine_cache_enable": True, "trt_engine_cache_path": str(folder),
-            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(timing_dir),
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(folder),
             "trt_profile_min_shapes": profile_text(profile, 0),
             "trt_profile_opt_shapes": profile_text(profile, 1),
             "trt_profile_max_shapes": profile_text(profile, 2)}
@@ -1598,39 +1657,78 @@ def gpu_slots(settings: Settings, worker_count: int) -> list:
     return [GpuSlot(i, names[i] if i < len(names) else f"GPU {i}", version) for i in ids]
 
 
-def provider_settings(provider: str, model_path: Path, profile: dict, gpu: GpuSlot,
-                      settings: Settings, say) -> dict | None:
-    """Return the options of one provider for one model, or None to skip it for this model
-    (TensorRT on int8 graphs it cannot run)."""
+def usable_chain(path: Path, chain: list, say) -> list:
+    """Return the providers of chain that can serve this model, saying why the others cannot: a
+    GPU provider whose library does not load, and TensorRT for int8 graphs it cannot run."""
+    usable = []
+    for provider in chain:
+        why = provider_library_error(provider)
+        if why is None and provider == "TensorrtExecutionProvider" and tensorrt_unsupported_ops(path):
+            why = (f"TensorRT cannot run {', '.join(sorted(tensorrt_unsupported_ops(path)))} (int8 "
+                   f"dynamic quantization); this model runs on the next provider")
+        if why is None:
+            usable.append(provider)
+        else:
+            say(f"{path.name}: {provider} cannot be used: {why}")
+    return usable
+
+
+def provider_options(provider: str, gpu: GpuSlot) -> dict:
+    """Return the options of a CUDA or CPU provider on this worker's GPU."""
     if provider == "CUDAExecutionProvider":
         return {"device_id": gpu.id, "cudnn_conv_algo_search": "HEURISTIC"}
-    if provider != "TensorrtExecutionProvider":
-        return {}
-    unsupported = tensorrt_unsupported_ops(model_path)
-    if unsupported:
-        say(f"{model_path.name}: TensorRT cannot run {', '.join(sorted(unsupported))} (int8 dynamic "
-            f"quantization); this model runs on the next provider (CUDA)")
+    return {}
+
+
+def open_with_tensorrt(path: Path, chain: list, profile: dict, options, gpu: GpuSlot,
+                       settings: Settings, say):
+    """Return a TensorRT session of the model with its engine from the keyed folder, or None
+    (said why). One process at a time (a file lock): the first builds the engine into a
+    temporary folder, renamed into place only once the session works, so an interrupted or
+    failed build leaves nothing a later run would trust; the others then load it."""
+    from filelock import FileLock
+    folder = engine_folder(Path(settings.TRT_CACHE_DIR), path, profile, gpu, settings.TRT_FP16)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    rest = [(p, provider_options(p, gpu)) for p in chain[1:]]
+    with FileLock(str(folder) + ".lock"):
+        for stale in folder.parent.glob(f"{folder.name}.build-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a build that was killed
+        if not needs_engine_build(folder):
+            trt = ("TensorrtExecutionProvider", tensorrt_options(folder, profile, gpu.id, settings.TRT_FP16))
+            session = try_session(path, [trt, *rest], options, say)
+            if session is not None:
+                return session
+            say(f"{path.name}: the cached engine in {folder} did not load; building it again")
+            shutil.rmtree(folder, ignore_errors=True)
+        return build_tensorrt_engine(path, folder, rest, profile, options, gpu, settings, say)
+
+
+def build_tensorrt_engine(path: Path, folder: Path, rest: list, profile: dict, options,
+                          gpu: GpuSlot, settings: Settings, say):
+    """Return a TensorRT session whose engine was just built into folder, or None (said why)."""
+    say(f"[*] WARMUP: Generating TensorRT engine for {path.name} in {folder} (first run only; minutes)")
+    build = folder.with_name(f"{folder.name}.build-{os.getpid()}")
+    build.mkdir()
+    trt = ("TensorrtExecutionProvider", tensorrt_options(build, profile, gpu.id, settings.TRT_FP16))
+    session = try_session(path, [trt, *rest], options, say)
+    if session is None or needs_engine_build(build):
+        shutil.rmtree(build, ignore_errors=True)
         return None
-    cache_dir = Path(settings.TRT_CACHE_DIR)
-    folder = engine_folder(cache_dir, model_path, profile, gpu, settings.TRT_FP16)
-    timing = cache_dir / "timing" / safe_file_name(f"{gpu.name}-trt{gpu.tensorrt}").replace(" ", "_")
-    for path in (folder, timing):
-        path.mkdir(parents=True, exist_ok=True)
-    if needs_engine_build(folder):
-        say(f"[*] WARMUP: Generating TensorRT engine for {model_path.name} in {folder} "
-            f"(first run only; minutes)")
-    return tensorrt_options(folder, timing, profile, gpu.id, settings.TRT_FP16)
+    os.replace(build, folder)  # the session keeps its engine; later runs find the folder
+    return session
 
 
 def open_model(path: Path, chain: list, profile: dict, threads: int, gpu: GpuSlot,
                settings: Settings, say) -> tuple:
     """Return (session, provider) for one model on the best provider of chain that loads."""
-    pairs = []
-    for provider in chain:
-        options = provider_settings(provider, path, profile, gpu, settings, say)
-        if options is not None:
-            pairs.append((provider, options))
-    return open_session(path, pairs, session_options(threads), say)
+    chain = usable_chain(path, chain, say)
+    options = session_options(threads)
+    if chain[0] == "TensorrtExecutionProvider":
+        session = open_with_tensorrt(path, chain, profile, options, gpu, settings, say)
+        if session is not None:
+            return session, chain[0]
+        chain = chain[1:]
+    return open_session(path, [(p, provider_options(p, gpu)) for p in chain], options, say)
 
 
 def load_face_models(settings: Settings, provider_choice: str, threads: int,
@@ -1639,10 +1737,11 @@ def load_face_models(settings: Settings, provider_choice: str, threads: int,
     (TensorRT, CUDA, CPU); say() tells what was chosen and why better providers were not."""
     import onnxruntime as ort
     from insightface.model_zoo.arcface_onnx import ArcFaceONNX
-    ort.set_default_logger_severity(3)
+    ort.set_default_logger_severity(int(os.environ.get("ORT_LOG_LEVEL", "3")))
     det_path, rec_path = classify_pack_models(find_model_pack(settings.MODEL_ROOT,
                                                               settings.MODEL_PACK_NAME))
     chain = provider_chain(provider_choice, ort.get_available_providers())
+    say_missing_providers(provider_choice, ort.get_available_providers(), say)
     if "CUDAExecutionProvider" in chain and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip packages, when they are installed
     gpu = gpu or GpuSlot(0, "GPU 0", None)
@@ -1651,24 +1750,38 @@ def load_face_models(settings: Settings, provider_choice: str, threads: int,
         made, note = batched_detector(det_path, Path(settings.TRT_CACHE_DIR))
         say(note)
         det_file, batched = (made, True) if made else (det_path, False)
-    det_input, det_dims = model_input(det_file)
-    box = detector_box_size(settings)
-    det_session, det_provider = open_model(
-        det_file, chain, detector_profile(det_input, det_dims, settings.BATCH_SIZE if batched else 1, box),
-        threads, gpu, settings, say)
+    det_session, det_provider = open_model(det_file, chain, detector_profile_for(
+        det_file, settings, batched), threads, gpu, settings, say)
     rec_chunk = 1 if uses_dynamic_quantization(rec_path) else settings.REC_CHUNK_SIZE
-    rec_input, _ = model_input(rec_path)
-    rec_session, rec_provider = open_model(rec_path, chain, recognizer_profile(rec_input, rec_chunk),
-                                           threads, gpu, settings, say)
+    rec_session, rec_provider = open_model(rec_path, chain, recognizer_profile(
+        model_input(rec_path)[0], rec_chunk), threads, gpu, settings, say)
+    if rec_provider == "CUDAExecutionProvider" and tensorrt_unsupported_ops(rec_path):
+        say(f"{rec_path.name}: ONNX Runtime has no CUDA kernels for its int8 ops (ConvInteger): "
+            f"those run on the CPU; an fp32 pack such as buffalo_l is faster on a GPU")
     recognizer = ArcFaceONNX(model_file=str(rec_path), session=rec_session)
     models = face_models(det_path, det_file, det_session, batched, recognizer, rec_path,
                          1 if rec_chunk == 1 else 1 << 30, gpu)
     device_type = device_for(det_provider, rec_provider, settings.FRAMES_ON_DEVICE, say)
     if device_type is not None:
-        models.device = DeviceGraphs(models, device_type, gpu.id)
-        say(f"frames go to the {device_type.upper()} once: resizing, face alignment, detector and "
-            f"recognizer run there")
+        models.device = DeviceGraphs(models, device_type, gpu.id, threads, say)
     return models
+
+
+def say_missing_providers(choice: str, available: list, say) -> None:
+    """Say why each GPU provider asked for is not in this onnxruntime build: always for
+    --providers tensorrt|cuda, and for auto when a GPU is there (else a CPU machine is fine)."""
+    missing = [p for p in _PROVIDER_ORDER[choice] if p not in available and p != "CPUExecutionProvider"]
+    if missing and (choice != "auto" or visible_gpus()):
+        for provider in missing:
+            say(f"{provider} cannot be used: {provider_load_problem(provider)}")
+
+
+def detector_profile_for(det_file: Path, settings: Settings, batched: bool) -> dict:
+    """Return the TensorRT profile of this detector file for this run's batch and box sizes."""
+    name, dims, output_count = model_input(det_file)
+    strides = _SCRFD_LAYOUTS.get(output_count, ((32,),))[0]
+    return detector_profile(name, dims, settings.BATCH_SIZE if batched else 1,
+                            detector_box_size(settings), max(strides))
 
 
 def device_for(det_provider: str, rec_provider: str, choice: str, say) -> str | None:
@@ -1794,12 +1907,13 @@ def letterbox_graph():
     provider resizes linearly only over the two innermost axes; it is cv2.resize's INTER_LINEAR
     (half-pixel centres, edge pixels repeated, no antialiasing), rounded to uint8 levels as
     cv2.resize does before normalising. Bilinear values stay within [0, 255], so no Clip is needed.
-    The uint8 frames are cast first: TensorRT takes uint8 only as a network input or output.
+    The uint8 frames are transposed before they are cast, so the transpose moves a quarter of
+    the bytes (the graph runs on the CUDA provider; TensorRT would take uint8 only as an input).
     """
     from onnx import TensorProto, helper
     nodes = [
-        helper.make_node("Cast", ["frames"], ["levels_nhwc"], to=TensorProto.FLOAT),
-        helper.make_node("Transpose", ["levels_nhwc"], ["levels_in"], perm=[0, 3, 1, 2]),
+        helper.make_node("Transpose", ["frames"], ["frames_nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Cast", ["frames_nchw"], ["levels_in"], to=TensorProto.FLOAT),
         helper.make_node("Shape", ["levels_in"], ["batch_channels"], start=0, end=2),
         helper.make_node("Concat", ["batch_channels", "resized_hw"], ["sizes"], axis=0),
         helper.make_node("Resize", ["levels_in", "", "", "sizes"], ["resized"], mode="linear",
@@ -2018,7 +2132,7 @@ class DeviceFrames:
     """A batch of frames of one size, uploaded once to the models' device (uint8 [N,H,W,3])."""
 
     value: object  # the OrtValue on the device
-    host: np.ndarray  # the host copy it was made from (on the CPU device, its memory)
+    host: np.ndarray | None  # on the CPU device, the array whose memory the value uses
     height: int
     width: int
 
@@ -2037,21 +2151,29 @@ class DeviceGraphs:
     recognizer through ONNX Runtime IO binding: each frame is uploaded once, and only the
     detector's outputs and the embeddings come back. Thread-safe (a binding per call)."""
 
-    def __init__(self, models: FaceModels, device_type: str, device_id: int):
+    def __init__(self, models: FaceModels, device_type: str, device_id: int, threads: int, say):
         self.models, self.device_type, self.device_id = models, device_type, device_id
         # On the CUDA provider, not TensorRT: fp16 would blur the alignment grid, and the
         # resize sizes change per video (TensorRT would need a profile per size).
         providers = ([("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
                      if device_type == "cuda" else ["CPUExecutionProvider"])
-        self.letterbox = graph_session(letterbox_graph(), providers)
-        self.align = graph_session(alignment_graph(models.rec_mean, models.rec_std), providers)
+        self.letterbox = graph_session(letterbox_graph(), providers, session_options(threads))
+        self.align = graph_session(alignment_graph(models.rec_mean, models.rec_std), providers,
+                                   session_options(threads))
+        ran_on = self.letterbox.get_providers()[0]
+        if device_type == "cuda" and ran_on != "CUDAExecutionProvider":
+            say(f"the resize and alignment graphs run on {ran_on}, not CUDA: frames go back and "
+                f"forth ({provider_load_problem('CUDAExecutionProvider')})")
+        say(f"frames go to the {device_type.upper()} once: resizing, face alignment, detector and "
+            f"recognizer run there")
 
     def upload(self, images: list) -> DeviceFrames:
         """Return the frames (all of one size) copied to the device in one transfer."""
         import onnxruntime as ort
         host = np.ascontiguousarray(np.stack(images))
         value = ort.OrtValue.ortvalue_from_numpy(host, self.device_type, self.device_id)
-        return DeviceFrames(value, host, host.shape[1], host.shape[2])
+        # On the CPU device the value uses the host array's memory, which must then live on.
+        return DeviceFrames(value, host if self.device_type == "cpu" else None, host.shape[1], host.shape[2])
 
     def blob(self, frames: DeviceFrames, input_size: tuple):
         """Return the detector input [N,3,H,W] of uploaded frames, left on the device."""
@@ -3940,12 +4062,12 @@ def working_providers(model_path: Path) -> dict:
     available = ort.get_available_providers()
     verdicts = {}
     for provider in _PROVIDER_ORDER["auto"]:
-        if provider not in available:
+        if provider not in available or provider_library_error(provider):
             if provider != "CPUExecutionProvider":
                 verdicts[provider] = f"not available: {provider_load_problem(provider)}"
             continue
         try:
-            session = ort.InferenceSession(str(model_path), providers=[provider])
+            session = ort.InferenceSession(str(model_path), providers=[provider], enable_fallback=0)
             active = session.get_providers()
             verdicts[provider] = ("loads" if provider in active else
                                   f"listed, but the session fell back to {active}: "
@@ -4006,7 +4128,8 @@ def check_lines(settings: Settings) -> tuple:
             detector, recognizer = classify_pack_models(pack)
             say(True, f"model pack: {pack} (detector {detector.name}, recognizer {recognizer.name})")
             for provider, verdict in working_providers(detector).items():
-                if verdict.startswith("not available") and settings.PROVIDERS in ("auto", "cpu"):
+                optional = verdict.startswith("not available") or tensorrt_missing(provider, verdict)
+                if optional and settings.PROVIDERS in ("auto", "cpu"):
                     lines.append(f"  [--] provider {provider}: {verdict}")  # optional here
                 else:
                     say(verdict == "loads", f"provider {provider}: {verdict}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -95,7 +96,7 @@ def providers(report: Report, detector: Path) -> list:
         if verdict == "loads":
             working.append(provider)
             report.line("ok", f"{provider}: loads")
-        elif verdict.startswith("not available"):
+        elif verdict.startswith("not available") or main.tensorrt_missing(provider, verdict):
             report.line("--", f"{provider}: {verdict}")
         else:
             report.line("!!", f"{provider}: {verdict}")
@@ -113,12 +114,18 @@ def open_detector_once(model_root: str, pack: str, cache_dir: Path, provider: st
             "providers": models.providers, "batched": models.det_batched}
 
 
-def engines(report: Report, model_root: str, pack: str, cache_dir: Path, working: list) -> None:
-    """With TensorRT: open the models in two fresh processes; the first builds the engines,
-    the second must reuse them (no new engine file, no WARMUP message)."""
+def engine_files(cache_dir: Path) -> dict:
+    """Return {engine or profile file: (bytes, mtime ns)} under the TensorRT cache."""
+    return {str(p.relative_to(cache_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in cache_dir.rglob("*") if p.suffix in (".engine", ".profile")}
+
+
+def engines(report: Report, model_root: str, pack: str, cache_dir: Path, working: list) -> dict:
+    """With TensorRT: open the models in two fresh processes; the first builds the engines, the
+    second must load them unchanged (same files, sizes and times; no WARMUP). Return the files."""
     if "TensorrtExecutionProvider" not in working:
         report.line("--", "TensorRT engine build and reuse: TensorRT does not load here")
-        return
+        return {}
     runs = []
     for attempt in ("first", "second"):
         done = subprocess.run([sys.executable, __file__, "--open-once", "--model-root", model_root,
@@ -126,16 +133,32 @@ def engines(report: Report, model_root: str, pack: str, cache_dir: Path, working
                               capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:
             report.line("!!", f"TensorRT {attempt} run failed: {done.stderr.strip()[-800:]}")
-            return
+            return {}
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        runs[-1]["engines"] = sorted(p.name for p in cache_dir.rglob("*.engine"))
-        print(f"    {attempt} run: {runs[-1]['seconds']} s, engines {len(runs[-1]['engines'])}, "
-              f"notes: {runs[-1]['notes']}")
+        runs[-1]["engines"] = engine_files(cache_dir)
+        print(f"    {attempt} run: {runs[-1]['seconds']} s, {len(runs[-1]['engines'])} engine/profile "
+              f"files, notes: {runs[-1]['notes']}")
     warmup_again = any("WARMUP" in note for note in runs[1]["notes"])
-    rebuilt = runs[1]["engines"] != runs[0]["engines"]
-    report.line("!!" if warmup_again or rebuilt or not runs[0]["engines"] else "ok",
-                f"TensorRT engines: built in {runs[0]['seconds']} s, reopened in {runs[1]['seconds']} s, "
-                f"{len(runs[0]['engines'])} engine file(s){', REBUILT' if rebuilt or warmup_again else ', reused'}")
+    rebuilt = runs[1]["engines"] != runs[0]["engines"] or warmup_again
+    report.line("!!" if rebuilt or not runs[0]["engines"] else "ok",
+                f"TensorRT engines: built in {runs[0]['seconds']} s, reopened in {runs[1]['seconds']} s "
+                f"({runs[0]['seconds'] / max(runs[1]['seconds'], 0.01):.1f}x faster), "
+                f"{'REBUILT on the second run' if rebuilt else 'reused unchanged'}")
+    return runs[1]["engines"]
+
+
+def decode_speed() -> None:
+    """Print how fast PyAV decodes the shared 1080p clip on this machine (what the GPU path must
+    keep up with), or say why it cannot."""
+    clip = REPO.parent / "shared" / "testdata" / "videos" / "crowd_royal_opera_house.mp4"
+    try:
+        info = main.probe_video(clip, 0, clip.stem)
+        started = time.perf_counter()
+        count = sum(1 for _ in main.decode_frames(info, 1))
+        print(f"    PyAV decoding of {clip.name} (1920x1080, one process): "
+              f"{count / (time.perf_counter() - started):.1f} frames/s")
+    except Exception as error:  # no PyAV or no test data: say so, measure the rest
+        print(f"    decoding speed not measured: {type(error).__name__}: {error}")
 
 
 def test_frames(count: int) -> list:
@@ -183,7 +206,7 @@ def detector_speed(models, settings, frames: list, runs: int) -> None:
                 f"{batch / cpu_s:8.1f} frames/s")
         if models.device is not None:
             dev_s = time_runs(lambda: main.detect_on_device(models, frames[:batch], settings), max(2, runs // 4))
-            line += f", device path {batch / dev_s:8.1f} frames/s"
+            line += f", device path {batch / dev_s:8.1f} frames/s ({cpu_s / dev_s:.2f}x the CPU path)"
         print(line, flush=True)
 
 
@@ -245,6 +268,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main_check(argv=None) -> int:
     """Run every check; return 1 if one that could run failed, else 0."""
     args = parse_args(argv)
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # GPUs numbered like nvidia-smi
     cache_dir = Path(args.cache or tempfile.mkdtemp(prefix="gpu-check-trt-"))
     if args.open_once:
         print(json.dumps(open_detector_once(args.model_root, args.model_pack, cache_dir, "tensorrt")))
@@ -261,11 +285,14 @@ def main_check(argv=None) -> int:
     print(f"== providers (each alone on {detector.name})")
     working = providers(report, detector)
     print(f"== TensorRT engine cache ({cache_dir})")
-    engines(report, args.model_root, args.model_pack, cache_dir, working)
+    built = engines(report, args.model_root, args.model_pack, cache_dir, working)
     print("== speed (1080p frames)")
+    decode_speed()
     for provider in working:
         speed(report, args.model_root, args.model_pack, cache_dir, provider,
               5 if args.quick else TIMED_RUNS)
+    if built and engine_files(cache_dir) != built:
+        report.line("!!", "TensorRT engines were rebuilt while measuring (a shape outside the profile?)")
     print(f"== {report.failed} failed, {len(report.unchecked)} not checked here")
     for text in report.unchecked:
         print(f"  not checked: {text}")

@@ -33,3 +33,33 @@ def test_gpu_check_runs_without_gpu_tensorrt_or_ffmpeg(tmp_path):
         assert expected in out, f"{expected!r} missing from:\n{out[-3000:]}"
     faces = int(out.split("single-frame ones (")[1].split(" faces")[0])
     assert faces >= 8, f"the equality check saw only {faces} faces"
+
+
+def load_gpu_check():
+    """bench/gpu_check.py as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tensorrt_missing_is_not_checked_but_a_failing_cuda_is_a_failure(monkeypatch, capsys):
+    """On a GPU machine with onnxruntime-gpu but without TensorRT (it lists TensorRT anyway),
+    TensorRT is 'not checked' ([--]); a CUDA provider that is there but falls back fails ([!!])."""
+    gpu_check = load_gpu_check()
+    verdicts = {
+        "TensorrtExecutionProvider": "listed, but the session fell back to ['CUDAExecutionProvider', "
+                                     "'CPUExecutionProvider']: libonnxruntime_providers_tensorrt.so "
+                                     "cannot be loaded: libnvinfer.so.10: cannot open shared object file",
+        "CUDAExecutionProvider": "loads", "CPUExecutionProvider": "loads"}
+    monkeypatch.setattr(gpu_check.main, "working_providers", lambda path: dict(verdicts))
+    report = gpu_check.Report()
+    working = gpu_check.providers(report, Path("det.onnx"))
+    assert working == ["CUDAExecutionProvider", "CPUExecutionProvider"] and report.failed == 0, capsys.readouterr().out
+    assert "[--] TensorrtExecutionProvider" in capsys.readouterr().out
+    verdicts["CUDAExecutionProvider"] = ("listed, but the session fell back to ['CPUExecutionProvider']: "
+                                         "libcudnn.so.9: cannot open shared object file")
+    report = gpu_check.Report()
+    gpu_check.providers(report, Path("det.onnx"))
+    assert report.failed == 1, capsys.readouterr().out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -363,7 +364,7 @@ def test_engine_cache_key_is_stable_for_the_same_facts(main_module, tmp_path):
     file's path: the key hashes the model's bytes."""
     first = main_module.engine_cache_key(**BASE_KEY)
     assert first == main_module.engine_cache_key(**dict(BASE_KEY))
-    assert len(first) == 16 and int(first, 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{16}", first), first
     copy = tmp_path / "elsewhere" / "det_500m.onnx"
     copy.parent.mkdir()
     copy.write_bytes((PACK_DIR / "det_500m.onnx").read_bytes())
@@ -374,22 +375,27 @@ def test_engine_cache_key_is_stable_for_the_same_facts(main_module, tmp_path):
 
 
 def test_tensorrt_options_have_caches_fp16_and_explicit_profiles(main_module, tmp_path):
-    """TensorRT gets its engine folder, the shared timing cache, fp16 and min/opt/max shapes that
-    cover batches 1..BATCH_SIZE and every trimmed detector input up to DET_SIZE."""
-    profile = main_module.detector_profile("input.1", [None, 3, None, None], 8, (640, 640))
-    options = main_module.tensorrt_options(tmp_path / "e", tmp_path / "t", profile, 1, True)
+    """TensorRT gets its engine folder (engine and timing cache), fp16 and min/opt/max shapes
+    that cover batches 1..BATCH_SIZE and every trimmed detector input, from the largest stride
+    (one feature cell) up to DET_SIZE."""
+    profile = main_module.detector_profile("input.1", [None, 3, None, None], 8, (640, 640), 32)
+    options = main_module.tensorrt_options(tmp_path / "e", profile, 1, True)
     assert options["device_id"] == 1 and options["trt_fp16_enable"] is True
     assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == str(tmp_path / "e")
-    assert options["trt_timing_cache_enable"] and options["trt_timing_cache_path"] == str(tmp_path / "t")
+    assert options["trt_timing_cache_enable"] and options["trt_timing_cache_path"] == str(tmp_path / "e")
     assert options["trt_profile_min_shapes"] == "input.1:1x3x32x32"
     assert options["trt_profile_opt_shapes"] == "input.1:8x3x640x640"
     assert options["trt_profile_max_shapes"] == "input.1:8x3x640x640"
+    five_levels = main_module.detector_profile("input.1", [None, 3, None, None], 8, (640, 640), 128)
+    assert main_module.profile_text(five_levels, 0) == "input.1:1x3x128x128"
     fixed = main_module.detector_profile("images", [1, 3, 640, 640], 8, (1280, 1280))
     assert main_module.profile_text(fixed, 0) == "images:1x3x640x640"
     assert main_module.profile_text(fixed, 2) == "images:8x3x640x640"
     rec = main_module.recognizer_profile("input.1", 32)
     assert main_module.profile_text(rec, 0) == "input.1:1x3x112x112"
     assert main_module.profile_text(rec, 2) == "input.1:32x3x112x112"
+    with pytest.raises(main_module.BadInput, match="':' or ','"):
+        main_module.profile_text({"a:b": rec["input.1"]}, 0)
 
 
 def test_warmup_is_announced_only_while_no_engine_is_cached(main_module, tmp_path):
@@ -401,6 +407,144 @@ def test_warmup_is_announced_only_while_no_engine_is_cached(main_module, tmp_pat
     assert not main_module.needs_engine_build(folder)
 
 
+class FakeTensorrtSession:
+    """Stands in for onnxruntime.InferenceSession: records each call; with TensorRT first it
+    'builds' an engine file into the cache folder it was given, or fails as `fail` says."""
+
+    calls: list = []
+    fail: set = set()  # "build": a new engine fails; "load": a cached engine fails
+
+    def __init__(self, path, options=None, providers=None, provider_options=None, enable_fallback=1):
+        FakeTensorrtSession.calls.append((list(providers), list(provider_options or [])))
+        self.providers = list(providers)
+        if providers[0] == "TensorrtExecutionProvider":
+            folder = Path(provider_options[0]["trt_engine_cache_path"])
+            cached = any(folder.glob("*.engine"))
+            if ("load" if cached else "build") in FakeTensorrtSession.fail:
+                raise RuntimeError("TensorRT EP could not deserialize engine" if cached else "build failed")
+            (folder / "TensorrtExecutionProvider_TRTKernel_graph_main_1_0_0_fp16_sm90.engine").write_bytes(b"e")
+
+    def get_providers(self):
+        return self.providers
+
+
+@pytest.fixture()
+def fake_tensorrt(main_module, monkeypatch):
+    """TensorRT and CUDA 'available' with loadable libraries, sessions faked (no GPU here)."""
+    import onnxruntime as ort
+    monkeypatch.setattr(ort, "InferenceSession", FakeTensorrtSession)
+    monkeypatch.setattr(main_module, "provider_library_error", lambda provider: None)
+    FakeTensorrtSession.calls, FakeTensorrtSession.fail = [], set()
+    return FakeTensorrtSession
+
+
+def open_detector(main_module, settings, gpu):
+    """Open det_500m on [TensorRT, CUDA, CPU]; return (session, provider, what was said)."""
+    said = []
+    profile = main_module.detector_profile("input.1", [1, 3, None, None], 1, (640, 640))
+    session, provider = main_module.open_model(
+        PACK_DIR / "det_500m.onnx", ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                     "CPUExecutionProvider"], profile, 1, gpu, settings, said.append)
+    return session, provider, said
+
+
+def test_a_tensorrt_engine_is_built_once_then_loaded_on_its_gpu(main_module, fake_tensorrt, tmp_path):
+    """First run: WARMUP, the engine is built into a temporary folder that becomes the keyed
+    folder only once it works. Second run: no WARMUP, the same folder. Worker 1's GPU id reaches
+    TensorRT's and CUDA's options."""
+    settings = main_module.load_settings(["--trt-cache-dir", str(tmp_path / "cache")])
+    gpu = main_module.GpuSlot(1, "NVIDIA H200", "10.9.0")
+    _, provider, said = open_detector(main_module, settings, gpu)
+    assert provider == "TensorrtExecutionProvider" and sum("WARMUP" in t for t in said) == 1, said
+    folders = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert len(folders) == 1 and folders[0].name.startswith("det_500m-"), folders
+    assert not main_module.needs_engine_build(folders[0]) and ".build-" not in folders[0].name
+    _, provider, said = open_detector(main_module, settings, gpu)
+    assert provider == "TensorrtExecutionProvider" and not any("WARMUP" in t for t in said), said
+    providers, options = fake_tensorrt.calls[-1]
+    assert options[0]["trt_engine_cache_path"] == str(folders[0]) and options[0]["device_id"] == 1
+    assert providers[1] == "CUDAExecutionProvider" and options[1]["device_id"] == 1, options
+    assert len(fake_tensorrt.calls) == 2, "the second run should load, not build"
+
+
+def test_a_failed_build_leaves_no_engine_folder_and_the_next_provider_runs(main_module, fake_tensorrt,
+                                                                           tmp_path):
+    """A TensorRT build that fails (or is killed: a stale .build-<pid> folder) leaves nothing a
+    later run would load; the model opens on CUDA with TensorRT's error said."""
+    settings = main_module.load_settings(["--trt-cache-dir", str(tmp_path / "cache")])
+    gpu = main_module.GpuSlot(0, "NVIDIA H200", "10.9.0")
+    fake_tensorrt.fail = {"build"}
+    _, provider, said = open_detector(main_module, settings, gpu)
+    assert provider == "CUDAExecutionProvider", said
+    assert any("TensorrtExecutionProvider failed" in t and "build failed" in t for t in said), said
+    assert [p for p in (tmp_path / "cache").iterdir() if p.is_dir()] == [], "a failed build left a folder"
+    fake_tensorrt.fail = set()
+    open_detector(main_module, settings, gpu)
+    folder = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
+    (tmp_path / "cache" / f"{folder.name}.build-999999").mkdir()  # as a killed build leaves it
+    open_detector(main_module, settings, gpu)
+    assert not list((tmp_path / "cache").glob("*.build-*")), "a killed build's folder was kept"
+
+
+def test_a_cached_engine_that_does_not_load_is_rebuilt(main_module, fake_tensorrt, tmp_path):
+    """An engine TensorRT cannot deserialize (damaged, or from elsewhere) is said and rebuilt,
+    instead of every later run silently running on CUDA."""
+    settings = main_module.load_settings(["--trt-cache-dir", str(tmp_path / "cache")])
+    gpu = main_module.GpuSlot(0, "NVIDIA H200", "10.9.0")
+    open_detector(main_module, settings, gpu)
+    fake_tensorrt.fail = {"load"}
+    _, provider, said = open_detector(main_module, settings, gpu)
+    assert provider == "TensorrtExecutionProvider", said
+    assert any("did not load; building it again" in t for t in said), said
+    assert any("WARMUP" in t for t in said), said
+
+
+def test_no_warmup_when_tensorrt_cannot_load(main_module, monkeypatch, tmp_path):
+    """onnxruntime-gpu lists TensorRT even without TensorRT installed: its library's load error
+    is said, no WARMUP is printed, no engine folder made, and the model opens on the next provider."""
+    broken = tmp_path / "libonnxruntime_providers_tensorrt.so"
+    broken.write_bytes(b"not a shared library")
+    monkeypatch.setattr(main_module, "provider_library",
+                        lambda p: broken if p.startswith("Tensorrt") else None)
+    settings = main_module.load_settings(["--trt-cache-dir", str(tmp_path / "cache")])
+    said = []
+    _, provider = main_module.open_model(
+        PACK_DIR / "det_500m.onnx", ["TensorrtExecutionProvider", "CPUExecutionProvider"],
+        {}, 1, main_module.GpuSlot(0, "GPU 0", None), settings, said.append)
+    assert provider == "CPUExecutionProvider" and not any("WARMUP" in t for t in said), said
+    assert any("TensorrtExecutionProvider cannot be used" in t and "cannot be loaded" in t
+               for t in said), said
+    assert not (tmp_path / "cache").exists()
+
+
+def test_int8_models_are_kept_off_tensorrt_with_a_message(main_module, monkeypatch):
+    """usable_chain drops TensorRT for the int8 recognizer (ConvInteger), saying why, and keeps
+    it for the fp32 detector."""
+    monkeypatch.setattr(main_module, "provider_library_error", lambda provider: None)
+    chain = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    said = []
+    assert main_module.usable_chain(PACK_DIR / "w600k_mbf_int8.onnx", chain, said.append) == chain[1:]
+    assert len(said) == 1 and "ConvInteger" in said[0] and "next provider" in said[0], said
+    assert main_module.usable_chain(PACK_DIR / "det_500m.onnx", chain, said.append) == chain
+
+
+def test_device_graphs_run_on_the_workers_gpu(main_module, monkeypatch, cpu_models):
+    """The resize and alignment graphs are put on CUDA with the worker's device id, and it is
+    said when they do not really run there."""
+    seen = []
+
+    class Fake:
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(main_module, "graph_session",
+                        lambda model, providers, options=None: seen.append(providers) or Fake())
+    said = []
+    main_module.DeviceGraphs(cpu_models, "cuda", 1, 1, said.append)
+    assert len(seen) == 2 and all(p[0] == ("CUDAExecutionProvider", {"device_id": 1}) for p in seen), seen
+    assert any("not CUDA" in t for t in said), said
+
+
 @pytest.mark.parametrize("model, unsupported", [
     (PACK_DIR / "w600k_mbf_int8.onnx", {"ConvInteger", "DynamicQuantizeLinear"}),
     (PACK_DIR / "det_500m.onnx", set()),
@@ -410,15 +554,6 @@ def test_int8_models_are_kept_off_tensorrt(main_module, model, unsupported):
     """ConvInteger/DynamicQuantizeLinear graphs cannot run on TensorRT: they are found by op."""
     assert main_module.tensorrt_unsupported_ops(model) >= unsupported
     assert bool(main_module.tensorrt_unsupported_ops(model)) == bool(unsupported)
-
-
-def test_tensorrt_skips_an_int8_model_with_a_message(main_module, test_settings):
-    """provider_settings refuses TensorRT for the int8 recognizer (None), saying why."""
-    said = []
-    gpu = main_module.GpuSlot(0, "NVIDIA H200", "10.9.0")
-    options = main_module.provider_settings("TensorrtExecutionProvider", PACK_DIR / "w600k_mbf_int8.onnx",
-                                            {}, gpu, test_settings, said.append)
-    assert options is None and "ConvInteger" in said[0] and "CUDA" in said[0], said
 
 
 @pytest.mark.parametrize("workers, ids, visible, expected", [
