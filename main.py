@@ -145,6 +145,8 @@ _SCRFD_LAYOUTS = {
 }
 _TRT_UNSUPPORTED_OPS = {"ConvInteger", "DynamicQuantizeLinear", "MatMulInteger"}  # int8 graphs
 _BATCHED_EDIT_VERSION = 1  # of make_detector_batchable: a change gets new batch-capable copies
+_DEVICE_CANDIDATES = 1000  # anchors per frame brought back from the device (the best scores); when
+# all of them pass det_prob_threshold there may be more, and that frame's whole outputs come back
 _PROVIDER_ORDER = {  # --providers value -> ONNX Runtime providers to try, best first
     "auto": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
@@ -1948,24 +1950,43 @@ def decode_scrfd(outputs: list, strides: tuple, anchors: int, input_size: tuple,
     Outputs come in three groups - scores, box distances, keypoint distances - each with one
     entry per stride, in stride units; a leading batch axis of 1 is accepted.
     """
-    level_count = len(strides)
-    all_scores, all_boxes, all_kps = [], [], []
-    for level, stride in enumerate(strides):
-        scores = outputs[level].reshape(-1)
-        keep = np.nonzero(scores >= threshold)[0]
-        centers = anchor_centers(input_size[1] // stride, input_size[0] // stride, stride,
-                                 anchors)[keep]
-        distances = outputs[level + level_count].reshape(-1, 4)[keep] * stride
-        kps = outputs[level + 2 * level_count].reshape(-1, 10)[keep] * stride
-        all_scores.append(scores[keep])
-        all_boxes.append(np.hstack([centers - distances[:, :2], centers + distances[:, 2:]]))
-        all_kps.append(kps.reshape(-1, 5, 2) + centers[:, None, :])
-    scores = np.concatenate(all_scores)
+    level_count, offset = len(strides), 0
+    picked, scores, distances, kps = [], [], [], []
+    for level in range(level_count):
+        level_scores = outputs[level].reshape(-1)
+        keep = np.nonzero(level_scores >= threshold)[0]
+        picked.append(keep + offset)
+        scores.append(level_scores[keep])
+        distances.append(outputs[level_count + level].reshape(-1, 4)[keep])
+        kps.append(outputs[2 * level_count + level].reshape(-1, 10)[keep])
+        offset += level_scores.size
+    return decode_candidates(np.concatenate(picked), np.concatenate(scores), np.concatenate(distances),
+                             np.concatenate(kps), strides, anchors, input_size, scale)
+
+
+@lru_cache(maxsize=64)
+def anchor_table(strides: tuple, anchors: int, input_size: tuple) -> tuple:
+    """Return (centres [A,2], stride of each [A]) of every anchor, levels concatenated in order."""
+    centers = [anchor_centers(input_size[1] // s, input_size[0] // s, s, anchors) for s in strides]
+    return np.concatenate(centers), np.concatenate([np.full(len(c), s, np.float32)
+                                                   for c, s in zip(centers, strides)])
+
+
+def decode_candidates(anchor_idx: np.ndarray, scores: np.ndarray, distances: np.ndarray,
+                      kps: np.ndarray, strides: tuple, anchors: int, input_size: tuple,
+                      scale: float) -> tuple:
+    """Return decode_scrfd's (boxes, kps) from chosen anchors (indices into anchor_table, in
+    increasing order) with their scores and raw box / keypoint distances: sorted by score, NMS."""
+    centers, anchor_strides = anchor_table(strides, anchors, input_size)
+    centers, stride = centers[anchor_idx], anchor_strides[anchor_idx][:, None]
+    distances, kps = distances * stride, kps * stride
+    boxes = np.hstack([centers - distances[:, :2], centers + distances[:, 2:]])
+    points = kps.reshape(-1, 5, 2) + centers[:, None, :]
     order = np.argsort(-scores, kind="stable")
-    boxes = np.hstack([np.concatenate(all_boxes) / scale, scores[:, None]])[order]
-    kps = (np.concatenate(all_kps) / scale)[order]
+    boxes = np.hstack([boxes / scale, scores[:, None]])[order]
+    points = (points / scale)[order]
     keep = nms(boxes.astype(np.float32), _NMS_IOU)
-    return boxes[keep].astype(np.float32), kps[keep].astype(np.float32)
+    return boxes[keep].astype(np.float32), points[keep].astype(np.float32)
 
 
 def nms(boxes: np.ndarray, iou_threshold: float) -> list:
@@ -2114,6 +2135,47 @@ def alignment_graph(mean: float, std: float, size: int = 112):
                              [("crops", np.float32, ["F", 3, size, size])], constants)
 
 
+def candidates_graph(output_names: list, output_ranks: list, count: int):
+    """Return an ONNX model that keeps, per image, the `count` anchors with the best scores of an
+    SCRFD detector's outputs (its inputs are named like them; three groups of levels): scores
+    [N,K], anchor indices [N,K] (into the levels concatenated, as anchor_table), box and
+    keypoint distances [N,K,4] and [N,K,10]. K is count, or every anchor when there are fewer."""
+    from onnx import helper
+    level_count = len(output_names) // 3
+    nodes, constants = [], {"k_most": np.array([count], np.int64), "flat": np.array([0, -1], np.int64),
+                            "index_axis": np.array([2], np.int64), "anchor_axis": np.array([1], np.int64)}
+    for group, channels in enumerate((1, 4, 10)):
+        for rank in (2, 3):  # [anchors, C] for a batch-1 detector, else [N, anchors, C]
+            constants[f"shape_{channels}_{rank}"] = np.array([1 if rank == 2 else 0, -1, channels], np.int64)
+        parts = []
+        for level in range(level_count):
+            i = group * level_count + level
+            parts.append(f"level_{i}")
+            nodes.append(helper.make_node("Reshape", [output_names[i], f"shape_{channels}_{output_ranks[i]}"],
+                                          [parts[-1]]))
+        nodes.append(helper.make_node("Concat", parts, [f"all_{channels}"], axis=1))
+    nodes += [
+        helper.make_node("Reshape", ["all_1", "flat"], ["all_scores"]),
+        helper.make_node("Shape", ["all_scores"], ["anchor_count"], start=1, end=2),
+        helper.make_node("Min", ["anchor_count", "k_most"], ["k"]),
+        helper.make_node("TopK", ["all_scores", "k"], ["cand_scores", "cand_index"], axis=1),
+        helper.make_node("Unsqueeze", ["cand_index", "index_axis"], ["index_3d"]),
+        helper.make_node("Shape", ["index_3d"], ["batch_k"], start=0, end=2),
+    ]
+    for channels in (4, 10):
+        constants[f"width_{channels}"] = np.array([channels], np.int64)
+        nodes += [helper.make_node("Concat", ["batch_k", f"width_{channels}"], [f"gather_shape_{channels}"], axis=0),
+                  helper.make_node("Expand", ["index_3d", f"gather_shape_{channels}"], [f"index_{channels}"]),
+                  helper.make_node("GatherElements", [f"all_{channels}", f"index_{channels}"],
+                                   [f"cand_{'boxes' if channels == 4 else 'kps'}"], axis=1)]
+    widths = [c for c in (1, 4, 10) for _ in range(level_count)]
+    inputs = [(name, np.float32, ["N", f"anchors_{i}", widths[i]][3 - output_ranks[i]:])
+              for i, name in enumerate(output_names)]
+    outputs = [("cand_scores", np.float32, ["N", "K"]), ("cand_index", np.int64, ["N", "K"]),
+               ("cand_boxes", np.float32, ["N", "K", 4]), ("cand_kps", np.float32, ["N", "K", 10])]
+    return build_graph_model("candidates", nodes, inputs, outputs, constants)
+
+
 def embed_faces(models: FaceModels, crops: list, chunk_size: int) -> np.ndarray:
     """Return L2-normalised embeddings [len(crops), dim] computed chunk_size crops at a time."""
     import cv2
@@ -2160,6 +2222,9 @@ class DeviceGraphs:
         self.letterbox = graph_session(letterbox_graph(), providers, session_options(threads))
         self.align = graph_session(alignment_graph(models.rec_mean, models.rec_std), providers,
                                    session_options(threads))
+        ranks = [len(o.shape) for o in models.det_session.get_outputs()]
+        self.candidates = graph_session(candidates_graph(models.det_output_names, ranks,
+                                                         _DEVICE_CANDIDATES), providers, session_options(threads))
         ran_on = self.letterbox.get_providers()[0]
         if device_type == "cuda" and ran_on != "CUDAExecutionProvider":
             say(f"the resize and alignment graphs run on {ran_on}, not CUDA: frames go back and "
@@ -2186,19 +2251,27 @@ class DeviceGraphs:
         self.letterbox.run_with_iobinding(binding)
         return binding.get_outputs()[0], new_h / frames.height
 
-    def detector_outputs(self, blob, first: int, count: int, input_size: tuple) -> list:
-        """Return the detector's outputs (host arrays, batch axis first) for blob[first:first+count]."""
+    def detector_outputs(self, blob, first: int, count: int, input_size: tuple) -> tuple:
+        """Run the detector on blob[first:first+count] on the device; return (its outputs, left
+        there; the best anchors of each image: host arrays scores, indices, box and keypoint
+        distances, see candidates_graph)."""
         models = self.models
         binding = models.det_session.io_binding()
         shape = [count, 3, input_size[1], input_size[0]]
-        offset = first * 3 * input_size[0] * input_size[1] * 4  # float32 bytes per image
+        offset_bytes = first * 3 * input_size[0] * input_size[1] * 4  # float32 per image
         binding.bind_input(models.det_input_name, self.device_type, self.device_id, np.float32,
-                           shape, blob.data_ptr() + offset)
+                           shape, blob.data_ptr() + offset_bytes)
         for name in models.det_output_names:
-            binding.bind_output(name, "cpu")
+            binding.bind_output(name, self.device_type, self.device_id)
         models.det_session.run_with_iobinding(binding)
-        outputs = binding.copy_outputs_to_cpu()
-        return outputs if models.det_batched else [o[None] for o in outputs]
+        outputs = binding.get_outputs()
+        choose = self.candidates.io_binding()
+        for name, value in zip(models.det_output_names, outputs):
+            choose.bind_ortvalue_input(name, value)
+        for name in ("cand_scores", "cand_index", "cand_boxes", "cand_kps"):
+            choose.bind_output(name, "cpu")
+        self.candidates.run_with_iobinding(choose)
+        return outputs, choose.copy_outputs_to_cpu()
 
     def embed(self, frames: DeviceFrames, index: int, matrices: np.ndarray) -> np.ndarray:
         """Return the recognizer's raw embeddings [F, dim] of faces of one uploaded frame."""
@@ -2219,7 +2292,8 @@ class DeviceGraphs:
 
 def detect_on_device(models: FaceModels, images: list, settings: Settings) -> tuple:
     """Return ([(boxes, kps)] per image, [(DeviceFrames, index)] per image): frames of one size
-    are uploaded together (BATCH_SIZE at most), resized on the device and detected there."""
+    are uploaded together (BATCH_SIZE at most), resized and detected on the device, and only
+    each frame's best anchors come back."""
     groups = {}
     for i, image in enumerate(images):
         groups.setdefault(image.shape[:2], []).append(i)
@@ -2232,14 +2306,30 @@ def detect_on_device(models: FaceModels, images: list, settings: Settings) -> tu
             blob, scale = models.device.blob(frames, input_size)
             step = len(chunk) if models.det_batched else 1
             for first in range(0, len(chunk), step):
-                outputs = models.device.detector_outputs(blob, first, min(step, len(chunk) - first), input_size)
-                for j in range(len(outputs[0])):
-                    results[chunk[first + j]] = decode_scrfd(
-                        [o[j] for o in outputs], models.det_strides, models.det_anchors,
-                        input_size, scale, settings.det_prob_threshold)
+                count = min(step, len(chunk) - first)
+                outputs, chosen = models.device.detector_outputs(blob, first, count, input_size)
+                for j in range(count):
+                    results[chunk[first + j]] = decode_device_detections(
+                        models, outputs, chosen, j, input_size, scale, settings.det_prob_threshold)
             for j, i in enumerate(chunk):
                 handles[i] = (frames, j)
     return results, handles
+
+
+def decode_device_detections(models: FaceModels, outputs: list, chosen: list, j: int,
+                             input_size: tuple, scale: float, threshold: float) -> tuple:
+    """Return image j's (boxes, kps) from its best anchors; if every one of them passes the
+    threshold (there may be more), from its whole outputs, fetched from the device."""
+    scores, index, distances, kps = (part[j] for part in chosen)
+    keep = scores >= threshold
+    total = len(anchor_table(models.det_strides, models.det_anchors, input_size)[0])
+    if keep.all() and len(scores) < total:
+        whole = [o.numpy() for o in outputs]
+        return decode_scrfd([o[j] for o in whole] if models.det_batched else whole,
+                            models.det_strides, models.det_anchors, input_size, scale, threshold)
+    order = np.argsort(index[keep], kind="stable")  # back to the levels' order, as decode_scrfd
+    return decode_candidates(index[keep][order], scores[keep][order], distances[keep][order],
+                             kps[keep][order], models.det_strides, models.det_anchors, input_size, scale)
 
 
 def embed_looks(models: FaceModels, looks: list, chunk_size: int) -> np.ndarray:

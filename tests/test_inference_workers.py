@@ -529,8 +529,8 @@ def test_int8_models_are_kept_off_tensorrt_with_a_message(main_module, monkeypat
 
 
 def test_device_graphs_run_on_the_workers_gpu(main_module, monkeypatch, cpu_models):
-    """The resize and alignment graphs are put on CUDA with the worker's device id, and it is
-    said when they do not really run there."""
+    """The resize, alignment and candidate graphs are put on CUDA with the worker's device id,
+    and it is said when they do not really run there."""
     seen = []
 
     class Fake:
@@ -541,7 +541,7 @@ def test_device_graphs_run_on_the_workers_gpu(main_module, monkeypatch, cpu_mode
                         lambda model, providers, options=None: seen.append(providers) or Fake())
     said = []
     main_module.DeviceGraphs(cpu_models, "cuda", 1, 1, said.append)
-    assert len(seen) == 2 and all(p[0] == ("CUDAExecutionProvider", {"device_id": 1}) for p in seen), seen
+    assert len(seen) == 3 and all(p[0] == ("CUDAExecutionProvider", {"device_id": 1}) for p in seen), seen
     assert any("not CUDA" in t for t in said), said
 
 
@@ -868,3 +868,40 @@ def test_a_finished_video_lets_go_of_its_frames_on_the_device(main_module, devic
     assert kinds.count("progress") == len(frames) and "video_tracked" in kinds, kinds
     assert any(m[0] == "track" and m[2]["name"] == "Barack_Obama" for m in list(results.queue)), kinds
     assert free.qsize() == len(frames), "every ring slot was returned"
+
+
+@pytest.mark.parametrize("count", [1000, 20])
+def test_the_best_anchors_from_the_device_decode_like_all_outputs(main_module, images, cpu_models,
+                                                                 test_settings, count):
+    """The candidate graph keeps each frame's best anchors on the device; decoding them gives
+    exactly what decoding every output gives. With only 20 kept and more above the threshold,
+    the frame's whole outputs are fetched instead (both ways are taken here)."""
+    import onnxruntime as ort
+    models = cpu_models
+    ranks = [len(o.shape) for o in models.det_session.get_outputs()]
+    graph = main_module.candidates_graph(models.det_output_names, ranks, count)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    fetched = []
+
+    class Whole:  # what the device would hand back: an OrtValue-like output
+        def __init__(self, array):
+            self.array = array
+
+        def numpy(self):
+            fetched.append(1)
+            return self.array
+
+    for n, image in enumerate(images):
+        size = main_module.detector_input_size(models, test_settings, image.shape[:2])
+        blob, scale = main_module.letterbox(image, size)
+        outputs = models.det_session.run(models.det_output_names, {models.det_input_name: blob})
+        chosen = session.run(None, dict(zip(models.det_output_names, outputs)))
+        got = main_module.decode_device_detections(models, [Whole(o) for o in outputs], chosen, 0,
+                                                    size, scale, test_settings.det_prob_threshold)
+        want = main_module.decode_scrfd(outputs, models.det_strides, models.det_anchors, size, scale,
+                                        test_settings.det_prob_threshold)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), f"image {n}"
+    if count == 20:  # 5 of these frames have more than 20 anchors above the threshold
+        assert 0 < len(fetched) < 9 * len(images), f"the whole outputs were fetched {len(fetched)} times"
+    else:
+        assert fetched == [], "with 1000 candidates no frame here needs its whole outputs"
