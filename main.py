@@ -169,6 +169,8 @@ _DECODER_CHECK_FRAMES = 8  # first kept frames checked for a decoder that return
 _DECODER_CHECK_BYTES = 128 * 2**20  # ... but no more than fit in this (at least 2 frames: 8K is 100 MB)
 _BLANK_STD_GREY = 2.0  # grey levels: a picture whose spread is below this is blank (black, green, grey)
 _FROZEN_MAD_GREY = 0.5  # grey levels: pictures closer than this (mean difference) are the same picture
+_PICTURE_SAMPLE_S = 1.0  # s: the decoder samples a picture this often (videos all blank or frozen)
+_MIN_PICTURE_SAMPLES = 3  # ... and judges only videos with at least this many samples
 _MIN_RING_SLOTS = 2  # the fewest ring slots the pipeline runs with: one being decoded, one in a worker
 _KEYFRAME_SEEK_PAST_S = 0.001  # fast clips: seek this far past the keyframe, so ffmpeg starts on it
 # Resume (section 7): a video's saved results are reused only if these settings are unchanged.
@@ -266,6 +268,7 @@ class VideoInfo:
     has_audio: bool
     rotation_deg: int = 0  # 0/90/180/270: decoded frames are turned this far counter-clockwise
     frame_count_from_header: bool = False  # frame_count is the header's count, not an estimate
+    video_stream_idx: int = 0  # which of the container's video streams (a cover picture is skipped)
 
 
 @dataclass(frozen=True)
@@ -664,6 +667,10 @@ def read_head(path: Path) -> bytes:
     except PermissionError:
         raise BadInput(f"{path}: permission denied, this user cannot read it; make it readable "
                        f"(chmod a+r, or ask its owner), or remove it from the folder") from None
+    except OSError as error:  # EIO from a failing disk or network share, a broken link, ...
+        raise BadInput(f"{path}: cannot be read ({error.strerror or error}); check the disk or "
+                       f"the network share it is on (dmesg lists read errors), copy it again, or "
+                       f"remove it from the folder") from None
     if not head:
         raise BadInput(f"{path}: is empty (0 bytes), probably an unfinished copy or download; copy "
                        f"it again, or remove it from the folder")
@@ -730,17 +737,22 @@ def first_frame_rotation(path: Path, container, stream) -> float:
 
 
 def video_stream_of(path: Path, container):
-    """Return the container's first video stream; raise BadInput for an audio-only file or a
-    still image."""
-    if not container.streams.video:
+    """Return the container's first video stream that is not a cover picture; raise BadInput for
+    an audio-only file (with or without a cover picture) or a still image."""
+    import av
+    cover = av.stream.Disposition.attached_pic  # a song's cover art, stored as a video stream
+    covers = [s for s in container.streams.video if s.disposition & cover]
+    moving = [s for s in container.streams.video if s not in covers]
+    if not moving:
         audio = [s.codec_context.name for s in container.streams.audio]
         what = f"audio only: {', '.join(audio)}" if audio else "no audio either"
+        what += ", with a cover picture" if covers else ""
         raise BadInput(f"{path}: has no video stream ({what}), so there is nothing to search; "
                        f"remove it from the folder")
     if container.format.name.endswith("_pipe") or container.format.name == "image2":
         raise BadInput(f"{path}: is a still image ({container.format.name}), not a video; remove "
                        f"it from the video folder (photos of people belong in the reference folder)")
-    stream = container.streams.video[0]
+    stream = moving[0]
     if not stream.width or not stream.height:
         raise BadInput(f"{path}: video stream has no frame size; the file may be damaged")
     return stream
@@ -765,7 +777,8 @@ def video_info(path: Path, idx: int, output_name: str, container, stream, rotati
         time_base=time_base, origin_pts=origin_pts,
         video_start_offset_s=float(origin_pts * time_base) - container_start_s,
         has_audio=bool(container.streams.audio), rotation_deg=rotation_deg,
-        frame_count_from_header=bool(stream.frames))
+        frame_count_from_header=bool(stream.frames),
+        video_stream_idx=list(container.streams.video).index(stream))
 
 
 def display_rotation_deg(rotation: float) -> int:
@@ -797,7 +810,7 @@ def pyav_frames(info: VideoInfo, frame_interval: int, damaged_pts: list):
     rejects are skipped, as the ffmpeg command line does, and their pts added to damaged_pts."""
     import av
     with av.open(info.path) as container:
-        stream = container.streams.video[0]
+        stream = container.streams.video[info.video_stream_idx]
         stream.thread_type = "AUTO"
         last_pts = None
         frame_duration = 1 / Fraction(info.fps).limit_denominator(100000) / info.time_base
@@ -833,7 +846,7 @@ def presentation_times_s(info: VideoInfo) -> list:
     decoding: every frame's exact timestamp."""
     import av
     with av.open(info.path) as container:
-        stream = container.streams.video[0]
+        stream = container.streams.video[info.video_stream_idx]
         return sorted(frame_time_s(packet.pts, info.origin_pts, info.time_base)
                       for packet in container.demux(stream) if packet.pts is not None)
 
@@ -879,6 +892,38 @@ def frames_look_broken(images: list) -> bool:
     if all(g.std() < _BLANK_STD_GREY for g in grey):
         return True
     return len(grey) > 1 and all(np.abs(g - grey[0]).mean() < _FROZEN_MAD_GREY for g in grey[1:])
+
+
+class PictureSampler:
+    """Samples about one picture per second of a video to tell whether every one was blank or
+    frozen: a decoder returning success with such pictures makes 'nobody found' look like a
+    result (the first frames are checked in working_decoder_frames; this covers the rest). Keeps
+    only the last sample."""
+
+    def __init__(self):
+        self.count, self.alive, self.next_s, self.previous = 0, False, -math.inf, None
+
+    def add(self, time_s: float, image: np.ndarray) -> None:
+        """Sample this picture if a sample is due at time_s (s)."""
+        if time_s < self.next_s:
+            return
+        self.next_s = time_s + _PICTURE_SAMPLE_S
+        grey = image[::8, ::8].mean(axis=2, dtype=np.float32)
+        blank = bool(grey.std() < _BLANK_STD_GREY)
+        if self.previous is not None:  # alive: the picture changed, and not from blank to blank
+            changed = float(np.abs(grey - self.previous[0]).mean()) >= _FROZEN_MAD_GREY
+            self.alive |= changed and not (blank and self.previous[1])
+        self.previous, self.count = (grey, blank), self.count + 1
+
+    def problem(self, info: VideoInfo) -> str | None:
+        """Return the message for a video whose samples (at least _MIN_PICTURE_SAMPLES) were all
+        blank or frozen; None otherwise."""
+        if self.count < _MIN_PICTURE_SAMPLES or self.alive:
+            return None
+        return (f"{info.path}: every picture was blank or frozen ({self.count} sampled, about "
+                f"{_PICTURE_SAMPLE_S:g} s apart): 'nobody found' may be wrong; check that the file "
+                f"plays in a video player, and if it does, re-encode it (ffmpeg -i IN -c:v libx264 "
+                f"OUT.mp4) and search that")
 
 
 def take_kept(frames, count: int) -> list:
@@ -998,33 +1043,60 @@ def decoder_main(name, layout, jobs_q, free_q, filled_qs, result_q, stop_event, 
 
 def decode_into_ring(info, ring, free_q, filled_q, stop_event, frame_interval,
                      clock: StageClock) -> tuple:
-    """Return (frames sent, error text or None) after streaming one video into the ring."""
+    """Return (frames sent, error text or None) after streaming one video into the ring. Any
+    failure is this video's error alone (the decoder goes on with the next video), and so are
+    pictures that were all blank or frozen (see PictureSampler)."""
     import av
-    sent = 0
+    sent, pictures, error = 0, PictureSampler(), None
     try:
         started = time.perf_counter()
         for frame_idx, time_s, image in decode_frames(info, frame_interval):
-            waited = time.perf_counter()
-            clock.add("decode", waited - started)
-            if image.shape[0] > ring.shape[1] or image.shape[1] > ring.shape[2]:
-                return sent, (f"{info.path}: frame {frame_idx} is {image.shape[1]}x{image.shape[0]}, "
-                              f"larger than the header said; the rest of the video was skipped")
-            slot = get_with_stop(free_q, stop_event)
-            if slot is None:
+            clock.add("decode", time.perf_counter() - started)
+            if image.size > ring[0].size:
+                error = (f"{info.path}: frame {frame_idx} is {image.shape[1]}x{image.shape[0]}, "
+                         f"larger than the header said; the rest of the video was skipped")
+                break
+            pictures.add(time_s, image)
+            frame = (sent, frame_idx, time_s, image)
+            if not send_frame(info, ring, free_q, filled_q, stop_event, clock, frame):
                 return sent, "stopped"
-            started = time.perf_counter()
-            clock.add("wait_for_slot", started - waited)
-            write_slot(ring, slot, image)
-            filled_q.put((info.idx, sent, frame_idx, time_s, image.shape[0], image.shape[1], slot))
             sent += 1
-    except (av.error.FFmpegError, OSError) as error:
-        return sent, (f"{info.path}: decoding stopped after {sent} processed frames ({error}); "
-                      f"the file is truncated or damaged and the rest was not searched; copy it "
-                      f"again, or re-encode the readable part (ffmpeg -i IN -c:v libx264 OUT.mp4)")
-    except BadInput as error:  # decoding ended early or skipped damaged packets
-        return sent, str(error)
-    return sent, None
+            started = time.perf_counter()
+    except (av.error.FFmpegError, OSError) as failure:
+        error = (f"{info.path}: decoding stopped after {sent} processed frames ({failure}); the "
+                 f"file is truncated or damaged and the rest was not searched; copy it again, or "
+                 f"re-encode the readable part (ffmpeg -i IN -c:v libx264 OUT.mp4)")
+    except BadInput as failure:  # decoding ended early or skipped damaged packets
+        error = str(failure)
+    except Exception as failure:  # e.g. cv2.error in the OpenCV fallback: this video's error only
+        error = unexpected_decoding_error(info, sent, failure)
+    problems = [problem for problem in (error, pictures.problem(info)) if problem]
+    return sent, "; ".join(problems) or None
 
+
+def send_frame(info, ring, free_q, filled_q, stop_event, clock: StageClock, frame: tuple) -> bool:
+    """Copy one (seq, frame_idx, time_s, image) into a free ring slot and queue it for its worker;
+    return False once the run is stopping (no slot taken)."""
+    seq, frame_idx, time_s, image = frame
+    waited = time.perf_counter()
+    slot = get_with_stop(free_q, stop_event)
+    if slot is None:
+        return False
+    clock.add("wait_for_slot", time.perf_counter() - waited)
+    write_slot(ring, slot, image)
+    filled_q.put((info.idx, seq, frame_idx, time_s, image.shape[0], image.shape[1], slot))
+    return True
+
+
+def unexpected_decoding_error(info, sent: int, error: Exception) -> str:
+    """Return the message for an unexpected failure while decoding a video: the exception as a
+    traceback's last line shows it, and the line of code where it happened."""
+    where = traceback.extract_tb(error.__traceback__)[-1]
+    last_line = " ".join(traceback.format_exception_only(type(error), error)[-1].split())
+    return (f"{info.path}: decoding failed after {sent} processed frames ({last_line}; at "
+            f"{Path(where.filename).name}:{where.lineno} in {where.name}); the rest was not "
+            f"searched. Check that the file plays in a video player, or re-encode it (ffmpeg -i IN "
+            f"-c:v libx264 OUT.mp4); if it plays, please report this message")
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -2884,7 +2956,7 @@ def build_clip_command(ffmpeg: str, info: VideoInfo, time_range: TimeRange, part
     only start at a keyframe); seeking just past it makes ffmpeg start there.
     """
     common = [ffmpeg, "-nostdin", "-y", "-v", "error"]
-    maps = ["-map", "0:v:0", "-map", "0:a:0?"]
+    maps = ["-map", f"0:v:{info.video_stream_idx}", "-map", "0:a:0?"]
     if mode == "fast":
         seek_s = container_seek_s(clip_start_s, info) + _KEYFRAME_SEEK_PAST_S
         return [*common, "-ss", f"{seek_s:.3f}", "-i", info.path,
@@ -2901,7 +2973,7 @@ def keyframe_times_s(info: VideoInfo) -> list:
     """Return the times (s, frame clock) of the video stream's keyframes, read without decoding."""
     import av
     with av.open(info.path) as container:
-        stream = container.streams.video[0]
+        stream = container.streams.video[info.video_stream_idx]
         return sorted(frame_time_s(packet.pts, info.origin_pts, info.time_base)
                       for packet in container.demux(stream)
                       if packet.is_keyframe and packet.pts is not None)
@@ -3721,8 +3793,7 @@ def prepare_references(settings: Settings) -> tuple:
     """Return (references, problems, [detector file, recognizer file]), the references computed
     with the CPU provider in the parent."""
     if not list_reference_photos(Path(settings.REFERENCE_DIR)):
-        raise BadInput(f"no photo in {settings.REFERENCE_DIR}: add one photo per person named after "
-                       f"them (e.g. Barack_Obama.jpg), or try: python main.py --demo")
+        raise BadInput(no_photo_message(Path(settings.REFERENCE_DIR)))
     models = load_face_models(settings, "cpu", max(1, (os.cpu_count() or 2)))
     references, problems, notes = load_references(Path(settings.REFERENCE_DIR), models, settings)
     report_problems("reference photos skipped", problems)
@@ -3731,6 +3802,19 @@ def prepare_references(settings: Settings) -> tuple:
         raise BadInput(f"no usable reference photo in {settings.REFERENCE_DIR}: add a photo per "
                        f"person named after them (e.g. Barack_Obama.jpg) showing the face clearly")
     return references, problems, [Path(models.det_path), Path(models.rec_path)]
+
+
+def no_photo_message(folder: Path) -> str:
+    """Return the message for a reference folder without a photo in a supported format: empty,
+    or only files in other formats (an iPhone's .heic), which it counts."""
+    others = [p for p in reference_files(folder) if p.suffix.lower() not in _IMAGE_EXTENSIONS]
+    if not others:
+        return (f"no photo in {folder}: add one photo per person named after them (e.g. "
+                f"Barack_Obama.jpg), or try: python main.py --demo")
+    kinds = ", ".join(sorted({p.suffix.lower() or "no extension" for p in others}))
+    return (f"no photo in {folder} in a format this can read: its {len(others)} file(s) are in "
+            f"other formats ({kinds}, e.g. {others[0].name}); convert them to .jpg or .png (an "
+            f"iPhone's .heic: export as JPEG, or set Settings > Camera > Formats > Most Compatible)")
 
 
 def probe_all(paths: list, video_dir: Path) -> tuple:
@@ -3747,6 +3831,9 @@ def probe_all(paths: list, video_dir: Path) -> tuple:
             videos.append(info)
         except BadInput as error:
             problems.append(str(error))
+        except Exception as error:  # an odd file must not stop the run: it is skipped by name
+            problems.append(f"{path}: cannot be probed ({type(error).__name__}: {error}); check "
+                            f"that it plays in a video player, or remove it from the folder")
     return videos, problems
 
 
@@ -3784,15 +3871,27 @@ def check_output_dir(folder: Path) -> None:
                        f"choose another with --output, or make it writable") from None
 
 
+def videos_outside_output(paths: list, output_dir: Path) -> list:
+    """Return the videos that are not inside OUTPUT_DIR: with the output folder inside the video
+    folder, its clips would otherwise be searched by the next run (saying so when it happens)."""
+    output = output_dir.resolve()
+    kept = [p for p in paths if not p.is_relative_to(output)]
+    if len(kept) < len(paths):
+        print(f"[*] {len(paths) - len(kept)} video(s) inside the output folder {output_dir} (the "
+              f"clips of earlier runs) are not searched")
+    return kept
+
+
 def prepare_search(settings: Settings) -> tuple:
     """Return (video paths, references, problems, model files); raise BadInput for no videos,
     an output folder that cannot be written, no usable reference photo or no usable models."""
-    video_paths = list_videos(Path(settings.VIDEO_DIR))
+    output_dir = Path(settings.OUTPUT_DIR)
+    video_paths = videos_outside_output(list_videos(Path(settings.VIDEO_DIR)), output_dir)
     if not video_paths:
         raise BadInput(f"no videos in {settings.VIDEO_DIR}: put .mp4/.mkv/.avi/... files there "
                        f"and one photo per person in {settings.REFERENCE_DIR} (Name.jpg); or "
                        f"see a complete example first with: python main.py --demo")
-    check_output_dir(Path(settings.OUTPUT_DIR))
+    check_output_dir(output_dir)
     return (video_paths, *prepare_references(settings))
 
 
@@ -4024,7 +4123,7 @@ def check_inputs(settings: Settings) -> tuple:
     """Return (report lines, problem count) about the videos and reference photos."""
     lines, problems = [], 0
     try:
-        paths = list_videos(Path(settings.VIDEO_DIR))
+        paths = videos_outside_output(list_videos(Path(settings.VIDEO_DIR)), Path(settings.OUTPUT_DIR))
         videos, video_problems = probe_all(paths, Path(settings.VIDEO_DIR))
         lines.append(f"videos in {settings.VIDEO_DIR}: {len(videos)} usable")
         lines += [f"  {Path(v.path).name}: {v.width}x{v.height}, {v.fps:.2f} fps, "
@@ -4048,7 +4147,7 @@ def check_inputs(settings: Settings) -> tuple:
                     lines.append(f"  [!!] {error}")
                     problems += 1
         if not photos:
-            lines.append(f"  [!!] no photo in {settings.REFERENCE_DIR}: add Name.jpg per person")
+            lines.append(f"  [!!] {no_photo_message(Path(settings.REFERENCE_DIR))}")
         problems += not photos
     except BadInput as error:
         lines.append(f"  [!!] {error}")
