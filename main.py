@@ -282,12 +282,14 @@ class GpuSlot:
 
 @dataclass(frozen=True)
 class RingLayout:
-    """Shape of the shared-memory ring; small and picklable, handed to every child."""
+    """Shape of the shared-memory ring; small and picklable, handed to every child. A slot holds
+    height x width x channels bytes, flat: any frame with at most that many pixels fits, whatever
+    its own shape (see slot_image)."""
 
     name: str
     slot_count: int
-    height: int
-    width: int
+    height: int  # px, of the frame with the most pixels
+    width: int  # px, of that frame
     channels: int = 3
 
     @property
@@ -1103,9 +1105,12 @@ def unexpected_decoding_error(info, sent: int, error: Exception) -> str:
 # 3 Ring buffer
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 def ring_layout_for(videos: list, slot_count: int, run_tag: str) -> RingLayout:
-    """Return a layout whose slots fit the largest frame of any video."""
+    """Return a layout whose slots hold the frame with the most pixels of any video: a landscape
+    and a portrait 4K video share 3840x2160-pixel slots (not 3840x3840), so that what
+    check_fits_ring allows for each video alone also fits them together."""
+    largest = max(videos, key=lambda v: v.width * v.height)
     return RingLayout(name=f"{_SHM_PREFIX}{run_tag}r", slot_count=slot_count,
-                      height=max(v.height for v in videos), width=max(v.width for v in videos))
+                      height=largest.height, width=largest.width)
 
 
 def available_ram_bytes() -> int | None:
@@ -1160,16 +1165,29 @@ def fit_slot_count(requested: int, slot_bytes: int, budget_bytes: int | None) ->
 
 def check_fits_ring(info: VideoInfo, budget_bytes: int | None, why: str) -> None:
     """Raise BadInput if even the fewest ring slots (_MIN_RING_SLOTS) of this video's frame size
-    do not fit the memory the ring may take."""
+    do not fit the memory the ring may take. The need is rounded up and the memory available
+    down, so the message never says '12 MB ... more than the 12 MB available'."""
     slot_bytes = info.width * info.height * 3
     if fit_slot_count(_MIN_RING_SLOTS, slot_bytes, budget_bytes) < _MIN_RING_SLOTS:
+        height = height_that_fits(info, budget_bytes)
+        scale = (f", or scale it down (ffmpeg -i IN -vf scale=-2:{height} OUT.mp4)"
+                 if height else "")
         raise BadInput(
             f"{info.path}: its {info.width}x{info.height} frames need "
-            f"{_MIN_RING_SLOTS * slot_bytes / 2**20:.0f} MB of shared memory for the "
+            f"{math.ceil(_MIN_RING_SLOTS * slot_bytes / 2**20)} MB of shared memory for the "
             f"{_MIN_RING_SLOTS} ring slots a search needs at least, more than the "
-            f"{budget_bytes / 2**20:.0f} MB available ({why}); skipped. Free memory, enlarge "
-            f"/dev/shm (Docker: --shm-size=2g), or scale it down "
-            f"(ffmpeg -i IN -vf scale=-2:2160 OUT.mp4)")
+            f"{budget_bytes // 2**20} MB available ({why}); skipped. Free memory or enlarge "
+            f"/dev/shm (Docker: --shm-size=2g){scale}")
+
+
+def height_that_fits(info: VideoInfo, budget_bytes: int) -> int | None:
+    """Return the largest common frame height (px) below the video's own at which, scaled with
+    its aspect ratio kept, _MIN_RING_SLOTS frames fit budget_bytes; None if none does."""
+    for height in (2160, 1440, 1080, 720, 540, 360):
+        width = info.width * height / info.height
+        if height < info.height and _MIN_RING_SLOTS * width * height * 3 <= budget_bytes:
+            return height
+    return None
 
 
 def plan_ring(videos: list, settings: Settings, run_tag: str) -> RingLayout:
@@ -1198,9 +1216,9 @@ def create_ring(layout: RingLayout) -> shared_memory.SharedMemory:
 
 
 def ring_view(shm: shared_memory.SharedMemory, layout: RingLayout) -> np.ndarray:
-    """Return a [slots, height, width, channels] uint8 view of the ring (delete it before close)."""
-    return np.ndarray((layout.slot_count, layout.height, layout.width, layout.channels),
-                      dtype=np.uint8, buffer=shm.buf)
+    """Return a [slots, slot bytes] uint8 view of the ring (delete it before close); a frame
+    is read back with slot_image."""
+    return np.ndarray((layout.slot_count, layout.slot_bytes), dtype=np.uint8, buffer=shm.buf)
 
 
 def new_slot_queue(ctx, slot_count: int):
@@ -1238,9 +1256,13 @@ def abandon_if_orphaned(*queues) -> None:
 
 
 def write_slot(ring: np.ndarray, slot: int, image: np.ndarray) -> None:
-    """Copy a frame into the top-left of a slot."""
-    height, width = image.shape[:2]
-    ring[slot, :height, :width] = image
+    """Copy a frame (height x width x 3) to the start of a slot, row by row."""
+    ring[slot].reshape(-1)[:image.size] = image.reshape(-1)
+
+
+def slot_image(ring: np.ndarray, slot: int, height: int, width: int) -> np.ndarray:
+    """Return a (height, width, 3) view of the frame write_slot put in a slot (no copy)."""
+    return ring[slot].reshape(-1)[:height * width * 3].reshape(height, width, 3)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -2302,7 +2324,7 @@ def process_batch(context: WorkerContext, batch: list) -> None:
     """Detect the faces of a batch of frames (in parallel with other threads), then hand each
     frame, or a video's end marker, to its video's sequencer."""
     frames = [item for item in batch if item is not None and item[6] is not None]
-    images = [context.ring[slot, :h, :w] for (_, _, _, _, h, w, slot) in frames]
+    images = [slot_image(context.ring, slot, h, w) for (_, _, _, _, h, w, slot) in frames]
     started = time.perf_counter()
     if context.models.device is not None:
         detections, handles = detect_on_device(context.models, images, context.settings)
@@ -2369,7 +2391,7 @@ class FrameSequencer:
         frame on the models' device, handle, may live on in a track's last look)."""
         _, seq, frame_idx, time_s, height, width, slot = frame
         try:
-            image = self.context.ring[slot, :height, :width]
+            image = slot_image(self.context.ring, slot, height, width)
             started = time.perf_counter()
             self.tracker.step(seq, frame_idx, time_s, image, boxes, kps, thumb, handle)
             self.context.clock.add("track", time.perf_counter() - started)
