@@ -20,7 +20,8 @@ Data flow (all processes come from one `spawn` context owned by the parent):
                           │  tracks from agreeing evidence, write snapshots, return the slot
                           v
     parent <──result_q── ("video_start" | "progress" | "track" | "video_tracked" | "video_done" |
-       │                  "ready" | "note" | "stats" | "error" | "done", ...)
+       │                  "ready" | "note" | "stats" | "error" | "done", ...); a reader thread moves
+       │                  them into the parent's inbox, which the main loop reads (forward_results)
        └─> ranges per person -> clip thread (ffmpeg) -> results.json / results.csv / summary,
            and per finished video <video folder>/video.json, which a rerun reuses (RESUME)
 
@@ -3007,26 +3008,37 @@ def keyframe_before(keyframes_s: list, time_s: float) -> float:
     return max(earlier) if earlier else 0.0
 
 
+def own_process_group() -> dict:
+    """Return the Popen arguments that start a command in its own process group, so a Ctrl-C in
+    the terminal (SIGINT to the whole group) reaches only main.py, which then stops it."""
+    if sys.platform == "win32":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True}
+
+
 def run_checked(cmd: list, what: str, timeout_s: float = 600, stop_event=None) -> None:
     """Run a command; raise ClipError with the exit code and stderr's last lines on failure,
-    after timeout_s, or when stop_event is set (the command is killed then)."""
+    after timeout_s, or "stopped" once stop_event is set (the command is killed then)."""
     import tempfile
+    stop_event = stop_event or threading.Event()  # never set: only the timeout ends it early
     with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty command cannot block
         try:
             process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=stderr)
+                                       stderr=stderr, **own_process_group())
         except OSError as error:
             raise ClipError(f"{what}: cannot run {cmd[0]} ({error})") from None
         deadline = time.monotonic() + timeout_s
         while process.poll() is None:
-            if time.monotonic() > deadline or (stop_event is not None and stop_event.is_set()):
+            if time.monotonic() > deadline or stop_event.is_set():
                 process.kill()
                 process.wait()
-                reason = "stopped" if time.monotonic() <= deadline else \
+                reason = "stopped" if stop_event.is_set() else \
                     f"ffmpeg took longer than {timeout_s:.0f} s"
                 raise ClipError(f"{what}: {reason}")
             time.sleep(0.05)
         if process.returncode != 0:
+            if stop_event.is_set():  # it failed because the run is stopping: nothing else to say
+                raise ClipError(f"{what}: stopped")
             stderr.seek(0)
             tail = "\n".join(stderr.read().decode(errors="replace").strip().splitlines()[-5:])
             raise ClipError(f"{what}: ffmpeg exit code {process.returncode}\n{tail}")
@@ -3413,6 +3425,8 @@ class Pipeline:
     stop_event: object
     processes: list = field(default_factory=list)
     finished_children: set = field(default_factory=set)
+    inbox: queue.Queue = field(default_factory=queue.Queue)  # result_q's messages (forward_results)
+    reader_stop: threading.Event = field(default_factory=threading.Event)
 
 
 def start_pipeline(settings: Settings, videos: list, references: list,
@@ -3435,6 +3449,7 @@ def start_pipeline(settings: Settings, videos: list, references: list,
         shm.unlink()
         raise
     try:
+        start_result_reader(pipe)
         for item in (*jobs, *[None] * settings.NUM_CPU_LOADERS):
             pipe.jobs_q.put(item)
         for i in range(settings.NUM_CPU_LOADERS):
@@ -3468,10 +3483,68 @@ def worker_gpus(settings: Settings) -> list:
 
 
 def start_child(pipe: Pipeline, name: str, target, *args) -> None:
-    """Start one named child process of the pipeline."""
+    """Start one named child process of the pipeline, deaf to Ctrl-C from its first instruction
+    (see start_without_sigint)."""
     process = pipe.ctx.Process(target=target, name=name, args=(name, *args))
-    process.start()
-    pipe.processes.append(process)
+    try:
+        start_without_sigint(process)
+    finally:
+        if process.pid is not None:  # started, even if a Ctrl-C came meanwhile: stopped with the rest
+            pipe.processes.append(process)
+
+
+def start_without_sigint(process) -> None:
+    """Start a process so that a Ctrl-C can neither reach it while it imports nor interrupt
+    its start: SIGINT is blocked meanwhile (POSIX), as multiprocessing starts its own resource
+    tracker, and the child inherits that (run_child then ignores SIGINT for good); a Ctrl-C
+    meanwhile is held and raised once the child is started (a KeyboardInterrupt halfway through
+    would leave it without its start-up data, and it would print an EOFError traceback)."""
+    if threading.current_thread() is not threading.main_thread():
+        process.start()  # signals are the main thread's (a test may start a pipeline elsewhere)
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    blocking = hasattr(signal, "pthread_sigmask")  # not on Windows
+    if blocking:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        process.start()
+    finally:
+        if blocking:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending one lands in held
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
+def start_result_reader(pipe: Pipeline) -> threading.Thread:
+    """Start the daemon thread that moves result_q's messages into pipe.inbox (see
+    forward_results)."""
+    reader = threading.Thread(target=forward_results, name="result-reader", daemon=True,
+                              args=(pipe.result_q, pipe.inbox, pipe.reader_stop))
+    reader.start()
+    return reader
+
+
+def forward_results(result_q, inbox: queue.Queue, reader_stop: threading.Event) -> None:
+    """Result reader thread: move each message of result_q into inbox until reader_stop is set.
+
+    result_q.get(timeout=...) bounds only the wait for a message to begin: a child killed while
+    writing a large one (a track lists every frame; more than the 64 KiB a pipe holds) leaves
+    the rest unread for ever. This thread may then hang, but the main loop reads inbox with a
+    timeout and goes on checking the children's exit codes, and shutdown does not wait for it.
+    """
+    while not reader_stop.is_set():
+        try:
+            message = result_q.get(timeout=_QUEUE_TIMEOUT_S)
+        except queue.Empty:
+            continue
+        except (OSError, EOFError, ValueError):  # closed at shutdown
+            return
+        except Exception:  # a message that cannot be unpickled: the pipeline is broken
+            inbox.put(("error", "result-reader", traceback.format_exc()))
+            return
+        inbox.put(message)
 
 
 def check_children(pipe: Pipeline, drain) -> None:
@@ -3487,14 +3560,22 @@ def check_children(pipe: Pipeline, drain) -> None:
         drain()
         gone = [p for p in gone if p.name not in pipe.finished_children]
     if gone:
-        raise PipelineBroken(gone[0].name, gone[0].exitcode,
-                             "it exited without an error report (killed, or out of memory?)")
+        raise PipelineBroken(gone[0].name, gone[0].exitcode, silent_exit_hint(gone[0].exitcode))
+
+
+def silent_exit_hint(exitcode: int) -> str:
+    """Return what a child's exit without an error report means, with what to do."""
+    if exitcode == -getattr(signal, "SIGKILL", 9):
+        return ("it exited without an error report: killed, or out of memory: check dmesg for the "
+                "OOM killer; lower BATCH_SIZE, MAX_BUFFER_SLOTS or NUM_GPU_PROCESSES")
+    return "it exited without an error report (killed, or out of memory?)"
 
 
 def shutdown_pipeline(pipe: Pipeline) -> None:
     """Stop and join every child, terminate stragglers, then close and unlink the ring (the
     ring is released even if a second Ctrl-C interrupts the joins)."""
     pipe.stop_event.set()
+    pipe.reader_stop.set()  # the reader thread is not waited for: it may hang (forward_results)
     try:
         deadline = time.monotonic() + _JOIN_TIMEOUT_S
         for process in pipe.processes:
@@ -3593,9 +3674,11 @@ class RunState:
         or the started videos of a worker (video i goes to worker i % NUM_GPU_PROCESSES)."""
         if child.startswith("decoder-"):
             idxs = [self.decoding[child]] if child in self.decoding else []
-        else:
+        elif child.startswith("worker-"):
             worker_idx = int(child.rsplit("-", 1)[1])
             idxs = [i for i in self.started_videos if i % self.settings.NUM_GPU_PROCESSES == worker_idx]
+        else:  # the parent's result reader: every video in progress
+            idxs = list(self.started_videos)
         return [self.results[i] for i in sorted(idxs) if not self.results[i].finished]
 
     def video_tracked(self, video_idx: int) -> None:
@@ -3662,7 +3745,7 @@ class RunState:
         ffmpeg runs beside the inference (on a GPU machine the CPU is free for it), and the
         parent keeps reading results meanwhile.
         """
-        while (result := self.clip_jobs.get()) is not None:
+        while (result := self.next_clip_job()) is not None:
             try:
                 self.cut_video_clips(result)
             except Exception as error:  # recorded, and the next video's clips are still cut
@@ -3672,6 +3755,14 @@ class RunState:
                     self.failures.append(message)
             self.save_video(result)
             self.save_reports()
+
+    def next_clip_job(self) -> VideoResult | None:
+        """Return the next video whose clips are to be cut; None ends the clip thread."""
+        while True:
+            try:
+                return self.clip_jobs.get(timeout=_QUEUE_TIMEOUT_S)
+            except queue.Empty:
+                continue
 
     def cut_video_clips(self, result: VideoResult) -> None:
         """Cut the clips of one video's ranges, in order, unless the run is stopping."""
@@ -3684,14 +3775,16 @@ class RunState:
             started = time.monotonic()
             clip_start_s = keyframe_before(keyframes, time_range.start_s) if fast else time_range.start_s
             clip = self.cut_one(result, time_range, clip_dir, clip_start_s)
+            if clip is None:  # stopped: this range and the later ones have no clip entry
+                break
             with self.lock:
                 result.clips.append(clip)
                 self.clips_s += time.monotonic() - started
 
     def cut_one(self, result: VideoResult, time_range: TimeRange, clip_dir: Path,
-                clip_start_s: float) -> tuple:
-        """Cut one clip; return (its path, where it starts), or (None, None) after recording
-        the error."""
+                clip_start_s: float) -> tuple | None:
+        """Cut one clip; return (its path, where it starts), (None, None) after recording the
+        error, or None when the run is stopping (nothing recorded: the video is unfinished)."""
         if self.ffmpeg is None:
             return None, None
         try:
@@ -3707,6 +3800,8 @@ class RunState:
                                 time_range.start_s, self.stop_clips)
                 return str(clip), time_range.start_s
         except (ClipError, OSError) as error:
+            if self.stop_clips.is_set():
+                return None
             with self.lock:
                 result.errors.append(str(error))
                 self.failures.append(str(error))
@@ -3757,20 +3852,16 @@ def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) 
 
 
 def run_pipeline(state: RunState, references: list) -> None:
-    """Run decoders and workers over every video not reused, until all children are done."""
-    from tqdm import tqdm
-    settings = state.settings
-    videos = [r.info for r in state.results]
+    """Run decoders and workers over every video not reused, until all children are done.
+    Everything after the children are started is inside the `finally` that stops them: a Ctrl-C
+    at any moment leaves no child behind."""
     jobs = [r.info for r in state.results if r.reused is None]
-    total = sum(math.ceil(v.frame_count / settings.FRAME_INTERVAL) for v in jobs)
-    pipe = start_pipeline(settings, videos, references, jobs)
-    bars = {"videos": tqdm(total=len(videos), initial=len(videos) - len(jobs), desc="videos",
-                           unit="video", position=0),
-            "frames": tqdm(total=total, desc="frames", unit="frame", position=1, smoothing=0.1)}
-    cutter = threading.Thread(target=state.cut_clips, name="clip-cutter", daemon=True)
-    cutter.start()
-    finished = False
+    pipe = start_pipeline(state.settings, [r.info for r in state.results], references, jobs)
+    bars, cutter, finished = {}, None, False
     try:
+        bars = progress_bars(state, jobs)
+        cutter = threading.Thread(target=state.cut_clips, name="clip-cutter", daemon=True)
+        cutter.start()
         follow_children(state, pipe, bars)
         finished = True
     finally:
@@ -3781,13 +3872,30 @@ def run_pipeline(state: RunState, references: list) -> None:
         try:
             shutdown_pipeline(pipe)
         finally:
-            state.clip_jobs.put(None)
-            try:
-                cutter.join()
-            except BaseException:  # Ctrl-C or SIGTERM while the last clips are cut: stop ffmpeg
-                state.stop_clips.set()
-                cutter.join(timeout=_JOIN_TIMEOUT_S)
-                raise
+            if cutter is not None:
+                finish_clips(state, cutter)
+
+
+def progress_bars(state: RunState, jobs: list) -> dict:
+    """Return the two progress bars: videos done (reused ones included), frames processed."""
+    from tqdm import tqdm
+    total = sum(math.ceil(v.frame_count / state.settings.FRAME_INTERVAL) for v in jobs)
+    return {"videos": tqdm(total=len(state.results), initial=len(state.results) - len(jobs),
+                           desc="videos", unit="video", position=0),
+            "frames": tqdm(total=total, desc="frames", unit="frame", position=1, smoothing=0.1)}
+
+
+def finish_clips(state: RunState, cutter: threading.Thread) -> None:
+    """Let the clip thread cut the clips queued so far and end; on Ctrl-C or SIGTERM meanwhile,
+    stop the clip being cut, wait for the thread a little, and go on with the interruption."""
+    state.clip_jobs.put(None)
+    try:
+        while cutter.is_alive():  # the last clips may take long: no deadline here
+            cutter.join(timeout=_QUEUE_TIMEOUT_S)
+    except BaseException:
+        state.stop_clips.set()
+        cutter.join(timeout=_JOIN_TIMEOUT_S)
+        raise
 
 
 def follow_children(state: RunState, pipe: Pipeline, bars: dict) -> None:
@@ -3795,7 +3903,7 @@ def follow_children(state: RunState, pipe: Pipeline, bars: dict) -> None:
     dies or fails, OutputError when a file in OUTPUT_DIR could not be written."""
     def receive():
         try:
-            message = pipe.result_q.get(timeout=_QUEUE_TIMEOUT_S)
+            message = pipe.inbox.get(timeout=_QUEUE_TIMEOUT_S)
         except queue.Empty:
             return
         with state.lock:
@@ -4262,7 +4370,12 @@ def run_search(settings: Settings) -> int:
     except KeyboardInterrupt:
         print("\n[!] interrupted before the search started", file=sys.stderr)
         return 130
-    return finish_run(state, search_videos(state, prepared[1]))
+    try:
+        return finish_run(state, search_videos(state, prepared[1]))
+    except KeyboardInterrupt:  # just before the search, or again while the reports are written
+        print("\n[!] interrupted: the reports are those of the last finished video",
+              file=sys.stderr)
+        return 130
 
 
 def stop_on_sigterm(signum, frame) -> None:
