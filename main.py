@@ -191,10 +191,14 @@ _NEUTRAL_SETTINGS = ("NUM_GPU_PROCESSES", "GPU_WORKER_THREADS", "NUM_CPU_LOADERS
                      "RESUME", "MODEL_ROOT", "TRT_CACHE_DIR", "FFMPEG_DIR", "GPU_DEVICE_IDS", "debug_det",
                      "debug_det_dir", "debug_rec")
 _SAVED_VIDEO_FILE = "video.json"  # OUTPUT_DIR/<video folder>/video.json: one finished video's results
-_SAVED_VIDEO_FORMAT = 1
-# The files main.py writes in a video's folder (and its clips/ folder); only these are removed
-# before a video is searched again. Anything else there is the user's.
-_TOOL_FILE_NAMES = re.compile(r"(frame_\d{7}_\d+\.\d{3}s_.+\.jpg|video\.json)(\.part)?")
+_SAVED_VIDEO_FORMAT = 2
+_VIDEO_SAMPLE_BYTES = 2**20  # a video is recognised by its size and the SHA-256 of its first,
+# middle and last MiB (read in milliseconds, even over a network): see video_fingerprint
+# The files main.py writes in a video's folder (and its clips/ folder); only these are removed,
+# and only those that a video's saved results (video.json) do not list, once they are saved or
+# reused. Anything else there is the user's. Frame numbers have at least 7 digits, and a time
+# may be negative (a frame before the first one, in a damaged file).
+_TOOL_FILE_NAMES = re.compile(r"(frame_\d{7,}_-?\d+\.\d{3}s_.+\.jpg|video\.json)(\.part)?")
 _TOOL_CLIP_NAMES = re.compile(r"\d+\.\d{2}s_.+_d\d+\.\d{3}\.mp4(\.part)?")
 _PALETTE_BGR = [(0, 200, 255), (255, 120, 0), (80, 220, 80), (200, 60, 255), (255, 255, 0),
                 (60, 60, 255), (0, 255, 180), (255, 0, 160), (160, 160, 255), (0, 140, 255)]
@@ -348,6 +352,7 @@ class VideoResult:
     tracked: bool = False  # its worker has ended all its face tracks
     ranges: list = field(default_factory=list)
     clips: list = field(default_factory=list)  # (path or None, clip start s) per range, in order
+    snapshots: set = field(default_factory=set)  # file names of the snapshots its tracks left
     errors: list = field(default_factory=list)
     finished: bool = False
     reused: dict | None = None  # its results.json entry, saved by an earlier run (see RESUME)
@@ -2442,17 +2447,35 @@ def encode_snapshot(image: np.ndarray, box, name: str, distance: float, person_i
     return data.tobytes()
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a written file's bytes to the disk, so that a rename after it never publishes a file
+    whose content a power cut could still lose."""
+    import errno
+    descriptor = os.open(path, os.O_RDWR)  # Windows needs write access to flush
+    try:
+        os.fsync(descriptor)
+    except OSError as error:  # a file system that cannot flush (some network shares) still
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # renames whole
+            raise
+    finally:
+        os.close(descriptor)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a file through a .part file renamed into place, so no half-written file is left;
-    on failure (disk full, no permission) remove the .part and raise OSError naming the file."""
+    """Write a file through a .part file, flushed to the disk and renamed into place, so no
+    half-written file is left; on any failure (disk full, no permission, Ctrl-C) remove the .part;
+    an OSError is raised again naming the file."""
     part = path.with_name(path.name + ".part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         part.write_bytes(data)
+        fsync_file(part)
         os.replace(part, path)
-    except OSError as error:
+    except BaseException as error:
         part.unlink(missing_ok=True)
-        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
+        if isinstance(error, OSError):
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
+        raise
 
 
 def save_debug_detections(context: WorkerContext, frame: tuple, image: np.ndarray, found) -> None:
@@ -2906,7 +2929,8 @@ class VideoTracker:
                       for (f, t, box, score, rec), counted in zip(track.frames, flags) if counted]
         summary = {"track": track.track_id, "name": None if person is None else people[person],
                    "best_distance": round(best, 4), "hits": hits,
-                   "recognitions": len(track.rec_distances), "frames": frames}
+                   "recognitions": len(track.rec_distances), "frames": frames,
+                   "snapshots": [path.name for who, path in track.written if who == person]}
         if self.settings.debug_rec:
             summary["debug_rec"] = [[f, t, {p: round(float(d), 4) for p, d in zip(people, row)}]
                                     for (f, t), row in zip(track.rec_frames, track.rec_distances)]
@@ -3054,6 +3078,7 @@ def cut_clip(ffmpeg: str, info: VideoInfo, time_range: TimeRange, clip_dir: Path
     try:
         run_checked(build_clip_command(ffmpeg, info, time_range, part, mode, clip_start_s), what,
                     stop_event=stop_event)
+        fsync_file(part)  # on the disk before its name says it is finished
         os.replace(part, final)
     finally:
         part.unlink(missing_ok=True)
@@ -3085,9 +3110,16 @@ def format_hms(time_s: float) -> str:
     return f"{millis // 3_600_000:02d}:{millis // 60_000 % 60:02d}:{millis // 1000 % 60:02d}.{millis % 1000:03d}"
 
 
+def video_done(result: VideoResult) -> bool:
+    """Return True once a video is searched to its end and every range has its clip entry (a
+    clip, or None after an error); a reused video is done."""
+    return result.reused is not None or (result.finished and len(result.clips) == len(result.ranges))
+
+
 def video_status(result: VideoResult) -> str:
-    """Return "ok" (finished, no errors), "incomplete" (some frames processed) or "failed"."""
-    if result.finished and not result.errors:
+    """Return "ok" (done, see video_done, and no errors), "incomplete" (some frames processed)
+    or "failed"."""
+    if video_done(result) and not result.errors:
         return "ok"
     return "incomplete" if result.processed_frame_count else "failed"
 
@@ -3318,18 +3350,47 @@ def summary_table(videos: list, reused_files: set) -> str:
 # Saved results per video (resume) -------------------------------------------------------------
 def run_fingerprint(settings: Settings, references: list, model_paths: list) -> dict:
     """Return what every video's results depend on besides the video: the settings that change
-    results (_RESULT_SETTINGS), each person's photos by content, in order, and the model files
-    by content (as JSON would read it back: tuples become lists)."""
+    results (_RESULT_SETTINGS), each person's photos by content, in order, the model files by
+    content, and what runs them (see execution_fingerprint), as JSON would read it back (tuples
+    become lists)."""
     return json.loads(json.dumps({
         "settings": {name: settings.values[name] for name in _RESULT_SETTINGS},
         "references": [[r.name, [file_sha256(Path(p)) for p in r.photos]] for r in references],
-        "models": {Path(p).name: file_sha256(Path(p)) for p in model_paths}}))
+        "models": {Path(p).name: file_sha256(Path(p)) for p in model_paths},
+        "execution": execution_fingerprint(settings)}))
+
+
+def execution_fingerprint(settings: Settings) -> dict:
+    """Return what the models can run on here: the provider chain PROVIDERS resolves to with this
+    onnxruntime, and the names of the visible GPUs when a GPU provider is in it (results made on
+    a GPU are then not reused on a CPU-only machine, nor the other way round)."""
+    import onnxruntime as ort
+    chain = provider_chain(settings.PROVIDERS, ort.get_available_providers())
+    gpus = visible_gpu_names() if chain[0] != "CPUExecutionProvider" else []
+    return {"providers": chain, "gpus": gpus}
+
+
+def execution_text(execution) -> str:
+    """Return an execution_fingerprint as words: 'CUDAExecutionProvider on NVIDIA H200'."""
+    if not isinstance(execution, dict):
+        return "unknown providers"
+    gpus = ", ".join(execution.get("gpus") or []) or "no GPU"
+    return f"{' > '.join(execution.get('providers') or [])} on {gpus}"
 
 
 def video_fingerprint(path: str) -> dict:
-    """Return the identity of a video file: its resolved path, size in bytes and mtime in ns."""
-    stat = os.stat(path)
-    return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    """Return the identity of a video file by its content, not its path or time stamps (a moved,
+    copied or remounted video is the same video): its size in bytes and the SHA-256 of its first,
+    middle and last MiB (of the whole file when it is at most 3 MiB)."""
+    size = os.stat(path).st_size
+    whole = size <= 3 * _VIDEO_SAMPLE_BYTES
+    offsets = [0] if whole else [0, (size - _VIDEO_SAMPLE_BYTES) // 2, size - _VIDEO_SAMPLE_BYTES]
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for offset in offsets:
+            file.seek(offset)
+            digest.update(file.read(size if whole else _VIDEO_SAMPLE_BYTES))
+    return {"size": size, "sampled_sha256": digest.hexdigest()}
 
 
 def saved_video_path(output_dir: Path, info: VideoInfo) -> Path:
@@ -3347,13 +3408,38 @@ def tool_output_files(folder: Path) -> list:
     return sorted(found)
 
 
-def save_video_results(path: Path, fingerprint: dict, entry: dict) -> None:
-    """Write video.json: the video's results.json entry, the snapshots on disk, the fingerprint."""
-    snapshots = sorted(p.name for p in path.parent.glob("frame_*.jpg")
-                       if _TOOL_FILE_NAMES.fullmatch(p.name))
-    write_json_atomic(path, {"format": _SAVED_VIDEO_FORMAT,
-                             "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                             "fingerprint": fingerprint, "snapshots": snapshots, "entry": entry})
+def save_video_results(path: Path, fingerprint: dict, entry: dict, snapshots: list) -> dict:
+    """Write video.json and return what it holds: the video's results.json entry, the names of
+    its snapshots still on disk, the size in bytes of each of those and of each clip (by path
+    under OUTPUT_DIR, as results.json names clips), and the fingerprint."""
+    folder = path.parent
+    output_dir = folder.parent  # OUTPUT_DIR/<video folder>/video.json
+    snapshots = sorted(name for name in set(snapshots) if (folder / name).is_file())
+    files = [f"{folder.name}/{name}" for name in snapshots] + \
+        [r["clip"] for r in entry["ranges"] if r["clip"]]
+    saved = {"format": _SAVED_VIDEO_FORMAT, "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "fingerprint": fingerprint, "snapshots": snapshots,
+             "file_bytes": {name: (output_dir / name).stat().st_size for name in files
+                            if (output_dir / name).is_file()},
+             "entry": entry}
+    write_json_atomic(path, saved)
+    return saved
+
+
+def replace_saved_video(path: Path, fingerprint: dict, entry: dict, snapshots: list) -> None:
+    """Save a video's new results (video.json), then remove the files main.py wrote for it earlier
+    that these do not list: until then, an earlier run's results stay whole on disk."""
+    remove_unlisted_files(path.parent, save_video_results(path, fingerprint, entry, snapshots))
+
+
+def remove_unlisted_files(folder: Path, saved: dict) -> list:
+    """Remove main.py's files in a video's folder that its saved results do not list (stale
+    snapshots and clips, .part files of an interrupted run); return their paths."""
+    listed = {folder.parent / name for name in saved["file_bytes"]} | {folder / _SAVED_VIDEO_FILE}
+    stale = [p for p in tool_output_files(folder) if p not in listed]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def read_saved_video(path: Path) -> dict | None:
@@ -3365,7 +3451,7 @@ def read_saved_video(path: Path) -> dict | None:
         return None
     except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
         raise BadInput(f"{path}: cannot be read ({error}); the video is searched again") from None
-    kinds = {"fingerprint": dict, "snapshots": list, "entry": dict}
+    kinds = {"fingerprint": dict, "snapshots": list, "file_bytes": dict, "entry": dict}
     if not isinstance(saved, dict) or saved.get("format") != _SAVED_VIDEO_FORMAT \
             or not all(isinstance(saved.get(key), kind) for key, kind in kinds.items()):
         raise BadInput(f"{path}: not a video.json of this version; the video is searched again")
@@ -3374,7 +3460,8 @@ def read_saved_video(path: Path) -> dict | None:
 
 def reuse_problem(saved: dict, fingerprint: dict, folder: Path, output_dir: Path) -> str | None:
     """Return why a saved video cannot be reused, or None if it can: the video file, a setting,
-    a photo or a model changed, or its search or clips did not finish, or a file is missing."""
+    a photo, a model or what runs them changed, or its search or clips did not finish, or one of
+    its files is missing or has another size than when it was saved."""
     old = saved["fingerprint"]
     old_settings = old.get("settings") if isinstance(old.get("settings"), dict) else {}
     changed = [k for k, v in fingerprint["settings"].items()
@@ -3387,12 +3474,16 @@ def reuse_problem(saved: dict, fingerprint: dict, folder: Path, output_dir: Path
         return "the reference photos changed"
     if old.get("models") != fingerprint["models"]:
         return "the model files changed"
-    return entry_problem(saved["entry"], saved["snapshots"], folder, output_dir)
+    if old.get("execution") != fingerprint["execution"]:
+        return (f"it was searched with {execution_text(old.get('execution'))}, this run uses "
+                f"{execution_text(fingerprint['execution'])}")
+    return entry_problem(saved, folder, output_dir)
 
 
-def entry_problem(entry: dict, snapshots: list, folder: Path, output_dir: Path) -> str | None:
-    """Return why a saved results.json entry is not a finished video with all its files on disk,
-    or None if it is one."""
+def entry_problem(saved: dict, folder: Path, output_dir: Path) -> str | None:
+    """Return why a saved video is not a finished one with all its files on disk as they were
+    saved (same size in bytes), or None if it is one."""
+    entry = saved["entry"]
     try:
         if entry["status"] != "ok" or entry["errors"]:
             return f"its search did not finish (status {entry['status']}, {len(entry['errors'])} error(s))"
@@ -3403,9 +3494,15 @@ def entry_problem(entry: dict, snapshots: list, folder: Path, output_dir: Path) 
         return "its saved entry lacks fields"
     if None in clips:
         return f"{clips.count(None)} of its {len(clips)} clips were not cut"
-    missing = [c for c in clips if not (output_dir / str(c)).is_file()] + \
-              [s for s in snapshots if not (folder / str(s)).is_file()]
-    return f"{len(missing)} of its files are missing, e.g. {missing[0]}" if missing else None
+    files = clips + [f"{folder.name}/{name}" for name in saved["snapshots"]]
+    missing = [f for f in files if not (output_dir / str(f)).is_file()]
+    if missing:
+        return f"{len(missing)} of its files are missing, e.g. {missing[0]}"
+    if not set(files) <= set(saved["file_bytes"]):
+        return "its saved entry lacks fields"
+    changed = [f for f in files if (output_dir / f).stat().st_size != saved["file_bytes"][f]]
+    return (f"{len(changed)} of its files changed since it was saved (another size), e.g. "
+            f"{changed[0]}") if changed else None
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -3645,6 +3742,7 @@ class RunState:
         result = self.results[video_idx]
         if self.debug_rec_file:
             self.log_debug_rec(result.info, track)
+        result.snapshots.update(track.get("snapshots", ()))
         if track["name"] is None:
             return
         for frame_idx, time_s, bbox, det_score, own_distance in track["frames"]:
@@ -3720,14 +3818,16 @@ class RunState:
                               self.thumbnails)
 
     def save_video(self, result: VideoResult) -> None:
-        """Save a video's results in its folder (video.json) once its clips are cut, so a later
-        run can reuse it (see reuse_problem); nothing without a fingerprint."""
+        """Save a video's results in its folder (video.json) once every range has its clip entry,
+        so a later run can reuse it (see reuse_problem), and only then remove what an earlier run
+        left there that these results do not list; nothing without a fingerprint."""
         fingerprint = self.fingerprints.get(result.info.idx)
         if fingerprint is not None:
             with self.lock:
                 entry = video_report(result, self.output_dir, self.settings.FRAME_INTERVAL)
-            self.write_output(save_video_results, saved_video_path(self.output_dir, result.info),
-                              fingerprint, entry)
+                snapshots = sorted(result.snapshots)
+            self.write_output(replace_saved_video, saved_video_path(self.output_dir, result.info),
+                              fingerprint, entry, snapshots)
 
     def write_output(self, write, *args) -> None:
         """Run one write into OUTPUT_DIR. A failure (disk full, no permission) is kept in
@@ -3753,7 +3853,9 @@ class RunState:
                     message = f"{result.info.path}: clips not cut ({type(error).__name__}: {error})"
                     result.errors.append(message)
                     self.failures.append(message)
-            self.save_video(result)
+                    result.clips += [(None, None)] * (len(result.ranges) - len(result.clips))
+            if len(result.clips) == len(result.ranges):  # not stopped halfway by Ctrl-C
+                self.save_video(result)
             self.save_reports()
 
     def next_clip_job(self) -> VideoResult | None:
@@ -4043,19 +4145,21 @@ def start_run(settings: Settings, video_paths: list, references: list, problems:
 
 
 def plan_resume(state: RunState, fingerprint: dict) -> None:
-    """Reuse every video an earlier run finished with the same fingerprint (when RESUME is on);
-    remove the files main.py wrote for each other video, which is then searched from scratch."""
+    """Reuse every video an earlier run finished with the same fingerprint (when RESUME is on),
+    removing what a later, interrupted run left in its folder. Every other video is searched
+    from scratch, and nothing of it is removed before its new results are saved (save_video):
+    a rerun stopped early loses nothing."""
     for result in state.results:
         info = result.info
-        state.fingerprints[info.idx] = {"video": video_fingerprint(info.path), **fingerprint}
-        entry = reusable_entry(state, info) if state.settings.RESUME else None
-        if entry is not None:
-            result.reused, result.finished = entry, True
-            print(f"[*] reused: {Path(info.path).name} (finished by an earlier run, "
-                  f"{saved_video_path(state.output_dir, info)})")
+        try:
+            state.fingerprints[info.idx] = {"video": video_fingerprint(info.path), **fingerprint}
+        except OSError as error:  # searched, but not saved for a rerun
+            print(f"[!] {info.path}: cannot be read to recognise it ({error.strerror or error}): "
+                  f"its results will not be reused by a rerun")
             continue
-        for path in tool_output_files(state.output_dir / info.output_name):
-            path.unlink()
+        saved = reusable_video(state, info) if state.settings.RESUME else None
+        if saved is not None:
+            reuse_video(state, result, saved)
     reused = sum(r.reused is not None for r in state.results)
     if not state.settings.RESUME:
         print("[*] --force (RESUME off): every video is searched again")
@@ -4064,9 +4168,27 @@ def plan_resume(state: RunState, fingerprint: dict) -> None:
               f"(--force searches them again)")
 
 
-def reusable_entry(state: RunState, info: VideoInfo) -> dict | None:
-    """Return the results.json entry an earlier run saved for this video, if it can be reused;
-    else None, saying why when there was a saved one."""
+def reuse_video(state: RunState, result: VideoResult, saved: dict) -> None:
+    """Take a video's saved results as this run's (under its path now: the folder may have
+    moved), and remove main.py's files in its folder that they do not list."""
+    info = result.info
+    result.reused, result.finished = {**saved["entry"], "file": info.path}, True
+    print(f"[*] reused: {Path(info.path).name} (finished by an earlier run, "
+          f"{saved_video_path(state.output_dir, info)})")
+    try:
+        stale = remove_unlisted_files(state.output_dir / info.output_name, saved)
+    except OSError as error:
+        state.failures.append(f"{error.filename}: cannot be removed ({error.strerror}); it is "
+                              f"not part of the results, remove it by hand")
+        return
+    if stale:
+        print(f"[*] {Path(info.path).name}: removed {len(stale)} file(s) an interrupted later "
+              f"run left, e.g. {stale[0].name}")
+
+
+def reusable_video(state: RunState, info: VideoInfo) -> dict | None:
+    """Return what an earlier run saved for this video (video.json), if it can be reused; else
+    None, saying why when there was a saved one."""
     path = saved_video_path(state.output_dir, info)
     try:
         saved = read_saved_video(path)
@@ -4079,38 +4201,48 @@ def reusable_entry(state: RunState, info: VideoInfo) -> dict | None:
     if problem is not None:
         print(f"[*] {Path(info.path).name}: searched again: {problem} (since {path})")
         return None
-    return saved["entry"]
+    return saved
 
 
 def search_videos(state: RunState, references: list) -> int:
     """Search every video not reused and save the reports, also after a broken pipeline or
     Ctrl-C; return 0, 1 (broken, or a file could not be written) or 130 (interrupted)."""
-    exit_code = 0
+    exit_code, why = 0, "the search ended without it"
     if state.settings.debug_rec:
         state.debug_rec_file = open(state.output_dir / "debug_rec.tsv", "w", encoding="utf-8")
     try:
         if any(r.reused is None for r in state.results):
             run_pipeline(state, references)
-        state.run["complete"] = all(r.finished for r in state.results)
     except BadInput as error:  # a setting the workers cannot follow (GPU_DEVICE_IDS)
         print(f"error: {error}", file=sys.stderr)
         state.failures.append(str(error))
-        exit_code = 2
+        exit_code, why = 2, "not searched (see the error above)"
     except PipelineBroken as error:
         report_broken(state, error)
-        exit_code = 1
+        exit_code, why = 1, f"pipeline broken ({error.name})"
     except OutputError:  # reported by finish_run
-        exit_code = 1
+        exit_code, why = 1, "a file in OUTPUT_DIR could not be written"
     except KeyboardInterrupt:
         print("\n[!] interrupted: results so far are saved, marked incomplete", file=sys.stderr)
-        exit_code = 130
+        exit_code, why = 130, "interrupted"
     finally:
         if state.debug_rec_file:
             state.debug_rec_file.close()
+        mark_unfinished(state, why)
+        state.run["complete"] = exit_code == 0 and all(video_done(r) for r in state.results)
         state.run["failures"] = state.failures
         state.run["stats"] = state.stats()
         state.save_reports()
     return exit_code
+
+
+def mark_unfinished(state: RunState, why: str) -> None:
+    """Give every video that is not done (see video_done) and has no error yet the error 'not
+    finished: <why>', so that its entry says why it is not "ok"."""
+    with state.lock:
+        for result in state.results:
+            if not video_done(result) and not result.errors:
+                result.errors.append(f"{result.info.path}: not finished: {why}")
 
 
 def report_broken(state: RunState, error: PipelineBroken) -> None:
