@@ -728,7 +728,8 @@ def test_a_truncated_video_json_is_ignored_with_a_message_and_the_video_redone(o
 def test_force_interrupted_at_once_keeps_the_earlier_results_whole(obama_run, tmp_path):
     """--force, then Ctrl-C (to the process group) as soon as the run has decided to search the
     video again: its earlier clips, snapshots and video.json are all still there, byte for byte
-    (nothing is removed before its new results are saved), so a rerun without --force reuses them."""
+    (nothing is removed before its new results are saved), so a rerun without --force reuses
+    them, removing only a tool file its video.json does not list."""
     out = tmp_path / "out"
     shutil.copytree(obama_run[0], out, symlinks=True)
     reports = {out / name for name in ("results.json", "results.csv", "index.html")}
@@ -748,8 +749,13 @@ def test_force_interrupted_at_once_keeps_the_earlier_results_whole(obama_run, tm
     assert process.returncode == 130 and "Traceback" not in text, text[-3000:]
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p not in reports}
     assert after == before, f"changed or lost: {sorted(str(p) for p in set(before) ^ set(after))}"
+    # a snapshot that a later run, interrupted, left: the rerun that reuses the video removes it
+    leftover = out / "obama_whcd" / "frame_0000099_00006.600s_Barack_Obama.jpg"
+    leftover.write_bytes(b"left by an interrupted run")
     code, text = run_main(search_command(obama_run[1], obama_run[2], out), tmp_path)
     assert code == 0 and "[*] reused: obama_whcd.mp4" in text, text[-3000:]
+    assert not leftover.exists() and "removed 1 file(s) an interrupted later run left" in text, text
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p not in reports} == before
 
 
 def test_a_moved_copy_of_the_video_folder_reuses_the_results(obama_run, tmp_path):
