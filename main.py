@@ -39,6 +39,7 @@ InsightFace's pretrained models are for non-commercial research purposes only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
@@ -1215,10 +1216,45 @@ def plan_ring(videos: list, settings: Settings, run_tag: str) -> RingLayout:
     return ring_layout_for(videos, slot_count, run_tag)
 
 
+@contextlib.contextmanager
+def sigint_held():
+    """Hold a Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: for steps that
+    must not be cut in half (creating the ring, starting a child). SIGINT is also blocked
+    meanwhile (POSIX; not on Windows), as multiprocessing starts its resource tracker, so that a
+    child started inside inherits it blocked. Outside the main thread it holds nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are the main thread's (a test may start a pipeline elsewhere)
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    blocking = hasattr(signal, "pthread_sigmask")
+    if blocking:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if blocking:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending one lands in held
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
 def create_ring(layout: RingLayout) -> shared_memory.SharedMemory:
-    """Create the ring's shared memory (parent only; the parent also unlinks it)."""
-    return shared_memory.SharedMemory(name=layout.name, create=True,
-                                      size=layout.slot_bytes * layout.slot_count)
+    """Create the ring's shared memory (parent only; the parent also unlinks it). A Ctrl-C
+    meanwhile cannot leave a block behind that nobody owns: it is held until the block is made
+    (shm_open, then sizing it), and the block is unlinked before the Ctrl-C goes on."""
+    shm = None
+    try:
+        with sigint_held():
+            shm = shared_memory.SharedMemory(name=layout.name, create=True,
+                                             size=layout.slot_bytes * layout.slot_count)
+    except KeyboardInterrupt:
+        if shm is not None:
+            shm.close()
+            shm.unlink()
+        raise
+    return shm
 
 
 def ring_view(shm: shared_memory.SharedMemory, layout: RingLayout) -> np.ndarray:
@@ -3580,38 +3616,17 @@ def worker_gpus(settings: Settings) -> list:
 
 
 def start_child(pipe: Pipeline, name: str, target, *args) -> None:
-    """Start one named child process of the pipeline, deaf to Ctrl-C from its first instruction
-    (see start_without_sigint)."""
+    """Start one named child process of the pipeline, deaf to Ctrl-C from its first instruction:
+    it inherits the blocked SIGINT of sigint_held (run_child then ignores SIGINT for good), so
+    one still importing cannot print a KeyboardInterrupt traceback, and a Ctrl-C meanwhile waits
+    until it has its start-up data (else it would print an EOFError traceback)."""
     process = pipe.ctx.Process(target=target, name=name, args=(name, *args))
     try:
-        start_without_sigint(process)
+        with sigint_held():
+            process.start()
     finally:
         if process.pid is not None:  # started, even if a Ctrl-C came meanwhile: stopped with the rest
             pipe.processes.append(process)
-
-
-def start_without_sigint(process) -> None:
-    """Start a process so that a Ctrl-C can neither reach it while it imports nor interrupt
-    its start: SIGINT is blocked meanwhile (POSIX), as multiprocessing starts its own resource
-    tracker, and the child inherits that (run_child then ignores SIGINT for good); a Ctrl-C
-    meanwhile is held and raised once the child is started (a KeyboardInterrupt halfway through
-    would leave it without its start-up data, and it would print an EOFError traceback)."""
-    if threading.current_thread() is not threading.main_thread():
-        process.start()  # signals are the main thread's (a test may start a pipeline elsewhere)
-        return
-    held = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    blocking = hasattr(signal, "pthread_sigmask")  # not on Windows
-    if blocking:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        process.start()
-    finally:
-        if blocking:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending one lands in held
-        signal.signal(signal.SIGINT, previous)
-    if held:
-        raise KeyboardInterrupt
 
 
 def start_result_reader(pipe: Pipeline) -> threading.Thread:

@@ -747,6 +747,7 @@ def test_force_interrupted_at_once_keeps_the_earlier_results_whole(obama_run, tm
     rest, _ = process.communicate(timeout=120)
     text = "".join(output) + rest
     assert process.returncode == 130 and "Traceback" not in text, text[-3000:]
+    assert f"sfv{process.pid}r" not in shm_names(), "shared memory left behind"
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p not in reports}
     assert after == before, f"changed or lost: {sorted(str(p) for p in set(before) ^ set(after))}"
     # a snapshot that a later run, interrupted, left: the rerun that reuses the video removes it

@@ -256,3 +256,21 @@ def test_any_frame_with_at_most_a_slots_pixels_round_trips(main_module, shape):
     main_module.write_slot(ring, 1, image)
     assert np.array_equal(main_module.slot_image(ring, 1, shape[0], shape[1]), image)
     assert not ring[0].any() and not ring[2].any(), "a neighbouring slot was written"
+
+
+def test_a_ctrl_c_while_the_ring_is_created_leaves_no_block_behind(main_module, monkeypatch):
+    """Ctrl-C between creating the shared-memory block and sizing it (here: SIGINT sent from
+    inside os.ftruncate): the block is removed and the Ctrl-C still goes on up as
+    KeyboardInterrupt; nothing is left in /dev/shm (issue #5)."""
+    import signal
+    layout = main_module.RingLayout(f"sfv{os.getpid()}c", 2, 4, 6)
+    real_ftruncate = os.ftruncate
+
+    def interrupted_ftruncate(fd, size):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_ftruncate(fd, size)
+    monkeypatch.setattr(os, "ftruncate", interrupted_ftruncate)
+    with pytest.raises(KeyboardInterrupt):
+        main_module.create_ring(layout)
+    monkeypatch.undo()
+    assert layout.name not in shm_entries("sfv"), "the half-made ring was left in /dev/shm"
