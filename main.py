@@ -20,7 +20,8 @@ Data flow (all processes come from one `spawn` context owned by the parent):
                           │  tracks from agreeing evidence, write snapshots, return the slot
                           v
     parent <──result_q── ("video_start" | "progress" | "track" | "video_tracked" | "video_done" |
-       │                  "ready" | "note" | "stats" | "error" | "done", ...)
+       │                  "ready" | "note" | "stats" | "error" | "done", ...); a reader thread moves
+       │                  them into the parent's inbox, which the main loop reads (forward_results)
        └─> ranges per person -> clip thread (ffmpeg) -> results.json / results.csv / summary,
            and per finished video <video folder>/video.json, which a rerun reuses (RESUME)
 
@@ -38,6 +39,7 @@ InsightFace's pretrained models are for non-commercial research purposes only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
@@ -172,6 +174,8 @@ _DECODER_CHECK_FRAMES = 8  # first kept frames checked for a decoder that return
 _DECODER_CHECK_BYTES = 128 * 2**20  # ... but no more than fit in this (at least 2 frames: 8K is 100 MB)
 _BLANK_STD_GREY = 2.0  # grey levels: a picture whose spread is below this is blank (black, green, grey)
 _FROZEN_MAD_GREY = 0.5  # grey levels: pictures closer than this (mean difference) are the same picture
+_PICTURE_SAMPLE_S = 1.0  # s: the decoder samples a picture this often (videos all blank or frozen)
+_MIN_PICTURE_SAMPLES = 3  # ... and judges only videos with at least this many samples
 _MIN_RING_SLOTS = 2  # the fewest ring slots the pipeline runs with: one being decoded, one in a worker
 _KEYFRAME_SEEK_PAST_S = 0.001  # fast clips: seek this far past the keyframe, so ffmpeg starts on it
 # Resume (section 7): a video's saved results are reused only if these settings are unchanged.
@@ -191,10 +195,14 @@ _NEUTRAL_SETTINGS = ("NUM_GPU_PROCESSES", "GPU_WORKER_THREADS", "NUM_CPU_LOADERS
                      "RESUME", "MODEL_ROOT", "TRT_CACHE_DIR", "FFMPEG_DIR", "GPU_DEVICE_IDS", "debug_det",
                      "debug_det_dir", "debug_rec")
 _SAVED_VIDEO_FILE = "video.json"  # OUTPUT_DIR/<video folder>/video.json: one finished video's results
-_SAVED_VIDEO_FORMAT = 1
-# The files main.py writes in a video's folder (and its clips/ folder); only these are removed
-# before a video is searched again. Anything else there is the user's.
-_TOOL_FILE_NAMES = re.compile(r"(frame_\d{7}_\d+\.\d{3}s_.+\.jpg|video\.json)(\.part)?")
+_SAVED_VIDEO_FORMAT = 2
+_VIDEO_SAMPLE_BYTES = 2**20  # a video is recognised by its size and the SHA-256 of its first,
+# middle and last MiB (read in milliseconds, even over a network): see video_fingerprint
+# The files main.py writes in a video's folder (and its clips/ folder); only these are removed,
+# and only those that a video's saved results (video.json) do not list, once they are saved or
+# reused. Anything else there is the user's. Frame numbers have at least 7 digits, and a time
+# may be negative (a frame before the first one, in a damaged file).
+_TOOL_FILE_NAMES = re.compile(r"(frame_\d{7,}_-?\d+\.\d{3}s_.+\.jpg|video\.json)(\.part)?")
 _TOOL_CLIP_NAMES = re.compile(r"\d+\.\d{2}s_.+_d\d+\.\d{3}\.mp4(\.part)?")
 _PALETTE_BGR = [(0, 200, 255), (255, 120, 0), (80, 220, 80), (200, 60, 255), (255, 255, 0),
                 (60, 60, 255), (0, 255, 180), (255, 0, 160), (160, 160, 255), (0, 140, 255)]
@@ -269,6 +277,7 @@ class VideoInfo:
     has_audio: bool
     rotation_deg: int = 0  # 0/90/180/270: decoded frames are turned this far counter-clockwise
     frame_count_from_header: bool = False  # frame_count is the header's count, not an estimate
+    video_stream_idx: int = 0  # which of the container's video streams (a cover picture is skipped)
 
 
 @dataclass(frozen=True)
@@ -282,12 +291,14 @@ class GpuSlot:
 
 @dataclass(frozen=True)
 class RingLayout:
-    """Shape of the shared-memory ring; small and picklable, handed to every child."""
+    """Shape of the shared-memory ring; small and picklable, handed to every child. A slot holds
+    height x width x channels bytes, flat: any frame with at most that many pixels fits, whatever
+    its own shape (see slot_image)."""
 
     name: str
     slot_count: int
-    height: int
-    width: int
+    height: int  # px, of the frame with the most pixels
+    width: int  # px, of that frame
     channels: int = 3
 
     @property
@@ -345,6 +356,7 @@ class VideoResult:
     tracked: bool = False  # its worker has ended all its face tracks
     ranges: list = field(default_factory=list)
     clips: list = field(default_factory=list)  # (path or None, clip start s) per range, in order
+    snapshots: set = field(default_factory=set)  # file names of the snapshots its tracks left
     errors: list = field(default_factory=list)
     finished: bool = False
     reused: dict | None = None  # its results.json entry, saved by an earlier run (see RESUME)
@@ -667,6 +679,10 @@ def read_head(path: Path) -> bytes:
     except PermissionError:
         raise BadInput(f"{path}: permission denied, this user cannot read it; make it readable "
                        f"(chmod a+r, or ask its owner), or remove it from the folder") from None
+    except OSError as error:  # EIO from a failing disk or network share, a broken link, ...
+        raise BadInput(f"{path}: cannot be read ({error.strerror or error}); check the disk or "
+                       f"the network share it is on (dmesg lists read errors), copy it again, or "
+                       f"remove it from the folder") from None
     if not head:
         raise BadInput(f"{path}: is empty (0 bytes), probably an unfinished copy or download; copy "
                        f"it again, or remove it from the folder")
@@ -733,17 +749,22 @@ def first_frame_rotation(path: Path, container, stream) -> float:
 
 
 def video_stream_of(path: Path, container):
-    """Return the container's first video stream; raise BadInput for an audio-only file or a
-    still image."""
-    if not container.streams.video:
+    """Return the container's first video stream that is not a cover picture; raise BadInput for
+    an audio-only file (with or without a cover picture) or a still image."""
+    import av
+    cover = av.stream.Disposition.attached_pic  # a song's cover art, stored as a video stream
+    covers = [s for s in container.streams.video if s.disposition & cover]
+    moving = [s for s in container.streams.video if s not in covers]
+    if not moving:
         audio = [s.codec_context.name for s in container.streams.audio]
         what = f"audio only: {', '.join(audio)}" if audio else "no audio either"
+        what += ", with a cover picture" if covers else ""
         raise BadInput(f"{path}: has no video stream ({what}), so there is nothing to search; "
                        f"remove it from the folder")
     if container.format.name.endswith("_pipe") or container.format.name == "image2":
         raise BadInput(f"{path}: is a still image ({container.format.name}), not a video; remove "
                        f"it from the video folder (photos of people belong in the reference folder)")
-    stream = container.streams.video[0]
+    stream = moving[0]
     if not stream.width or not stream.height:
         raise BadInput(f"{path}: video stream has no frame size; the file may be damaged")
     return stream
@@ -768,7 +789,8 @@ def video_info(path: Path, idx: int, output_name: str, container, stream, rotati
         time_base=time_base, origin_pts=origin_pts,
         video_start_offset_s=float(origin_pts * time_base) - container_start_s,
         has_audio=bool(container.streams.audio), rotation_deg=rotation_deg,
-        frame_count_from_header=bool(stream.frames))
+        frame_count_from_header=bool(stream.frames),
+        video_stream_idx=list(container.streams.video).index(stream))
 
 
 def display_rotation_deg(rotation: float) -> int:
@@ -800,7 +822,7 @@ def pyav_frames(info: VideoInfo, frame_interval: int, damaged_pts: list):
     rejects are skipped, as the ffmpeg command line does, and their pts added to damaged_pts."""
     import av
     with av.open(info.path) as container:
-        stream = container.streams.video[0]
+        stream = container.streams.video[info.video_stream_idx]
         stream.thread_type = "AUTO"
         last_pts = None
         frame_duration = 1 / Fraction(info.fps).limit_denominator(100000) / info.time_base
@@ -836,7 +858,7 @@ def presentation_times_s(info: VideoInfo) -> list:
     decoding: every frame's exact timestamp."""
     import av
     with av.open(info.path) as container:
-        stream = container.streams.video[0]
+        stream = container.streams.video[info.video_stream_idx]
         return sorted(frame_time_s(packet.pts, info.origin_pts, info.time_base)
                       for packet in container.demux(stream) if packet.pts is not None)
 
@@ -882,6 +904,38 @@ def frames_look_broken(images: list) -> bool:
     if all(g.std() < _BLANK_STD_GREY for g in grey):
         return True
     return len(grey) > 1 and all(np.abs(g - grey[0]).mean() < _FROZEN_MAD_GREY for g in grey[1:])
+
+
+class PictureSampler:
+    """Samples about one picture per second of a video to tell whether every one was blank or
+    frozen: a decoder returning success with such pictures makes 'nobody found' look like a
+    result (the first frames are checked in working_decoder_frames; this covers the rest). Keeps
+    only the last sample."""
+
+    def __init__(self):
+        self.count, self.alive, self.next_s, self.previous = 0, False, -math.inf, None
+
+    def add(self, time_s: float, image: np.ndarray) -> None:
+        """Sample this picture if a sample is due at time_s (s)."""
+        if time_s < self.next_s:
+            return
+        self.next_s = time_s + _PICTURE_SAMPLE_S
+        grey = image[::8, ::8].mean(axis=2, dtype=np.float32)
+        blank = bool(grey.std() < _BLANK_STD_GREY)
+        if self.previous is not None:  # alive: the picture changed, and not from blank to blank
+            changed = float(np.abs(grey - self.previous[0]).mean()) >= _FROZEN_MAD_GREY
+            self.alive |= changed and not (blank and self.previous[1])
+        self.previous, self.count = (grey, blank), self.count + 1
+
+    def problem(self, info: VideoInfo) -> str | None:
+        """Return the message for a video whose samples (at least _MIN_PICTURE_SAMPLES) were all
+        blank or frozen; None otherwise."""
+        if self.count < _MIN_PICTURE_SAMPLES or self.alive:
+            return None
+        return (f"{info.path}: every picture was blank or frozen ({self.count} sampled, about "
+                f"{_PICTURE_SAMPLE_S:g} s apart): 'nobody found' may be wrong; check that the file "
+                f"plays in a video player, and if it does, re-encode it (ffmpeg -i IN -c:v libx264 "
+                f"OUT.mp4) and search that")
 
 
 def take_kept(frames, count: int) -> list:
@@ -1001,42 +1055,72 @@ def decoder_main(name, layout, jobs_q, free_q, filled_qs, result_q, stop_event, 
 
 def decode_into_ring(info, ring, free_q, filled_q, stop_event, frame_interval,
                      clock: StageClock) -> tuple:
-    """Return (frames sent, error text or None) after streaming one video into the ring."""
+    """Return (frames sent, error text or None) after streaming one video into the ring. Any
+    failure is this video's error alone (the decoder goes on with the next video), and so are
+    pictures that were all blank or frozen (see PictureSampler)."""
     import av
-    sent = 0
+    sent, pictures, error = 0, PictureSampler(), None
     try:
         started = time.perf_counter()
         for frame_idx, time_s, image in decode_frames(info, frame_interval):
-            waited = time.perf_counter()
-            clock.add("decode", waited - started)
-            if image.shape[0] > ring.shape[1] or image.shape[1] > ring.shape[2]:
-                return sent, (f"{info.path}: frame {frame_idx} is {image.shape[1]}x{image.shape[0]}, "
-                              f"larger than the header said; the rest of the video was skipped")
-            slot = get_with_stop(free_q, stop_event)
-            if slot is None:
+            clock.add("decode", time.perf_counter() - started)
+            if image.size > ring[0].size:
+                error = (f"{info.path}: frame {frame_idx} is {image.shape[1]}x{image.shape[0]}, "
+                         f"larger than the header said; the rest of the video was skipped")
+                break
+            pictures.add(time_s, image)
+            frame = (sent, frame_idx, time_s, image)
+            if not send_frame(info, ring, free_q, filled_q, stop_event, clock, frame):
                 return sent, "stopped"
-            started = time.perf_counter()
-            clock.add("wait_for_slot", started - waited)
-            write_slot(ring, slot, image)
-            filled_q.put((info.idx, sent, frame_idx, time_s, image.shape[0], image.shape[1], slot))
             sent += 1
-    except (av.error.FFmpegError, OSError) as error:
-        return sent, (f"{info.path}: decoding stopped after {sent} processed frames ({error}); "
-                      f"the file is truncated or damaged and the rest was not searched; copy it "
-                      f"again, or re-encode the readable part (ffmpeg -i IN -c:v libx264 OUT.mp4)")
-    except BadInput as error:  # decoding ended early or skipped damaged packets
-        return sent, str(error)
-    return sent, None
+            started = time.perf_counter()
+    except (av.error.FFmpegError, OSError) as failure:
+        error = (f"{info.path}: decoding stopped after {sent} processed frames ({failure}); the "
+                 f"file is truncated or damaged and the rest was not searched; copy it again, or "
+                 f"re-encode the readable part (ffmpeg -i IN -c:v libx264 OUT.mp4)")
+    except BadInput as failure:  # decoding ended early or skipped damaged packets
+        error = str(failure)
+    except Exception as failure:  # e.g. cv2.error in the OpenCV fallback: this video's error only
+        error = unexpected_decoding_error(info, sent, failure)
+    problems = [problem for problem in (error, pictures.problem(info)) if problem]
+    return sent, "; ".join(problems) or None
 
+
+def send_frame(info, ring, free_q, filled_q, stop_event, clock: StageClock, frame: tuple) -> bool:
+    """Copy one (seq, frame_idx, time_s, image) into a free ring slot and queue it for its worker;
+    return False once the run is stopping (no slot taken)."""
+    seq, frame_idx, time_s, image = frame
+    waited = time.perf_counter()
+    slot = get_with_stop(free_q, stop_event)
+    if slot is None:
+        return False
+    clock.add("wait_for_slot", time.perf_counter() - waited)
+    write_slot(ring, slot, image)
+    filled_q.put((info.idx, seq, frame_idx, time_s, image.shape[0], image.shape[1], slot))
+    return True
+
+
+def unexpected_decoding_error(info, sent: int, error: Exception) -> str:
+    """Return the message for an unexpected failure while decoding a video: the exception as a
+    traceback's last line shows it, and the line of code where it happened."""
+    where = traceback.extract_tb(error.__traceback__)[-1]
+    last_line = " ".join(traceback.format_exception_only(type(error), error)[-1].split())
+    return (f"{info.path}: decoding failed after {sent} processed frames ({last_line}; at "
+            f"{Path(where.filename).name}:{where.lineno} in {where.name}); the rest was not "
+            f"searched. Check that the file plays in a video player, or re-encode it (ffmpeg -i IN "
+            f"-c:v libx264 OUT.mp4); if it plays, please report this message")
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 # 3 Ring buffer
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 def ring_layout_for(videos: list, slot_count: int, run_tag: str) -> RingLayout:
-    """Return a layout whose slots fit the largest frame of any video."""
+    """Return a layout whose slots hold the frame with the most pixels of any video: a landscape
+    and a portrait 4K video share 3840x2160-pixel slots (not 3840x3840), so that what
+    check_fits_ring allows for each video alone also fits them together."""
+    largest = max(videos, key=lambda v: v.width * v.height)
     return RingLayout(name=f"{_SHM_PREFIX}{run_tag}r", slot_count=slot_count,
-                      height=max(v.height for v in videos), width=max(v.width for v in videos))
+                      height=largest.height, width=largest.width)
 
 
 def available_ram_bytes() -> int | None:
@@ -1091,16 +1175,29 @@ def fit_slot_count(requested: int, slot_bytes: int, budget_bytes: int | None) ->
 
 def check_fits_ring(info: VideoInfo, budget_bytes: int | None, why: str) -> None:
     """Raise BadInput if even the fewest ring slots (_MIN_RING_SLOTS) of this video's frame size
-    do not fit the memory the ring may take."""
+    do not fit the memory the ring may take. The need is rounded up and the memory available
+    down, so the message never says '12 MB ... more than the 12 MB available'."""
     slot_bytes = info.width * info.height * 3
     if fit_slot_count(_MIN_RING_SLOTS, slot_bytes, budget_bytes) < _MIN_RING_SLOTS:
+        height = height_that_fits(info, budget_bytes)
+        scale = (f", or scale it down (ffmpeg -i IN -vf scale=-2:{height} OUT.mp4)"
+                 if height else "")
         raise BadInput(
             f"{info.path}: its {info.width}x{info.height} frames need "
-            f"{_MIN_RING_SLOTS * slot_bytes / 2**20:.0f} MB of shared memory for the "
+            f"{math.ceil(_MIN_RING_SLOTS * slot_bytes / 2**20)} MB of shared memory for the "
             f"{_MIN_RING_SLOTS} ring slots a search needs at least, more than the "
-            f"{budget_bytes / 2**20:.0f} MB available ({why}); skipped. Free memory, enlarge "
-            f"/dev/shm (Docker: --shm-size=2g), or scale it down "
-            f"(ffmpeg -i IN -vf scale=-2:2160 OUT.mp4)")
+            f"{budget_bytes // 2**20} MB available ({why}); skipped. Free memory or enlarge "
+            f"/dev/shm (Docker: --shm-size=2g){scale}")
+
+
+def height_that_fits(info: VideoInfo, budget_bytes: int) -> int | None:
+    """Return the largest common frame height (px) below the video's own at which, scaled with
+    its aspect ratio kept, _MIN_RING_SLOTS frames fit budget_bytes; None if none does."""
+    for height in (2160, 1440, 1080, 720, 540, 360):
+        width = info.width * height / info.height
+        if height < info.height and _MIN_RING_SLOTS * width * height * 3 <= budget_bytes:
+            return height
+    return None
 
 
 def plan_ring(videos: list, settings: Settings, run_tag: str) -> RingLayout:
@@ -1122,16 +1219,51 @@ def plan_ring(videos: list, settings: Settings, run_tag: str) -> RingLayout:
     return ring_layout_for(videos, slot_count, run_tag)
 
 
+@contextlib.contextmanager
+def sigint_held():
+    """Hold a Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: for steps that
+    must not be cut in half (creating the ring, starting a child). SIGINT is also blocked
+    meanwhile (POSIX; not on Windows), as multiprocessing starts its resource tracker, so that a
+    child started inside inherits it blocked. Outside the main thread it holds nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are the main thread's (a test may start a pipeline elsewhere)
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    blocking = hasattr(signal, "pthread_sigmask")
+    if blocking:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if blocking:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending one lands in held
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
 def create_ring(layout: RingLayout) -> shared_memory.SharedMemory:
-    """Create the ring's shared memory (parent only; the parent also unlinks it)."""
-    return shared_memory.SharedMemory(name=layout.name, create=True,
-                                      size=layout.slot_bytes * layout.slot_count)
+    """Create the ring's shared memory (parent only; the parent also unlinks it). A Ctrl-C
+    meanwhile cannot leave a block behind that nobody owns: it is held until the block is made
+    (shm_open, then sizing it), and the block is unlinked before the Ctrl-C goes on."""
+    shm = None
+    try:
+        with sigint_held():
+            shm = shared_memory.SharedMemory(name=layout.name, create=True,
+                                             size=layout.slot_bytes * layout.slot_count)
+    except KeyboardInterrupt:
+        if shm is not None:
+            shm.close()
+            shm.unlink()
+        raise
+    return shm
 
 
 def ring_view(shm: shared_memory.SharedMemory, layout: RingLayout) -> np.ndarray:
-    """Return a [slots, height, width, channels] uint8 view of the ring (delete it before close)."""
-    return np.ndarray((layout.slot_count, layout.height, layout.width, layout.channels),
-                      dtype=np.uint8, buffer=shm.buf)
+    """Return a [slots, slot bytes] uint8 view of the ring (delete it before close); a frame
+    is read back with slot_image."""
+    return np.ndarray((layout.slot_count, layout.slot_bytes), dtype=np.uint8, buffer=shm.buf)
 
 
 def new_slot_queue(ctx, slot_count: int):
@@ -1169,9 +1301,13 @@ def abandon_if_orphaned(*queues) -> None:
 
 
 def write_slot(ring: np.ndarray, slot: int, image: np.ndarray) -> None:
-    """Copy a frame into the top-left of a slot."""
-    height, width = image.shape[:2]
-    ring[slot, :height, :width] = image
+    """Copy a frame (height x width x 3) to the start of a slot, row by row."""
+    ring[slot].reshape(-1)[:image.size] = image.reshape(-1)
+
+
+def slot_image(ring: np.ndarray, slot: int, height: int, width: int) -> np.ndarray:
+    """Return a (height, width, 3) view of the frame write_slot put in a slot (no copy)."""
+    return ring[slot].reshape(-1)[:height * width * 3].reshape(height, width, 3)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -2442,7 +2578,7 @@ def process_batch(context: WorkerContext, batch: list) -> None:
     """Detect the faces of a batch of frames (in parallel with other threads), then hand each
     frame, or a video's end marker, to its video's sequencer."""
     frames = [item for item in batch if item is not None and item[6] is not None]
-    images = [context.ring[slot, :h, :w] for (_, _, _, _, h, w, slot) in frames]
+    images = [slot_image(context.ring, slot, h, w) for (_, _, _, _, h, w, slot) in frames]
     started = time.perf_counter()
     if context.models.device is not None:
         detections, handles = detect_on_device(context.models, images, context.settings)
@@ -2509,7 +2645,7 @@ class FrameSequencer:
         frame on the models' device, handle, may live on in a track's last look)."""
         _, seq, frame_idx, time_s, height, width, slot = frame
         try:
-            image = self.context.ring[slot, :height, :width]
+            image = slot_image(self.context.ring, slot, height, width)
             started = time.perf_counter()
             self.tracker.step(seq, frame_idx, time_s, image, boxes, kps, thumb, handle)
             self.context.clock.add("track", time.perf_counter() - started)
@@ -2559,17 +2695,35 @@ def encode_snapshot(image: np.ndarray, box, name: str, distance: float, person_i
     return data.tobytes()
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a written file's bytes to the disk, so that a rename after it never publishes a file
+    whose content a power cut could still lose."""
+    import errno
+    descriptor = os.open(path, os.O_RDWR)  # Windows needs write access to flush
+    try:
+        os.fsync(descriptor)
+    except OSError as error:  # a file system that cannot flush (some network shares) still
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # renames whole
+            raise
+    finally:
+        os.close(descriptor)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a file through a .part file renamed into place, so no half-written file is left;
-    on failure (disk full, no permission) remove the .part and raise OSError naming the file."""
+    """Write a file through a .part file, flushed to the disk and renamed into place, so no
+    half-written file is left; on any failure (disk full, no permission, Ctrl-C) remove the .part;
+    an OSError is raised again naming the file."""
     part = path.with_name(path.name + ".part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         part.write_bytes(data)
+        fsync_file(part)
         os.replace(part, path)
-    except OSError as error:
+    except BaseException as error:
         part.unlink(missing_ok=True)
-        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
+        if isinstance(error, OSError):
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
+        raise
 
 
 def save_debug_detections(context: WorkerContext, frame: tuple, image: np.ndarray, found) -> None:
@@ -3023,7 +3177,8 @@ class VideoTracker:
                       for (f, t, box, score, rec), counted in zip(track.frames, flags) if counted]
         summary = {"track": track.track_id, "name": None if person is None else people[person],
                    "best_distance": round(best, 4), "hits": hits,
-                   "recognitions": len(track.rec_distances), "frames": frames}
+                   "recognitions": len(track.rec_distances), "frames": frames,
+                   "snapshots": [path.name for who, path in track.written if who == person]}
         if self.settings.debug_rec:
             summary["debug_rec"] = [[f, t, {p: round(float(d), 4) for p, d in zip(people, row)}]
                                     for (f, t), row in zip(track.rec_frames, track.rec_distances)]
@@ -3096,7 +3251,7 @@ def build_clip_command(ffmpeg: str, info: VideoInfo, time_range: TimeRange, part
     only start at a keyframe); seeking just past it makes ffmpeg start there.
     """
     common = [ffmpeg, "-nostdin", "-y", "-v", "error"]
-    maps = ["-map", "0:v:0", "-map", "0:a:0?"]
+    maps = ["-map", f"0:v:{info.video_stream_idx}", "-map", "0:a:0?"]
     if mode == "fast":
         seek_s = container_seek_s(clip_start_s, info) + _KEYFRAME_SEEK_PAST_S
         return [*common, "-ss", f"{seek_s:.3f}", "-i", info.path,
@@ -3113,7 +3268,7 @@ def keyframe_times_s(info: VideoInfo) -> list:
     """Return the times (s, frame clock) of the video stream's keyframes, read without decoding."""
     import av
     with av.open(info.path) as container:
-        stream = container.streams.video[0]
+        stream = container.streams.video[info.video_stream_idx]
         return sorted(frame_time_s(packet.pts, info.origin_pts, info.time_base)
                       for packet in container.demux(stream)
                       if packet.is_keyframe and packet.pts is not None)
@@ -3125,26 +3280,37 @@ def keyframe_before(keyframes_s: list, time_s: float) -> float:
     return max(earlier) if earlier else 0.0
 
 
+def own_process_group() -> dict:
+    """Return the Popen arguments that start a command in its own process group, so a Ctrl-C in
+    the terminal (SIGINT to the whole group) reaches only main.py, which then stops it."""
+    if sys.platform == "win32":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True}
+
+
 def run_checked(cmd: list, what: str, timeout_s: float = 600, stop_event=None) -> None:
     """Run a command; raise ClipError with the exit code and stderr's last lines on failure,
-    after timeout_s, or when stop_event is set (the command is killed then)."""
+    after timeout_s, or "stopped" once stop_event is set (the command is killed then)."""
     import tempfile
+    stop_event = stop_event or threading.Event()  # never set: only the timeout ends it early
     with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty command cannot block
         try:
             process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=stderr)
+                                       stderr=stderr, **own_process_group())
         except OSError as error:
             raise ClipError(f"{what}: cannot run {cmd[0]} ({error})") from None
         deadline = time.monotonic() + timeout_s
         while process.poll() is None:
-            if time.monotonic() > deadline or (stop_event is not None and stop_event.is_set()):
+            if time.monotonic() > deadline or stop_event.is_set():
                 process.kill()
                 process.wait()
-                reason = "stopped" if time.monotonic() <= deadline else \
+                reason = "stopped" if stop_event.is_set() else \
                     f"ffmpeg took longer than {timeout_s:.0f} s"
                 raise ClipError(f"{what}: {reason}")
             time.sleep(0.05)
         if process.returncode != 0:
+            if stop_event.is_set():  # it failed because the run is stopping: nothing else to say
+                raise ClipError(f"{what}: stopped")
             stderr.seek(0)
             tail = "\n".join(stderr.read().decode(errors="replace").strip().splitlines()[-5:])
             raise ClipError(f"{what}: ffmpeg exit code {process.returncode}\n{tail}")
@@ -3160,6 +3326,7 @@ def cut_clip(ffmpeg: str, info: VideoInfo, time_range: TimeRange, clip_dir: Path
     try:
         run_checked(build_clip_command(ffmpeg, info, time_range, part, mode, clip_start_s), what,
                     stop_event=stop_event)
+        fsync_file(part)  # on the disk before its name says it is finished
         os.replace(part, final)
     finally:
         part.unlink(missing_ok=True)
@@ -3191,9 +3358,16 @@ def format_hms(time_s: float) -> str:
     return f"{millis // 3_600_000:02d}:{millis // 60_000 % 60:02d}:{millis // 1000 % 60:02d}.{millis % 1000:03d}"
 
 
+def video_done(result: VideoResult) -> bool:
+    """Return True once a video is searched to its end and every range has its clip entry (a
+    clip, or None after an error); a reused video is done."""
+    return result.reused is not None or (result.finished and len(result.clips) == len(result.ranges))
+
+
 def video_status(result: VideoResult) -> str:
-    """Return "ok" (finished, no errors), "incomplete" (some frames processed) or "failed"."""
-    if result.finished and not result.errors:
+    """Return "ok" (done, see video_done, and no errors), "incomplete" (some frames processed)
+    or "failed"."""
+    if video_done(result) and not result.errors:
         return "ok"
     return "incomplete" if result.processed_frame_count else "failed"
 
@@ -3424,18 +3598,47 @@ def summary_table(videos: list, reused_files: set) -> str:
 # Saved results per video (resume) -------------------------------------------------------------
 def run_fingerprint(settings: Settings, references: list, model_paths: list) -> dict:
     """Return what every video's results depend on besides the video: the settings that change
-    results (_RESULT_SETTINGS), each person's photos by content, in order, and the model files
-    by content (as JSON would read it back: tuples become lists)."""
+    results (_RESULT_SETTINGS), each person's photos by content, in order, the model files by
+    content, and what runs them (see execution_fingerprint), as JSON would read it back (tuples
+    become lists)."""
     return json.loads(json.dumps({
         "settings": {name: settings.values[name] for name in _RESULT_SETTINGS},
         "references": [[r.name, [file_sha256(Path(p)) for p in r.photos]] for r in references],
-        "models": {Path(p).name: file_sha256(Path(p)) for p in model_paths}}))
+        "models": {Path(p).name: file_sha256(Path(p)) for p in model_paths},
+        "execution": execution_fingerprint(settings)}))
+
+
+def execution_fingerprint(settings: Settings) -> dict:
+    """Return what the models can run on here: the provider chain PROVIDERS resolves to with this
+    onnxruntime, and the names of the visible GPUs when a GPU provider is in it (results made on
+    a GPU are then not reused on a CPU-only machine, nor the other way round)."""
+    import onnxruntime as ort
+    chain = provider_chain(settings.PROVIDERS, ort.get_available_providers())
+    gpus = visible_gpu_names() if chain[0] != "CPUExecutionProvider" else []
+    return {"providers": chain, "gpus": gpus}
+
+
+def execution_text(execution) -> str:
+    """Return an execution_fingerprint as words: 'CUDAExecutionProvider on NVIDIA H200'."""
+    if not isinstance(execution, dict):
+        return "unknown providers"
+    gpus = ", ".join(execution.get("gpus") or []) or "no GPU"
+    return f"{' > '.join(execution.get('providers') or [])} on {gpus}"
 
 
 def video_fingerprint(path: str) -> dict:
-    """Return the identity of a video file: its resolved path, size in bytes and mtime in ns."""
-    stat = os.stat(path)
-    return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    """Return the identity of a video file by its content, not its path or time stamps (a moved,
+    copied or remounted video is the same video): its size in bytes and the SHA-256 of its first,
+    middle and last MiB (of the whole file when it is at most 3 MiB)."""
+    size = os.stat(path).st_size
+    whole = size <= 3 * _VIDEO_SAMPLE_BYTES
+    offsets = [0] if whole else [0, (size - _VIDEO_SAMPLE_BYTES) // 2, size - _VIDEO_SAMPLE_BYTES]
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for offset in offsets:
+            file.seek(offset)
+            digest.update(file.read(size if whole else _VIDEO_SAMPLE_BYTES))
+    return {"size": size, "sampled_sha256": digest.hexdigest()}
 
 
 def saved_video_path(output_dir: Path, info: VideoInfo) -> Path:
@@ -3453,13 +3656,38 @@ def tool_output_files(folder: Path) -> list:
     return sorted(found)
 
 
-def save_video_results(path: Path, fingerprint: dict, entry: dict) -> None:
-    """Write video.json: the video's results.json entry, the snapshots on disk, the fingerprint."""
-    snapshots = sorted(p.name for p in path.parent.glob("frame_*.jpg")
-                       if _TOOL_FILE_NAMES.fullmatch(p.name))
-    write_json_atomic(path, {"format": _SAVED_VIDEO_FORMAT,
-                             "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                             "fingerprint": fingerprint, "snapshots": snapshots, "entry": entry})
+def save_video_results(path: Path, fingerprint: dict, entry: dict, snapshots: list) -> dict:
+    """Write video.json and return what it holds: the video's results.json entry, the names of
+    its snapshots still on disk, the size in bytes of each of those and of each clip (by path
+    under OUTPUT_DIR, as results.json names clips), and the fingerprint."""
+    folder = path.parent
+    output_dir = folder.parent  # OUTPUT_DIR/<video folder>/video.json
+    snapshots = sorted(name for name in set(snapshots) if (folder / name).is_file())
+    files = [f"{folder.name}/{name}" for name in snapshots] + \
+        [r["clip"] for r in entry["ranges"] if r["clip"]]
+    saved = {"format": _SAVED_VIDEO_FORMAT, "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "fingerprint": fingerprint, "snapshots": snapshots,
+             "file_bytes": {name: (output_dir / name).stat().st_size for name in files
+                            if (output_dir / name).is_file()},
+             "entry": entry}
+    write_json_atomic(path, saved)
+    return saved
+
+
+def replace_saved_video(path: Path, fingerprint: dict, entry: dict, snapshots: list) -> None:
+    """Save a video's new results (video.json), then remove the files main.py wrote for it earlier
+    that these do not list: until then, an earlier run's results stay whole on disk."""
+    remove_unlisted_files(path.parent, save_video_results(path, fingerprint, entry, snapshots))
+
+
+def remove_unlisted_files(folder: Path, saved: dict) -> list:
+    """Remove main.py's files in a video's folder that its saved results do not list (stale
+    snapshots and clips, .part files of an interrupted run); return their paths."""
+    listed = {folder.parent / name for name in saved["file_bytes"]} | {folder / _SAVED_VIDEO_FILE}
+    stale = [p for p in tool_output_files(folder) if p not in listed]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def read_saved_video(path: Path) -> dict | None:
@@ -3471,7 +3699,7 @@ def read_saved_video(path: Path) -> dict | None:
         return None
     except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
         raise BadInput(f"{path}: cannot be read ({error}); the video is searched again") from None
-    kinds = {"fingerprint": dict, "snapshots": list, "entry": dict}
+    kinds = {"fingerprint": dict, "snapshots": list, "file_bytes": dict, "entry": dict}
     if not isinstance(saved, dict) or saved.get("format") != _SAVED_VIDEO_FORMAT \
             or not all(isinstance(saved.get(key), kind) for key, kind in kinds.items()):
         raise BadInput(f"{path}: not a video.json of this version; the video is searched again")
@@ -3480,7 +3708,8 @@ def read_saved_video(path: Path) -> dict | None:
 
 def reuse_problem(saved: dict, fingerprint: dict, folder: Path, output_dir: Path) -> str | None:
     """Return why a saved video cannot be reused, or None if it can: the video file, a setting,
-    a photo or a model changed, or its search or clips did not finish, or a file is missing."""
+    a photo, a model or what runs them changed, or its search or clips did not finish, or one of
+    its files is missing or has another size than when it was saved."""
     old = saved["fingerprint"]
     old_settings = old.get("settings") if isinstance(old.get("settings"), dict) else {}
     changed = [k for k, v in fingerprint["settings"].items()
@@ -3493,12 +3722,16 @@ def reuse_problem(saved: dict, fingerprint: dict, folder: Path, output_dir: Path
         return "the reference photos changed"
     if old.get("models") != fingerprint["models"]:
         return "the model files changed"
-    return entry_problem(saved["entry"], saved["snapshots"], folder, output_dir)
+    if old.get("execution") != fingerprint["execution"]:
+        return (f"it was searched with {execution_text(old.get('execution'))}, this run uses "
+                f"{execution_text(fingerprint['execution'])}")
+    return entry_problem(saved, folder, output_dir)
 
 
-def entry_problem(entry: dict, snapshots: list, folder: Path, output_dir: Path) -> str | None:
-    """Return why a saved results.json entry is not a finished video with all its files on disk,
-    or None if it is one."""
+def entry_problem(saved: dict, folder: Path, output_dir: Path) -> str | None:
+    """Return why a saved video is not a finished one with all its files on disk as they were
+    saved (same size in bytes), or None if it is one."""
+    entry = saved["entry"]
     try:
         if entry["status"] != "ok" or entry["errors"]:
             return f"its search did not finish (status {entry['status']}, {len(entry['errors'])} error(s))"
@@ -3509,9 +3742,15 @@ def entry_problem(entry: dict, snapshots: list, folder: Path, output_dir: Path) 
         return "its saved entry lacks fields"
     if None in clips:
         return f"{clips.count(None)} of its {len(clips)} clips were not cut"
-    missing = [c for c in clips if not (output_dir / str(c)).is_file()] + \
-              [s for s in snapshots if not (folder / str(s)).is_file()]
-    return f"{len(missing)} of its files are missing, e.g. {missing[0]}" if missing else None
+    files = clips + [f"{folder.name}/{name}" for name in saved["snapshots"]]
+    missing = [f for f in files if not (output_dir / str(f)).is_file()]
+    if missing:
+        return f"{len(missing)} of its files are missing, e.g. {missing[0]}"
+    if not set(files) <= set(saved["file_bytes"]):
+        return "its saved entry lacks fields"
+    changed = [f for f in files if (output_dir / f).stat().st_size != saved["file_bytes"][f]]
+    return (f"{len(changed)} of its files changed since it was saved (another size), e.g. "
+            f"{changed[0]}") if changed else None
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -3531,6 +3770,8 @@ class Pipeline:
     stop_event: object
     processes: list = field(default_factory=list)
     finished_children: set = field(default_factory=set)
+    inbox: queue.Queue = field(default_factory=queue.Queue)  # result_q's messages (forward_results)
+    reader_stop: threading.Event = field(default_factory=threading.Event)
 
 
 def start_pipeline(settings: Settings, videos: list, references: list,
@@ -3553,6 +3794,7 @@ def start_pipeline(settings: Settings, videos: list, references: list,
         shm.unlink()
         raise
     try:
+        start_result_reader(pipe)
         for item in (*jobs, *[None] * settings.NUM_CPU_LOADERS):
             pipe.jobs_q.put(item)
         for i in range(settings.NUM_CPU_LOADERS):
@@ -3586,10 +3828,47 @@ def worker_gpus(settings: Settings) -> list:
 
 
 def start_child(pipe: Pipeline, name: str, target, *args) -> None:
-    """Start one named child process of the pipeline."""
+    """Start one named child process of the pipeline, deaf to Ctrl-C from its first instruction:
+    it inherits the blocked SIGINT of sigint_held (run_child then ignores SIGINT for good), so
+    one still importing cannot print a KeyboardInterrupt traceback, and a Ctrl-C meanwhile waits
+    until it has its start-up data (else it would print an EOFError traceback)."""
     process = pipe.ctx.Process(target=target, name=name, args=(name, *args))
-    process.start()
-    pipe.processes.append(process)
+    try:
+        with sigint_held():
+            process.start()
+    finally:
+        if process.pid is not None:  # started, even if a Ctrl-C came meanwhile: stopped with the rest
+            pipe.processes.append(process)
+
+
+def start_result_reader(pipe: Pipeline) -> threading.Thread:
+    """Start the daemon thread that moves result_q's messages into pipe.inbox (see
+    forward_results)."""
+    reader = threading.Thread(target=forward_results, name="result-reader", daemon=True,
+                              args=(pipe.result_q, pipe.inbox, pipe.reader_stop))
+    reader.start()
+    return reader
+
+
+def forward_results(result_q, inbox: queue.Queue, reader_stop: threading.Event) -> None:
+    """Result reader thread: move each message of result_q into inbox until reader_stop is set.
+
+    result_q.get(timeout=...) bounds only the wait for a message to begin: a child killed while
+    writing a large one (a track lists every frame; more than the 64 KiB a pipe holds) leaves
+    the rest unread for ever. This thread may then hang, but the main loop reads inbox with a
+    timeout and goes on checking the children's exit codes, and shutdown does not wait for it.
+    """
+    while not reader_stop.is_set():
+        try:
+            message = result_q.get(timeout=_QUEUE_TIMEOUT_S)
+        except queue.Empty:
+            continue
+        except (OSError, EOFError, ValueError):  # closed at shutdown
+            return
+        except Exception:  # a message that cannot be unpickled: the pipeline is broken
+            inbox.put(("error", "result-reader", traceback.format_exc()))
+            return
+        inbox.put(message)
 
 
 def check_children(pipe: Pipeline, drain) -> None:
@@ -3605,14 +3884,22 @@ def check_children(pipe: Pipeline, drain) -> None:
         drain()
         gone = [p for p in gone if p.name not in pipe.finished_children]
     if gone:
-        raise PipelineBroken(gone[0].name, gone[0].exitcode,
-                             "it exited without an error report (killed, or out of memory?)")
+        raise PipelineBroken(gone[0].name, gone[0].exitcode, silent_exit_hint(gone[0].exitcode))
+
+
+def silent_exit_hint(exitcode: int) -> str:
+    """Return what a child's exit without an error report means, with what to do."""
+    if exitcode == -getattr(signal, "SIGKILL", 9):
+        return ("it exited without an error report: killed, or out of memory: check dmesg for the "
+                "OOM killer; lower BATCH_SIZE, MAX_BUFFER_SLOTS or NUM_GPU_PROCESSES")
+    return "it exited without an error report (killed, or out of memory?)"
 
 
 def shutdown_pipeline(pipe: Pipeline) -> None:
     """Stop and join every child, terminate stragglers, then close and unlink the ring (the
     ring is released even if a second Ctrl-C interrupts the joins)."""
     pipe.stop_event.set()
+    pipe.reader_stop.set()  # the reader thread is not waited for: it may hang (forward_results)
     try:
         deadline = time.monotonic() + _JOIN_TIMEOUT_S
         for process in pipe.processes:
@@ -3682,6 +3969,7 @@ class RunState:
         result = self.results[video_idx]
         if self.debug_rec_file:
             self.log_debug_rec(result.info, track)
+        result.snapshots.update(track.get("snapshots", ()))
         if track["name"] is None:
             return
         for frame_idx, time_s, bbox, det_score, own_distance in track["frames"]:
@@ -3711,9 +3999,11 @@ class RunState:
         or the started videos of a worker (video i goes to worker i % NUM_GPU_PROCESSES)."""
         if child.startswith("decoder-"):
             idxs = [self.decoding[child]] if child in self.decoding else []
-        else:
+        elif child.startswith("worker-"):
             worker_idx = int(child.rsplit("-", 1)[1])
             idxs = [i for i in self.started_videos if i % self.settings.NUM_GPU_PROCESSES == worker_idx]
+        else:  # the parent's result reader: every video in progress
+            idxs = list(self.started_videos)
         return [self.results[i] for i in sorted(idxs) if not self.results[i].finished]
 
     def video_tracked(self, video_idx: int) -> None:
@@ -3755,14 +4045,16 @@ class RunState:
                               self.thumbnails)
 
     def save_video(self, result: VideoResult) -> None:
-        """Save a video's results in its folder (video.json) once its clips are cut, so a later
-        run can reuse it (see reuse_problem); nothing without a fingerprint."""
+        """Save a video's results in its folder (video.json) once every range has its clip entry,
+        so a later run can reuse it (see reuse_problem), and only then remove what an earlier run
+        left there that these results do not list; nothing without a fingerprint."""
         fingerprint = self.fingerprints.get(result.info.idx)
         if fingerprint is not None:
             with self.lock:
                 entry = video_report(result, self.output_dir, self.settings.FRAME_INTERVAL)
-            self.write_output(save_video_results, saved_video_path(self.output_dir, result.info),
-                              fingerprint, entry)
+                snapshots = sorted(result.snapshots)
+            self.write_output(replace_saved_video, saved_video_path(self.output_dir, result.info),
+                              fingerprint, entry, snapshots)
 
     def write_output(self, write, *args) -> None:
         """Run one write into OUTPUT_DIR. A failure (disk full, no permission) is kept in
@@ -3780,7 +4072,7 @@ class RunState:
         ffmpeg runs beside the inference (on a GPU machine the CPU is free for it), and the
         parent keeps reading results meanwhile.
         """
-        while (result := self.clip_jobs.get()) is not None:
+        while (result := self.next_clip_job()) is not None:
             try:
                 self.cut_video_clips(result)
             except Exception as error:  # recorded, and the next video's clips are still cut
@@ -3788,8 +4080,18 @@ class RunState:
                     message = f"{result.info.path}: clips not cut ({type(error).__name__}: {error})"
                     result.errors.append(message)
                     self.failures.append(message)
-            self.save_video(result)
+                    result.clips += [(None, None)] * (len(result.ranges) - len(result.clips))
+            if len(result.clips) == len(result.ranges):  # not stopped halfway by Ctrl-C
+                self.save_video(result)
             self.save_reports()
+
+    def next_clip_job(self) -> VideoResult | None:
+        """Return the next video whose clips are to be cut; None ends the clip thread."""
+        while True:
+            try:
+                return self.clip_jobs.get(timeout=_QUEUE_TIMEOUT_S)
+            except queue.Empty:
+                continue
 
     def cut_video_clips(self, result: VideoResult) -> None:
         """Cut the clips of one video's ranges, in order, unless the run is stopping."""
@@ -3802,14 +4104,16 @@ class RunState:
             started = time.monotonic()
             clip_start_s = keyframe_before(keyframes, time_range.start_s) if fast else time_range.start_s
             clip = self.cut_one(result, time_range, clip_dir, clip_start_s)
+            if clip is None:  # stopped: this range and the later ones have no clip entry
+                break
             with self.lock:
                 result.clips.append(clip)
                 self.clips_s += time.monotonic() - started
 
     def cut_one(self, result: VideoResult, time_range: TimeRange, clip_dir: Path,
-                clip_start_s: float) -> tuple:
-        """Cut one clip; return (its path, where it starts), or (None, None) after recording
-        the error."""
+                clip_start_s: float) -> tuple | None:
+        """Cut one clip; return (its path, where it starts), (None, None) after recording the
+        error, or None when the run is stopping (nothing recorded: the video is unfinished)."""
         if self.ffmpeg is None:
             return None, None
         try:
@@ -3825,6 +4129,8 @@ class RunState:
                                 time_range.start_s, self.stop_clips)
                 return str(clip), time_range.start_s
         except (ClipError, OSError) as error:
+            if self.stop_clips.is_set():
+                return None
             with self.lock:
                 result.errors.append(str(error))
                 self.failures.append(str(error))
@@ -3875,20 +4181,16 @@ def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) 
 
 
 def run_pipeline(state: RunState, references: list) -> None:
-    """Run decoders and workers over every video not reused, until all children are done."""
-    from tqdm import tqdm
-    settings = state.settings
-    videos = [r.info for r in state.results]
+    """Run decoders and workers over every video not reused, until all children are done.
+    Everything after the children are started is inside the `finally` that stops them: a Ctrl-C
+    at any moment leaves no child behind."""
     jobs = [r.info for r in state.results if r.reused is None]
-    total = sum(math.ceil(v.frame_count / settings.FRAME_INTERVAL) for v in jobs)
-    pipe = start_pipeline(settings, videos, references, jobs)
-    bars = {"videos": tqdm(total=len(videos), initial=len(videos) - len(jobs), desc="videos",
-                           unit="video", position=0),
-            "frames": tqdm(total=total, desc="frames", unit="frame", position=1, smoothing=0.1)}
-    cutter = threading.Thread(target=state.cut_clips, name="clip-cutter", daemon=True)
-    cutter.start()
-    finished = False
+    pipe = start_pipeline(state.settings, [r.info for r in state.results], references, jobs)
+    bars, cutter, finished = {}, None, False
     try:
+        bars = progress_bars(state, jobs)
+        cutter = threading.Thread(target=state.cut_clips, name="clip-cutter", daemon=True)
+        cutter.start()
         follow_children(state, pipe, bars)
         finished = True
     finally:
@@ -3899,13 +4201,30 @@ def run_pipeline(state: RunState, references: list) -> None:
         try:
             shutdown_pipeline(pipe)
         finally:
-            state.clip_jobs.put(None)
-            try:
-                cutter.join()
-            except BaseException:  # Ctrl-C or SIGTERM while the last clips are cut: stop ffmpeg
-                state.stop_clips.set()
-                cutter.join(timeout=_JOIN_TIMEOUT_S)
-                raise
+            if cutter is not None:
+                finish_clips(state, cutter)
+
+
+def progress_bars(state: RunState, jobs: list) -> dict:
+    """Return the two progress bars: videos done (reused ones included), frames processed."""
+    from tqdm import tqdm
+    total = sum(math.ceil(v.frame_count / state.settings.FRAME_INTERVAL) for v in jobs)
+    return {"videos": tqdm(total=len(state.results), initial=len(state.results) - len(jobs),
+                           desc="videos", unit="video", position=0),
+            "frames": tqdm(total=total, desc="frames", unit="frame", position=1, smoothing=0.1)}
+
+
+def finish_clips(state: RunState, cutter: threading.Thread) -> None:
+    """Let the clip thread cut the clips queued so far and end; on Ctrl-C or SIGTERM meanwhile,
+    stop the clip being cut, wait for the thread a little, and go on with the interruption."""
+    state.clip_jobs.put(None)
+    try:
+        while cutter.is_alive():  # the last clips may take long: no deadline here
+            cutter.join(timeout=_QUEUE_TIMEOUT_S)
+    except BaseException:
+        state.stop_clips.set()
+        cutter.join(timeout=_JOIN_TIMEOUT_S)
+        raise
 
 
 def follow_children(state: RunState, pipe: Pipeline, bars: dict) -> None:
@@ -3913,7 +4232,7 @@ def follow_children(state: RunState, pipe: Pipeline, bars: dict) -> None:
     dies or fails, OutputError when a file in OUTPUT_DIR could not be written."""
     def receive():
         try:
-            message = pipe.result_q.get(timeout=_QUEUE_TIMEOUT_S)
+            message = pipe.inbox.get(timeout=_QUEUE_TIMEOUT_S)
         except queue.Empty:
             return
         with state.lock:
@@ -3933,8 +4252,7 @@ def prepare_references(settings: Settings) -> tuple:
     """Return (references, problems, [detector file, recognizer file]), the references computed
     with the CPU provider in the parent."""
     if not list_reference_photos(Path(settings.REFERENCE_DIR)):
-        raise BadInput(f"no photo in {settings.REFERENCE_DIR}: add one photo per person named after "
-                       f"them (e.g. Barack_Obama.jpg), or try: python main.py --demo")
+        raise BadInput(no_photo_message(Path(settings.REFERENCE_DIR)))
     models = load_face_models(settings, "cpu", max(1, (os.cpu_count() or 2)))
     references, problems, notes = load_references(Path(settings.REFERENCE_DIR), models, settings)
     report_problems("reference photos skipped", problems)
@@ -3943,6 +4261,19 @@ def prepare_references(settings: Settings) -> tuple:
         raise BadInput(f"no usable reference photo in {settings.REFERENCE_DIR}: add a photo per "
                        f"person named after them (e.g. Barack_Obama.jpg) showing the face clearly")
     return references, problems, [Path(models.det_path), Path(models.rec_path)]
+
+
+def no_photo_message(folder: Path) -> str:
+    """Return the message for a reference folder without a photo in a supported format: empty,
+    or only files in other formats (an iPhone's .heic), which it counts."""
+    others = [p for p in reference_files(folder) if p.suffix.lower() not in _IMAGE_EXTENSIONS]
+    if not others:
+        return (f"no photo in {folder}: add one photo per person named after them (e.g. "
+                f"Barack_Obama.jpg), or try: python main.py --demo")
+    kinds = ", ".join(sorted({p.suffix.lower() or "no extension" for p in others}))
+    return (f"no photo in {folder} in a format this can read: its {len(others)} file(s) are in "
+            f"other formats ({kinds}, e.g. {others[0].name}); convert them to .jpg or .png (an "
+            f"iPhone's .heic: export as JPEG, or set Settings > Camera > Formats > Most Compatible)")
 
 
 def probe_all(paths: list, video_dir: Path) -> tuple:
@@ -3959,6 +4290,9 @@ def probe_all(paths: list, video_dir: Path) -> tuple:
             videos.append(info)
         except BadInput as error:
             problems.append(str(error))
+        except Exception as error:  # an odd file must not stop the run: it is skipped by name
+            problems.append(f"{path}: cannot be probed ({type(error).__name__}: {error}); check "
+                            f"that it plays in a video player, or remove it from the folder")
     return videos, problems
 
 
@@ -3996,15 +4330,27 @@ def check_output_dir(folder: Path) -> None:
                        f"choose another with --output, or make it writable") from None
 
 
+def videos_outside_output(paths: list, output_dir: Path) -> list:
+    """Return the videos that are not inside OUTPUT_DIR: with the output folder inside the video
+    folder, its clips would otherwise be searched by the next run (saying so when it happens)."""
+    output = output_dir.resolve()
+    kept = [p for p in paths if not p.is_relative_to(output)]
+    if len(kept) < len(paths):
+        print(f"[*] {len(paths) - len(kept)} video(s) inside the output folder {output_dir} (the "
+              f"clips of earlier runs) are not searched")
+    return kept
+
+
 def prepare_search(settings: Settings) -> tuple:
     """Return (video paths, references, problems, model files); raise BadInput for no videos,
     an output folder that cannot be written, no usable reference photo or no usable models."""
-    video_paths = list_videos(Path(settings.VIDEO_DIR))
+    output_dir = Path(settings.OUTPUT_DIR)
+    video_paths = videos_outside_output(list_videos(Path(settings.VIDEO_DIR)), output_dir)
     if not video_paths:
         raise BadInput(f"no videos in {settings.VIDEO_DIR}: put .mp4/.mkv/.avi/... files there "
                        f"and one photo per person in {settings.REFERENCE_DIR} (Name.jpg); or "
                        f"see a complete example first with: python main.py --demo")
-    check_output_dir(Path(settings.OUTPUT_DIR))
+    check_output_dir(output_dir)
     return (video_paths, *prepare_references(settings))
 
 
@@ -4026,19 +4372,21 @@ def start_run(settings: Settings, video_paths: list, references: list, problems:
 
 
 def plan_resume(state: RunState, fingerprint: dict) -> None:
-    """Reuse every video an earlier run finished with the same fingerprint (when RESUME is on);
-    remove the files main.py wrote for each other video, which is then searched from scratch."""
+    """Reuse every video an earlier run finished with the same fingerprint (when RESUME is on),
+    removing what a later, interrupted run left in its folder. Every other video is searched
+    from scratch, and nothing of it is removed before its new results are saved (save_video):
+    a rerun stopped early loses nothing."""
     for result in state.results:
         info = result.info
-        state.fingerprints[info.idx] = {"video": video_fingerprint(info.path), **fingerprint}
-        entry = reusable_entry(state, info) if state.settings.RESUME else None
-        if entry is not None:
-            result.reused, result.finished = entry, True
-            print(f"[*] reused: {Path(info.path).name} (finished by an earlier run, "
-                  f"{saved_video_path(state.output_dir, info)})")
+        try:
+            state.fingerprints[info.idx] = {"video": video_fingerprint(info.path), **fingerprint}
+        except OSError as error:  # searched, but not saved for a rerun
+            print(f"[!] {info.path}: cannot be read to recognise it ({error.strerror or error}): "
+                  f"its results will not be reused by a rerun")
             continue
-        for path in tool_output_files(state.output_dir / info.output_name):
-            path.unlink()
+        saved = reusable_video(state, info) if state.settings.RESUME else None
+        if saved is not None:
+            reuse_video(state, result, saved)
     reused = sum(r.reused is not None for r in state.results)
     if not state.settings.RESUME:
         print("[*] --force (RESUME off): every video is searched again")
@@ -4047,9 +4395,27 @@ def plan_resume(state: RunState, fingerprint: dict) -> None:
               f"(--force searches them again)")
 
 
-def reusable_entry(state: RunState, info: VideoInfo) -> dict | None:
-    """Return the results.json entry an earlier run saved for this video, if it can be reused;
-    else None, saying why when there was a saved one."""
+def reuse_video(state: RunState, result: VideoResult, saved: dict) -> None:
+    """Take a video's saved results as this run's (under its path now: the folder may have
+    moved), and remove main.py's files in its folder that they do not list."""
+    info = result.info
+    result.reused, result.finished = {**saved["entry"], "file": info.path}, True
+    print(f"[*] reused: {Path(info.path).name} (finished by an earlier run, "
+          f"{saved_video_path(state.output_dir, info)})")
+    try:
+        stale = remove_unlisted_files(state.output_dir / info.output_name, saved)
+    except OSError as error:
+        state.failures.append(f"{error.filename}: cannot be removed ({error.strerror}); it is "
+                              f"not part of the results, remove it by hand")
+        return
+    if stale:
+        print(f"[*] {Path(info.path).name}: removed {len(stale)} file(s) an interrupted later "
+              f"run left, e.g. {stale[0].name}")
+
+
+def reusable_video(state: RunState, info: VideoInfo) -> dict | None:
+    """Return what an earlier run saved for this video (video.json), if it can be reused; else
+    None, saying why when there was a saved one."""
     path = saved_video_path(state.output_dir, info)
     try:
         saved = read_saved_video(path)
@@ -4062,38 +4428,48 @@ def reusable_entry(state: RunState, info: VideoInfo) -> dict | None:
     if problem is not None:
         print(f"[*] {Path(info.path).name}: searched again: {problem} (since {path})")
         return None
-    return saved["entry"]
+    return saved
 
 
 def search_videos(state: RunState, references: list) -> int:
     """Search every video not reused and save the reports, also after a broken pipeline or
     Ctrl-C; return 0, 1 (broken, or a file could not be written) or 130 (interrupted)."""
-    exit_code = 0
+    exit_code, why = 0, "the search ended without it"
     if state.settings.debug_rec:
         state.debug_rec_file = open(state.output_dir / "debug_rec.tsv", "w", encoding="utf-8")
     try:
         if any(r.reused is None for r in state.results):
             run_pipeline(state, references)
-        state.run["complete"] = all(r.finished for r in state.results)
     except BadInput as error:  # a setting the workers cannot follow (GPU_DEVICE_IDS)
         print(f"error: {error}", file=sys.stderr)
         state.failures.append(str(error))
-        exit_code = 2
+        exit_code, why = 2, "not searched (see the error above)"
     except PipelineBroken as error:
         report_broken(state, error)
-        exit_code = 1
+        exit_code, why = 1, f"pipeline broken ({error.name})"
     except OutputError:  # reported by finish_run
-        exit_code = 1
+        exit_code, why = 1, "a file in OUTPUT_DIR could not be written"
     except KeyboardInterrupt:
         print("\n[!] interrupted: results so far are saved, marked incomplete", file=sys.stderr)
-        exit_code = 130
+        exit_code, why = 130, "interrupted"
     finally:
         if state.debug_rec_file:
             state.debug_rec_file.close()
+        mark_unfinished(state, why)
+        state.run["complete"] = exit_code == 0 and all(video_done(r) for r in state.results)
         state.run["failures"] = state.failures
         state.run["stats"] = state.stats()
         state.save_reports()
     return exit_code
+
+
+def mark_unfinished(state: RunState, why: str) -> None:
+    """Give every video that is not done (see video_done) and has no error yet the error 'not
+    finished: <why>', so that its entry says why it is not "ok"."""
+    with state.lock:
+        for result in state.results:
+            if not video_done(result) and not result.errors:
+                result.errors.append(f"{result.info.path}: not finished: {why}")
 
 
 def report_broken(state: RunState, error: PipelineBroken) -> None:
@@ -4237,7 +4613,7 @@ def check_inputs(settings: Settings) -> tuple:
     """Return (report lines, problem count) about the videos and reference photos."""
     lines, problems = [], 0
     try:
-        paths = list_videos(Path(settings.VIDEO_DIR))
+        paths = videos_outside_output(list_videos(Path(settings.VIDEO_DIR)), Path(settings.OUTPUT_DIR))
         videos, video_problems = probe_all(paths, Path(settings.VIDEO_DIR))
         lines.append(f"videos in {settings.VIDEO_DIR}: {len(videos)} usable")
         lines += [f"  {Path(v.path).name}: {v.width}x{v.height}, {v.fps:.2f} fps, "
@@ -4261,7 +4637,7 @@ def check_inputs(settings: Settings) -> tuple:
                     lines.append(f"  [!!] {error}")
                     problems += 1
         if not photos:
-            lines.append(f"  [!!] no photo in {settings.REFERENCE_DIR}: add Name.jpg per person")
+            lines.append(f"  [!!] {no_photo_message(Path(settings.REFERENCE_DIR))}")
         problems += not photos
     except BadInput as error:
         lines.append(f"  [!!] {error}")
@@ -4354,7 +4730,12 @@ def run_search(settings: Settings) -> int:
     except KeyboardInterrupt:
         print("\n[!] interrupted before the search started", file=sys.stderr)
         return 130
-    return finish_run(state, search_videos(state, prepared[1]))
+    try:
+        return finish_run(state, search_videos(state, prepared[1]))
+    except KeyboardInterrupt:  # just before the search, or again while the reports are written
+        print("\n[!] interrupted: the reports are those of the last finished video",
+              file=sys.stderr)
+        return 130
 
 
 def stop_on_sigterm(signum, frame) -> None:

@@ -130,6 +130,15 @@ def set_display_rotation(ffmpeg_exe: str, source: Path, target: Path, degrees: i
     raise AssertionError(f"{ffmpeg_exe} cannot write a display rotation of {degrees} degrees")
 
 
+def make_song_with_cover(ffmpeg_exe: str, target: Path) -> Path:
+    """Write a second of an AAC tone with a JPEG as its cover picture (an attached_pic video
+    stream, as music files carry album art)."""
+    run_ffmpeg(ffmpeg_exe, "-f", "lavfi", "-i", "sine=frequency=440", "-i",
+               TESTDATA / "refs" / "Barack_Obama.jpg", "-t", "1", "-map", "0:a", "-map", "1:v",
+               "-c:a", "aac", "-c:v", "mjpeg", "-disposition:v:0", "attached_pic", target)
+    return target
+
+
 def cut_in_half(source: Path, target: Path) -> Path:
     """Write the first half of a file's bytes, as an interrupted download leaves it."""
     target.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
@@ -145,6 +154,7 @@ def make_bad_files(folder: Path, ffmpeg_exe: str) -> None:
     (folder / "noise.mkv").write_bytes(random.Random(1).randbytes(100_000))
     run_ffmpeg(ffmpeg_exe, "-f", "lavfi", "-i", "sine=frequency=440", "-t", "1", "-c:a", "aac",
                folder / "only sound.mp4")
+    make_song_with_cover(ffmpeg_exe, folder / "song with cover.mp4")
     cut_in_half(OBAMA, folder / "cut short.mp4")  # its index ('moov') is at the end: gone
     faststart = folder.parent / "faststart.mp4"  # the index first: what is left still plays
     run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-c", "copy", "-movflags", "+faststart", faststart)
@@ -188,6 +198,8 @@ BAD_FILES = {  # file -> what its message must say (it always starts with the fi
     "photo.mov": r"is a still image \(jpeg_pipe\), not a video; remove it .*reference folder",
     "noise.mkv": r"cannot be opened as a video \(.*\); check that it plays in a video player",
     "only sound.mp4": r"has no video stream \(audio only: aac\), so there is nothing to search",
+    "song with cover.mp4": r"has no video stream \(audio only: aac, with a cover picture\), so there "
+                           r"is nothing to search; remove it from the folder",
     "cut short.mp4": r"is an MP4/MOV file that ffmpeg cannot read .* truncated .*'moov'.* copy it again",
     "cut before the first frame.mp4": r"no frame can be decoded.*; the file is truncated or damaged",
     "clip.mp4": r"is a folder named like a video, not a video; the videos inside it are searched",
@@ -251,28 +263,20 @@ def test_a_truncated_or_damaged_file_yields_what_it_can_then_says_so(main_module
 
 
 def probe_as_other_user(folder: Path) -> tuple:
-    """Run probe_all over a folder in a forked child, as user nobody when we are root (root reads
-    any file); return (usable file names, problems)."""
-    import multiprocessing
+    """Run probe_all over a folder in a new Python process, as user nobody (setpriv) when we are
+    root (root reads any file); return (usable file names, problems)."""
     import os
-    import main
-
-    def child(results):
-        if os.geteuid() == 0:
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-        videos, problems = main.probe_all(main.list_videos(folder), folder)
-        results.put(([Path(v.path).name for v in videos], problems))
-
-    ctx = multiprocessing.get_context("fork")
-    results = ctx.Queue()
-    process = ctx.Process(target=child, args=(results,))
-    process.start()
-    try:
-        return results.get(timeout=60)
-    finally:
-        process.join(timeout=10)
+    import sys
+    from conftest import REPO
+    code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import main; "
+            "folder = Path(sys.argv[2]); videos, problems = main.probe_all(main.list_videos(folder), "
+            "folder); print(json.dumps([[Path(v.path).name for v in videos], problems]))")
+    cmd = [sys.executable, "-c", code, str(REPO), str(folder)]
+    if os.geteuid() == 0:
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def test_an_unreadable_video_is_reported_as_permission_denied(ffmpeg_exe):
@@ -402,12 +406,14 @@ def opencv_pictures(path: Path) -> list:
     return pictures
 
 
-def decode_with_fake_ring(main_module, info) -> tuple:
-    """Run decode_into_ring in this process on a NumPy ring with plain queues; return (result,
-    [(frame_idx, time_s, picture)])."""
+def decode_with_fake_ring(main_module, info, slot_count: int | None = None) -> tuple:
+    """Run decode_into_ring in this process on a NumPy ring shaped as ring_view shapes the shared
+    one, with plain queues; return (result, [(frame_idx, time_s, picture)])."""
     import queue
     import threading
-    ring = np.zeros((info.frame_count + 1, info.height, info.width, 3), np.uint8)
+    slot_count = slot_count or info.frame_count + 1
+    layout = main_module.ring_layout_for([info], slot_count, "test")
+    ring = np.zeros((layout.slot_count, layout.slot_bytes), np.uint8)
     free_q, filled_q = queue.Queue(), queue.Queue()
     for slot in range(len(ring)):
         free_q.put(slot)
@@ -416,7 +422,7 @@ def decode_with_fake_ring(main_module, info) -> tuple:
     frames = []
     while not filled_q.empty():
         _, _, frame_idx, time_s, height, width, slot = filled_q.get()
-        frames.append((frame_idx, time_s, ring[slot, :height, :width].copy()))
+        frames.append((frame_idx, time_s, main_module.slot_image(ring, slot, height, width).copy()))
     return result, frames
 
 
@@ -628,3 +634,135 @@ def test_vfr_video_detections_are_at_its_frame_timestamps(main_module, matrix_ru
     assert entry["processed_frame_count"] == len(times)
     off = [d["time"] for d in entry["detections"] if min(abs(d["time"] - t) for t in times) > 1e-3]
     assert not off, f"detections between frames: {off[:5]}"
+
+
+# ── Odd files and decoder faults stop only their own video (issue #5) ──────────────────────
+@pytest.mark.parametrize("suffix", [".m4a", ".mp4"])
+def test_a_song_with_a_cover_picture_is_refused_as_audio_only(main_module, ffmpeg_exe, tmp_path, suffix):
+    """An audio file whose album art is stored as a video stream (attached_pic) is not searched as
+    a one-picture video: it is refused as audio only, with a cover picture."""
+    path = make_song_with_cover(ffmpeg_exe, tmp_path / f"song{suffix}")
+    with pytest.raises(main_module.BadInput) as raised:
+        probe(main_module, path)
+    assert str(raised.value).startswith(f"{path}: has no video stream (audio only: aac, with a "
+                                        f"cover picture)"), str(raised.value)
+
+
+def test_a_file_that_cannot_be_read_is_skipped_by_name_and_the_rest_probed(main_module, tmp_path,
+                                                                          monkeypatch):
+    """A read error other than 'permission denied' (EIO from a failing disk or share) skips that
+    file with a message naming it and what to do; the next video is still probed."""
+    import builtins
+    import errno
+    import os
+    bad = tmp_path / "bad sector.mp4"
+    os.symlink(OBAMA, bad)
+
+    def failing_open(path, *args, **kwargs):
+        if Path(path) == bad:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return builtins.open(path, *args, **kwargs)
+    monkeypatch.setattr(main_module, "open", failing_open, raising=False)
+    videos, problems = main_module.probe_all([bad, OBAMA], tmp_path)
+    assert [Path(v.path).name for v in videos] == ["obama_whcd.mp4"], problems
+    assert problems == [f"{bad}: cannot be read (Input/output error); check the disk or the network "
+                        f"share it is on (dmesg lists read errors), copy it again, or remove it "
+                        f"from the folder"], problems
+
+
+def test_an_unexpected_error_while_probing_skips_only_that_file(main_module, tmp_path, monkeypatch):
+    """Any other failure while probing (here a ZeroDivisionError) skips the file by name."""
+    odd = tmp_path / "odd.mp4"
+    odd.symlink_to(OBAMA)
+    real = main_module.first_frame_rotation
+
+    def rotation(path, container, stream):
+        if path == odd:
+            raise ZeroDivisionError("float division by zero")
+        return real(path, container, stream)
+    monkeypatch.setattr(main_module, "first_frame_rotation", rotation)
+    videos, problems = main_module.probe_all([odd, OBAMA], tmp_path)
+    assert [Path(v.path).name for v in videos] == ["obama_whcd.mp4"], problems
+    assert len(problems) == 1 and problems[0].startswith(
+        f"{odd}: cannot be probed (ZeroDivisionError: float division by zero)"), problems
+
+
+def test_an_unexpected_decoder_error_is_that_videos_error_and_the_next_video_decodes(
+        main_module, monkeypatch):
+    """An exception the decoder does not expect (here cv2.error, as the OpenCV fallback can raise)
+    ends only that video, recorded with the traceback's last line and where it happened; the
+    decoder goes on, and its next video decodes in full."""
+    import cv2
+    info = probe(main_module, OBAMA)
+    real, calls = main_module.decode_frames, []
+
+    def first_video_fails(info, frame_interval):
+        calls.append(info.path)
+        for frame_idx, time_s, image in real(info, frame_interval):
+            if len(calls) == 1 and frame_idx == 5:
+                raise cv2.error("OpenCV(4.9.0) color.cpp:196: error: (-215:Assertion failed) "
+                                "!_src.empty() in function 'cvtColor'\n")
+            yield frame_idx, time_s, image
+    monkeypatch.setattr(main_module, "decode_frames", first_video_fails)
+    (sent, error), frames = decode_with_fake_ring(main_module, info)
+    assert sent == len(frames) == 5, (sent, error)
+    assert error.startswith(f"{OBAMA}: decoding failed after 5 processed frames (cv2.error: "
+                            f"OpenCV(4.9.0) color.cpp:196: error: (-215:Assertion failed) "
+                            f"!_src.empty() in function 'cvtColor'; at test_decoding.py:"), error
+    assert "in first_video_fails); the rest was not searched" in error, error
+    assert decode_with_fake_ring(main_module, info)[0] == (60, None), "the next video"
+
+
+def fake_pictures(kind: str, count: int = 60) -> list:
+    """count pictures (60x80) of a kind: black, frozen, dim (near-black, changing), moving,
+    still-then-moving."""
+    rng = np.random.default_rng(7)
+    still = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    if kind == "black":
+        return [np.zeros((60, 80, 3), np.uint8)] * count
+    if kind == "frozen":
+        return [still] * count
+    if kind == "dim":  # blank pictures that still change: 0, 1, 2, ... grey levels
+        return [np.full((60, 80, 3), i % 3, np.uint8) for i in range(count)]
+    moving = [rng.integers(0, 255, (60, 80, 3), dtype=np.uint8) for _ in range(count)]
+    return moving if kind == "moving" else [still] * (count // 2) + moving[count // 2:]
+
+
+@pytest.mark.parametrize("kind, frame_count, warned", [
+    ("black", 60, True), ("frozen", 60, True), ("dim", 60, True), ("moving", 60, False),
+    ("still-then-moving", 60, False), ("black", 30, False),  # 2 samples: too few to judge
+])
+def test_a_video_whose_every_picture_is_blank_or_frozen_is_an_error(main_module, monkeypatch, kind,
+                                                                    frame_count, warned):
+    """The decoder samples about one picture per second through the whole video: if every sample
+    (at least 3) is blank or frozen, the video gets an error saying 'nobody found' may be wrong
+    (its exit code is then 1); a video with a picture that changes gets none."""
+    info = probe(main_module, OBAMA)
+    pictures = fake_pictures(kind, frame_count)
+    monkeypatch.setattr(main_module, "decode_frames", lambda info, frame_interval: (
+        (i, i / 15, picture) for i, picture in enumerate(pictures)))
+    (sent, error), _ = decode_with_fake_ring(main_module, info)
+    assert sent == frame_count
+    if warned:
+        assert error == (f"{OBAMA}: every picture was blank or frozen (4 sampled, about 1 s apart): "
+                         f"'nobody found' may be wrong; check that the file plays in a video player, "
+                         f"and if it does, re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4) and "
+                         f"search that"), error
+    else:
+        assert error is None, error
+
+
+def test_an_8k_video_decodes_through_the_ring_at_full_size(main_module, matrix_dir, ffmpeg_exe,
+                                                           cpu_models, test_settings):
+    """The 8K file (7680x4320) goes through decode_into_ring with a NumPy ring as large as the
+    shared one would be: its frames arrive whole, equal to the ffmpeg command line's, and Obama's
+    face is detected in them. This backs the README's 8K row where /dev/shm cannot hold the two
+    slots the search needs (Docker's default 64 MB), and the run refuses it by name."""
+    path = matrix_dir / "8k.mp4"
+    info = probe(main_module, path)
+    (sent, error), frames = decode_with_fake_ring(main_module, info, slot_count=4)
+    assert (sent, error) == (3, None) and (info.width, info.height) == (7680, 4320)
+    first = next(cli_frames(ffmpeg_exe, path, info.width, info.height))
+    assert np.array_equal(frames[0][2], first), "the 8K frame differs from ffmpeg's"
+    boxes, _ = main_module.detect_faces(cpu_models, [frames[0][2]], test_settings)[0]
+    assert (boxes[:, 4] >= 0.5).any(), f"no face found in the 8K frame: {boxes}"

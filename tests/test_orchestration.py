@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import types
 import uuid
 from pathlib import Path
 
@@ -181,18 +185,23 @@ def test_no_orphan_processes_and_no_shared_memory_left(search):
     assert search["ring"] not in shm_names(), f"/dev/shm/{search['ring']} was left behind"
 
 
-def start_search(tmp_path: Path, refs: Path, marker: str) -> tuple:
-    """Start a search in the background; return (process, output lines up to the worker's start)."""
+PROGRESS = re.compile(r"\|\s*[1-9]\d*/\d+ \[[^\]]*frame/s")  # the frames bar, past its first frame
+
+
+def start_search(tmp_path: Path, refs: Path, marker: str, new_session: bool = False) -> tuple:
+    """Start a search in the background (in its own session, as a terminal starts it, when
+    new_session); return (process, output lines up to the first processed frames, as the
+    progress bar shows them: then the decoder and the worker are both at work)."""
     env = {**os.environ, marker: "1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(search_command(TESTDATA / "videos", refs, tmp_path / "out"), env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               cwd=tmp_path)
+                               cwd=tmp_path, start_new_session=new_session)
     output = []
-    for line in process.stdout:  # wait until the worker has loaded its models
+    for line in process.stdout:  # text mode: each '\r' of the progress bar ends a line too
         output.append(line)
-        if "worker-0:" in line:
+        if PROGRESS.search(line):
             break
-    time.sleep(2)
+    assert output and PROGRESS.search(output[-1]), "".join(output)[-3000:]
     return process, output
 
 
@@ -208,29 +217,99 @@ def worker_pid(parent_pid: int, marker: str) -> int:
     raise AssertionError(f"no worker process among {processes_with_marker(marker)}")
 
 
-@pytest.mark.parametrize("how", ["kill -9 worker", "Ctrl-C", "SIGTERM"])
+@pytest.mark.parametrize("how", ["kill -9 worker", "Ctrl-C", "Ctrl-C to the process group", "SIGTERM"])
 def test_a_killed_worker_or_ctrl_c_stops_the_run_cleanly(tmp_path, all_refs_dir, how):
-    """A worker killed mid-run, or Ctrl-C: the run stops within seconds, saves what it has marked
-    incomplete, exits non-zero (1, or 130 for Ctrl-C), and leaves no process or shared memory. A
-    killed worker is named, with the unfinished video it was searching."""
+    """A worker killed mid-run, or Ctrl-C (to main.py alone, or to its whole process group, as a
+    terminal sends it): the run stops within seconds, saves what it has marked incomplete, exits
+    non-zero (1, or 130 for Ctrl-C), and leaves no process or shared memory. A killed worker is
+    named, with the unfinished video it was searching; a Ctrl-C prints no traceback."""
     marker = f"SFV_TEST_{uuid.uuid4().hex}"
-    process, output = start_search(tmp_path, all_refs_dir, marker)
+    process, output = start_search(tmp_path, all_refs_dir, marker, new_session=True)
     if how == "Ctrl-C":
         os.kill(process.pid, signal.SIGINT)
+    elif how == "Ctrl-C to the process group":
+        os.killpg(process.pid, signal.SIGINT)
     elif how == "SIGTERM":
         os.kill(process.pid, signal.SIGTERM)
     else:
         os.kill(worker_pid(process.pid, marker), signal.SIGKILL)
     rest, _ = process.communicate(timeout=120)  # a hang fails here
     text = "".join(output) + rest
-    if how in ("Ctrl-C", "SIGTERM"):  # SIGTERM (kill, a service manager) stops like Ctrl-C
+    if how != "kill -9 worker":  # SIGTERM (kill, a service manager) stops like Ctrl-C
         assert process.returncode == 130 and "interrupted" in text, text[-3000:]
+        assert "Traceback" not in text and "ffmpeg exit code" not in text, text[-3000:]
     else:
         assert process.returncode == 1, text[-3000:]
         assert "pipeline broken: worker-0" in text, text[-3000:]
         assert any(f"worker-0 was working on: {p.name}" in text for p in VIDEOS), text[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["complete"] is False
+    time.sleep(0.5)
+    assert processes_with_marker(marker) == [], "child processes outlived the run"
+    assert f"sfv{process.pid}r" not in shm_names(), "shared memory left behind"
+
+
+def start_logged(cmd: list, cwd: Path, env: dict) -> tuple:
+    """Start main.py in its own session (as a terminal does) with a thread collecting its output;
+    return (process, collected lines, that thread)."""
+    process = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    lines = []
+
+    def collect():
+        for line in process.stdout:
+            lines.append(line)
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    return process, lines, reader
+
+
+def first_child_started(process: subprocess.Popen, marker: str) -> None:
+    """Poll until main.py has started its first decoder or worker (spawned, maybe importing)."""
+    deadline = time.monotonic() + 600  # a bound for a hang, not a timing requirement
+    while time.monotonic() < deadline and process.poll() is None:
+        for pid in processes_with_marker(marker):
+            try:
+                if f"PPid:\t{process.pid}\n" in Path(f"/proc/{pid}/status").read_text() and \
+                        b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and \
+                        b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return
+            except OSError:
+                continue
+        time.sleep(0.005)
+    raise AssertionError("no child process was started")
+
+
+def clip_being_cut(process: subprocess.Popen, out: Path) -> None:
+    """Poll until ffmpeg is writing a clip (a .part file in a clips/ folder)."""
+    deadline = time.monotonic() + 600
+    while not list(out.glob("*/clips/*.mp4.part")):
+        assert process.poll() is None, "the run ended before a clip was cut"
+        assert time.monotonic() < deadline, "no clip was ever cut"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("moment", ["while the children start", "while a clip is cut"])
+def test_a_ctrl_c_to_the_process_group_is_quiet_at_any_moment(tmp_path, all_refs_dir, moment):
+    """A terminal's Ctrl-C goes to every process of the group: children still importing ignore it
+    (no KeyboardInterrupt traceback), ffmpeg, in its own group, gets none (no 'ffmpeg exit code',
+    the parent stops it), and the run ends with 130 leaving no process or shared memory."""
+    marker = f"SFV_TEST_{uuid.uuid4().hex}"
+    videos = video_folder(tmp_path, "obama_whcd.mp4", "short_hamilton_clip.mp4")
+    out = tmp_path / "out"
+    process, lines, reader = start_logged(search_command(videos, all_refs_dir, out), tmp_path,
+                                          {marker: "1"})
+    first_child_started(process, marker) if moment == "while the children start" else \
+        clip_being_cut(process, out)
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(timeout=120)
+    reader.join(timeout=30)
+    text = "".join(lines)
+    assert process.returncode == 130 and "interrupted" in text, text[-3000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert "ffmpeg exit code" not in text, text[-3000:]
+    assert not list(out.rglob("*.part")), "a .part file was left"
     time.sleep(0.5)
     assert processes_with_marker(marker) == [], "child processes outlived the run"
     assert f"sfv{process.pid}r" not in shm_names(), "shared memory left behind"
@@ -429,33 +508,123 @@ def wait_for_file(path: Path, process: subprocess.Popen, bound_s: float = 600) -
         time.sleep(0.1)
 
 
-def test_an_interrupted_run_resumed_gives_the_same_results_as_an_uninterrupted_one(tmp_path, all_refs_dir):
-    """Ctrl-C after the first video was saved, then a rerun: the finished video is reused, the
-    unfinished one redone, and results.json, snapshots and clips equal those of a run that was
-    never interrupted: nothing lost, nothing duplicated."""
-    videos = video_folder(tmp_path, "obama_whcd.mp4", "short_hamilton_clip.mp4")
-    code, text = run_main(search_command(videos, all_refs_dir, tmp_path / "full"), tmp_path)
+_HOLD_SHIM = '''"""Test shim (issue #5): a decoder holds one video after some packets, until a file
+appears.
+
+SFV_TEST_HOLD = "<file name>|<packets>|<release file>"; only processes named decoder-* hold.
+"""
+import multiprocessing
+import os
+import time
+
+_NAME, _PACKETS, _RELEASE = os.environ["SFV_TEST_HOLD"].split("|")
+
+
+def _held(packets):
+    for count, packet in enumerate(packets):
+        while count >= int(_PACKETS) and not os.path.exists(_RELEASE):
+            time.sleep(0.05)
+        yield packet
+
+
+class _HeldContainer:
+    def __init__(self, container):
+        self._container = container
+
+    def __getattr__(self, name):
+        return getattr(self._container, name)
+
+    def __enter__(self):
+        self._container.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._container.__exit__(*exc)
+
+    def demux(self, *args, **kwargs):
+        return _held(self._container.demux(*args, **kwargs))
+
+
+def _open(path, *args, **kwargs):
+    container = _real_open(path, *args, **kwargs)
+    held = os.path.basename(str(path)) == _NAME
+    held = held and multiprocessing.current_process().name.startswith("decoder-")
+    return _HeldContainer(container) if held else container
+
+
+import av  # noqa: E402
+
+_real_open, av.open = av.open, _open
+'''
+
+
+def hold_decoder(tmp_path: Path, name: str, packets: int) -> tuple:
+    """Return (environment, release file): with the environment, the decoders hold the video
+    `name` after `packets` packets until the release file exists (a sitecustomize shim)."""
+    shim = tmp_path / "hold_shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(_HOLD_SHIM)
+    release = tmp_path / "release"
+    return {"PYTHONPATH": str(shim), "SFV_TEST_HOLD": f"{name}|{packets}|{release}"}, release
+
+
+def wait_for_glob(folder: Path, pattern: str, process: subprocess.Popen, bound_s: float = 600) -> None:
+    """Poll until a file matching pattern exists in folder (the run still going)."""
+    deadline = time.monotonic() + bound_s
+    while not list(folder.glob(pattern)):
+        assert process.poll() is None, f"the run ended ({process.returncode}) before {folder / pattern}"
+        assert time.monotonic() < deadline, f"{folder / pattern} never appeared"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def two_video_run(tmp_path_factory):
+    """One uninterrupted run over obama_whcd.mp4 and short_hamilton_clip.mp4 with every reference:
+    (its output folder, the videos folder, the refs folder)."""
+    base = tmp_path_factory.mktemp("two")
+    videos = video_folder(base, "obama_whcd.mp4", "short_hamilton_clip.mp4")
+    refs = link_all_refs(base / "refs")
+    code, text = run_main(search_command(videos, refs, base / "full"), base)
     assert code == 0, text[-3000:]
+    return base / "full", videos, refs
+
+
+@pytest.mark.parametrize("how", ["Ctrl-C", "kill -9 worker"])
+def test_an_interrupted_run_resumed_gives_the_same_results_as_an_uninterrupted_one(two_video_run,
+                                                                                 tmp_path, how):
+    """Interrupted (Ctrl-C to the process group, or kill -9 of the worker) once the first video is
+    saved and the second has a snapshot, its decoder held there, then a rerun: the finished video
+    is reused, the unfinished one redone, and results.json, snapshots and clips equal those of a
+    run that was never interrupted: nothing lost, nothing duplicated."""
+    full, videos, refs = two_video_run
     marker = f"SFV_TEST_{uuid.uuid4().hex}"
-    cmd = search_command(videos, all_refs_dir, tmp_path / "resumed")
-    process = subprocess.Popen(cmd, env={**os.environ, marker: "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    env, release = hold_decoder(tmp_path, "short_hamilton_clip.mp4", 150)  # Lin appears at 2.7 s
+    cmd = search_command(videos, refs, tmp_path / "resumed")
+    process, lines, reader = start_logged(cmd, tmp_path, {marker: "1", **env})
     wait_for_file(tmp_path / "resumed" / "obama_whcd" / "video.json", process)
-    os.kill(process.pid, signal.SIGINT)
-    rest, _ = process.communicate(timeout=120)
-    assert process.returncode == 130, rest[-3000:]
+    wait_for_glob(tmp_path / "resumed" / "short_hamilton_clip", "frame_*.jpg", process)
+    if how == "Ctrl-C":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        os.kill(worker_pid(process.pid, marker), signal.SIGKILL)
+    release.touch()  # the held decoder may go on, and sees the run stopping
+    process.wait(timeout=120)
+    reader.join(timeout=30)
+    assert process.returncode == (130 if how == "Ctrl-C" else 1), "".join(lines)[-3000:]
     interrupted = json.loads((tmp_path / "resumed" / "results.json").read_text())
     assert interrupted["videos"][0]["status"] == "ok" and interrupted["complete"] is False
-    assert interrupted["videos"][1]["status"] != "ok", "the second video should still have been running"
+    second = interrupted["videos"][1]
+    assert second["status"] == "incomplete" and second["processed_frame_count"] > 0, second["status"]
+    assert any("not finished" in e for e in second["errors"]), second["errors"]
     code, text = run_main(cmd, tmp_path)
     assert code == 0, text[-3000:]
     assert "[*] reused: obama_whcd.mp4" in text and "1 of 2 video(s) reused" in text, text[-3000:]
-    full = json.loads((tmp_path / "full" / "results.json").read_text())
     resumed = json.loads((tmp_path / "resumed" / "results.json").read_text())
     assert resumed["stats"]["reused_videos"] == [str(TESTDATA / "videos" / "obama_whcd.mp4")]
-    assert comparable(resumed) == comparable(full), "results.json differs from the uninterrupted run"
-    assert tool_files(tmp_path / "resumed") == tool_files(tmp_path / "full"), "snapshots differ"
-    assert clips_of(tmp_path / "resumed") == clips_of(tmp_path / "full"), "clips differ"
+    assert comparable(resumed) == comparable(json.loads((full / "results.json").read_text())), \
+        "results.json differs from the uninterrupted run"
+    assert tool_files(tmp_path / "resumed") == tool_files(full), "snapshots differ"
+    assert clips_of(tmp_path / "resumed") == clips_of(full), "clips differ"
     assert not list((tmp_path / "resumed").rglob("*.part")), "a .part file was left"
     time.sleep(0.5)
     assert processes_with_marker(marker) == [], "child processes outlived the run"
@@ -523,8 +692,9 @@ def test_a_changed_result_setting_makes_the_rerun_search_the_video_again(obama_r
 
 
 def test_force_searches_every_video_again_and_leaves_user_files_alone(obama_run, tmp_path):
-    """--force redoes a finished video. Files main.py wrote earlier are removed first (here a stale
-    snapshot), files it does not write (notes, a clip of the user's) are kept."""
+    """--force redoes a finished video. Once its new results are saved, the files main.py wrote
+    earlier that they do not list are removed (here a stale snapshot); files it does not write
+    (notes, a clip of the user's) are kept."""
     user_files = ["obama_whcd/notes.txt", "obama_whcd/clips/my_cut.mp4"]
 
     def add_files(out):
@@ -553,6 +723,98 @@ def test_a_truncated_video_json_is_ignored_with_a_message_and_the_video_redone(o
     assert f"[!] {path}: cannot be read" in text and "searched again" in text, text[-3000:]
     assert results["stats"]["processed_frames"] == 60 and saved["entry"] == results["videos"][0]
     files_match_results(tmp_path / "out", results, saved)
+
+
+def test_force_interrupted_at_once_keeps_the_earlier_results_whole(obama_run, tmp_path):
+    """--force, then Ctrl-C (to the process group) as soon as the run has decided to search the
+    video again: its earlier clips, snapshots and video.json are all still there, byte for byte
+    (nothing is removed before its new results are saved), so a rerun without --force reuses
+    them, removing only a tool file its video.json does not list."""
+    out = tmp_path / "out"
+    shutil.copytree(obama_run[0], out, symlinks=True)
+    reports = {out / name for name in ("results.json", "results.csv", "index.html")}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p not in reports}
+    assert any(p.suffix == ".mp4" for p in before) and any(p.suffix == ".jpg" for p in before)
+    process = subprocess.Popen(search_command(obama_run[1], obama_run[2], out, "--force"), cwd=tmp_path,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if "every video is searched again" in line:
+            break
+    os.killpg(process.pid, signal.SIGINT)
+    rest, _ = process.communicate(timeout=120)
+    text = "".join(output) + rest
+    assert process.returncode == 130 and "Traceback" not in text, text[-3000:]
+    assert f"sfv{process.pid}r" not in shm_names(), "shared memory left behind"
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p not in reports}
+    assert after == before, f"changed or lost: {sorted(str(p) for p in set(before) ^ set(after))}"
+    # a snapshot that a later run, interrupted, left: the rerun that reuses the video removes it
+    leftover = out / "obama_whcd" / "frame_0000099_00006.600s_Barack_Obama.jpg"
+    leftover.write_bytes(b"left by an interrupted run")
+    code, text = run_main(search_command(obama_run[1], obama_run[2], out), tmp_path)
+    assert code == 0 and "[*] reused: obama_whcd.mp4" in text, text[-3000:]
+    assert not leftover.exists() and "removed 1 file(s) an interrupted later run left" in text, text
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p not in reports} == before
+
+
+def test_a_moved_copy_of_the_video_folder_reuses_the_results(obama_run, tmp_path):
+    """The videos copied to another folder (another path, another modification time, as after a
+    move to another disk): each is recognised by its content, its saved results are reused, and
+    results.json lists it under its new path."""
+    moved = tmp_path / "elsewhere" / "videos"
+    moved.mkdir(parents=True)
+    shutil.copy(TESTDATA / "videos" / "obama_whcd.mp4", moved / "obama_whcd.mp4")  # new mtime
+    out = tmp_path / "out"
+    shutil.copytree(obama_run[0], out, symlinks=True)
+    code, text = run_main(search_command(moved, obama_run[2], out), tmp_path)
+    assert code == 0, text[-3000:]
+    assert "[*] reused: obama_whcd.mp4" in text and "searched again" not in text, text[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    original = json.loads((obama_run[0] / "results.json").read_text())
+    assert results["stats"]["processed_frames"] == 0, results["stats"]
+    assert results["videos"][0]["file"] == str((moved / "obama_whcd.mp4").resolve())
+    assert {**results["videos"][0], "file": None} == {**original["videos"][0], "file": None}
+
+
+def write_half_a_message(result_q) -> None:
+    """Child: write the start of a 1 MiB message into result_q's pipe, as a child killed while
+    sending a large track leaves it, then die by SIGKILL."""
+    import struct
+    payload = b"x" * 2**20
+    os.write(result_q._writer.fileno(), struct.pack("!i", len(payload)) + payload[:32768])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_child_killed_while_writing_a_large_message_is_noticed(main_module):
+    """A child killed halfway through writing a message larger than a pipe holds (a track lists
+    every frame) leaves the parent's read of it blocked for ever: the parent's main loop still
+    notices the dead child within seconds (PipelineBroken with its exit code) instead of hanging,
+    since a reader thread does the reading (issue #5)."""
+    ctx = mp.get_context("spawn")
+    result_q = ctx.Queue()
+    child = ctx.Process(target=write_half_a_message, args=(result_q,), name="worker-0")
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == -signal.SIGKILL, child.exitcode
+    pipe = main_module.Pipeline(ctx, None, None, None, None, [], result_q, ctx.Event(), [child])
+    main_module.start_result_reader(pipe)
+    state = types.SimpleNamespace(lock=threading.RLock(), write_error=None)
+    raised = []
+
+    def follow():
+        try:
+            main_module.follow_children(state, pipe, {})
+        except main_module.PipelineBroken as error:
+            raised.append(error)
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    follower.join(timeout=60)  # a bound for a hang, not a timing requirement
+    pipe.reader_stop.set()
+    assert not follower.is_alive(), "the parent hangs on the half-written message"
+    assert raised and (raised[0].name, raised[0].exitcode) == ("worker-0", -9), raised
+    assert "check dmesg for the OOM killer" in str(raised[0]), str(raised[0])
 
 
 def decoder_pid(parent_pid: int, marker: str) -> int:
@@ -746,3 +1008,16 @@ def test_a_full_disk_stops_the_run_and_keeps_what_was_saved_before(small_disk, t
     changed = [p for p, data in before.items() if after.get(p) != data]
     assert changed == [], f"{kind}: files saved before were changed or lost: {changed}"
     assert json.loads(after[out / "results.json"])["complete"] is True
+
+
+def test_videos_inside_the_output_folder_are_not_searched(main_module, tmp_path, capsys):
+    """With OUTPUT_DIR inside VIDEO_DIR, the clips an earlier run cut there are not inputs of the
+    next run: they are left out of the video list, with a note saying how many."""
+    videos = tmp_path / "videos"
+    clips = videos / "out" / "obama_whcd" / "clips"
+    clips.mkdir(parents=True)
+    (videos / "talk.mp4").write_bytes(b"a video")
+    (clips / "0.00s_Barack_Obama_d0.543.mp4").write_bytes(b"a clip")
+    kept = main_module.videos_outside_output(main_module.list_videos(videos), videos / "out")
+    assert kept == [(videos / "talk.mp4").resolve()], kept
+    assert "1 video(s) inside the output folder" in capsys.readouterr().out

@@ -91,19 +91,31 @@ def test_the_largest_face_of_a_group_photo_is_used(main_module, tmp_path, cpu_mo
     assert float(references[0].embeddings[0] @ obama) > 0.95
 
 
-def test_no_usable_reference_is_a_clear_error(main_module, tmp_path, capsys):
-    """When no photo has a face, main() exits 2 and says what to put in the folder."""
+@pytest.mark.parametrize("contents, message", [
+    ("a photo without a face", "no usable reference photo in {refs}: add a photo per person"),
+    ("nothing", "no photo in {refs}: add one photo per person named after them"),
+    ("only .heic photos", "no photo in {refs} in a format this can read: its 2 file(s) are in other "
+                          "formats (.heic, e.g. IMG_0001.HEIC); convert them to .jpg or .png"),
+])
+def test_no_usable_reference_is_a_clear_error(main_module, tmp_path, capsys, contents, message):
+    """A reference folder with no usable photo (none has a face, it is empty, or it holds only
+    photos in formats that cannot be read, such as an iPhone's .heic): main() exits 2 and says
+    what to put in the folder."""
     refs, videos = tmp_path / "refs", tmp_path / "videos"
     refs.mkdir()
     videos.mkdir()
-    write_blank(refs / "Nobody.jpg")
+    if contents == "a photo without a face":
+        write_blank(refs / "Nobody.jpg")
+    elif contents == "only .heic photos":
+        for name in ("IMG_0001.HEIC", "IMG_0002.heic"):
+            (refs / name).write_bytes(b"\x00\x00\x00\x18ftypheic")
     os.symlink(TESTDATA / "videos" / "obama_whcd.mp4", videos / "obama_whcd.mp4")
     code = main_module.main(["--refs", str(refs), "--videos", str(videos), "--output",
                              str(tmp_path / "out"), "--model-root", str(TESTDATA.parent),
                              "--model-pack", "buffalo_sc_int8", "--providers", "cpu"])
     err = capsys.readouterr().err
     assert code == 2, code
-    assert "no usable reference photo" in err and str(refs) in err, err
+    assert f"error: {message.format(refs=refs)}" in err, err
 
 
 def test_missing_reference_folder_names_it(main_module, tmp_path):

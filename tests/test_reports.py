@@ -191,6 +191,18 @@ def test_video_report_status_says_ok_incomplete_or_failed(main_module, finished,
         f"finished={finished} processed={processed} decoded={decoded} errors={errors}: {status!r}"
 
 
+@pytest.mark.parametrize("clips_cut, expected", [(0, "incomplete"), (1, "incomplete"), (2, "ok")])
+def test_a_video_is_ok_only_once_every_range_has_its_clip_entry(main_module, clips_cut, expected):
+    """A searched video whose clips are still being cut (or were stopped by Ctrl-C) is not "ok"
+    yet: only once each range has its clip entry (a clip, or none after an error)."""
+    result = main_module.VideoResult(make_info(main_module), processed_frame_count=60,
+                                     sent_frame_count=60, finished=True)
+    result.ranges = [make_range(main_module, "Barack_Obama", 0.0, 4.0, 0.4),
+                     make_range(main_module, "Barack_Obama", 10.0, 14.0, 0.4)]
+    result.clips = [("/out/a.mp4", 0.0), (None, None)][:clips_cut]
+    assert main_module.video_report(result, main_module.Path("/out"), 1)["status"] == expected
+
+
 def test_video_report_lists_detections_in_frame_order(main_module):
     """Detections arrive from several workers out of order; the report sorts them by frame, then name."""
     result = main_module.VideoResult(make_info(main_module), finished=True, processed_frame_count=3)
@@ -223,6 +235,23 @@ def test_a_failed_write_keeps_the_previous_file_whole_and_leaves_no_part(main_mo
     assert path.read_bytes() == before, "the previous complete results.json was damaged"
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["results.json"], f"folder holds {left}"
+
+
+def test_an_interrupted_write_leaves_no_part(main_module, tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) in the middle of a write: the .part is removed too, the previous
+    file stays, and the interruption goes on up (issue #5)."""
+    import os
+    path = tmp_path / "results.json"
+    path.write_text("previous")
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main_module.write_bytes_atomic(path, b"new")
+    monkeypatch.undo()
+    assert path.read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
 def test_a_write_to_a_really_full_device_leaves_no_part(main_module, tmp_path):
@@ -263,6 +292,7 @@ def saved_video(main_module, tmp_path):
     video.write_bytes(b"not really a video")
     (folder / "clips" / "0.00s_Barack_Obama_d0.412.mp4").write_bytes(b"clip")
     (folder / "frame_0000005_00000.333s_Barack_Obama.jpg").write_bytes(b"jpeg")
+    (folder / "frame_0000009_00000.600s_Barack_Obama.jpg").write_bytes(b"stale, not this run's")
     result = main_module.VideoResult(make_info(main_module, path=str(video)), processed_frame_count=60,
                                      sent_frame_count=60, finished=True)
     result.ranges = [make_range(main_module, "Barack_Obama", 0.0, 4.0, 0.412)]
@@ -271,16 +301,20 @@ def saved_video(main_module, tmp_path):
     fingerprint = {"video": main_module.video_fingerprint(str(video)),
                    **main_module.run_fingerprint(settings, [], [])}
     entry = main_module.video_report(result, out, 1)
-    main_module.save_video_results(folder / "video.json", fingerprint, entry)
+    snapshots = ["frame_0000005_00000.333s_Barack_Obama.jpg",  # on disk
+                 "frame_0000007_00000.467s_Barack_Obama.jpg"]  # reported, but deleted since
+    main_module.save_video_results(folder / "video.json", fingerprint, entry, snapshots)
     saved = main_module.read_saved_video(folder / "video.json")
     return saved, fingerprint, folder, out
 
 
 def test_a_saved_finished_video_with_its_files_is_reusable(main_module, saved_video):
-    """video.json holds the entry, the snapshots on disk and the fingerprint; nothing changed:
-    reusable."""
+    """video.json holds the entry, the fingerprint, and the snapshots the run reported that are on
+    disk (not the others there), with each listed file's size; nothing changed: reusable."""
     saved, fingerprint, folder, out = saved_video
     assert saved["snapshots"] == ["frame_0000005_00000.333s_Barack_Obama.jpg"], saved["snapshots"]
+    assert saved["file_bytes"] == {"obama_whcd/frame_0000005_00000.333s_Barack_Obama.jpg": 4,
+                                   "obama_whcd/clips/0.00s_Barack_Obama_d0.412.mp4": 4}, saved
     assert saved["fingerprint"] == fingerprint
     assert main_module.reuse_problem(saved, fingerprint, folder, out) is None
 
@@ -298,8 +332,15 @@ def _change(saved, fingerprint, folder, what):
         (folder / "clips" / "0.00s_Barack_Obama_d0.412.mp4").unlink()
     elif what == "snapshot missing":
         (folder / "frame_0000005_00000.333s_Barack_Obama.jpg").unlink()
+    elif what == "clip changed":  # e.g. rewritten by a later run with other settings, interrupted
+        (folder / "clips" / "0.00s_Barack_Obama_d0.412.mp4").write_bytes(b"another clip")
+    elif what == "snapshot changed":
+        (folder / "frame_0000005_00000.333s_Barack_Obama.jpg").write_bytes(b"another jpeg")
     elif what == "video changed":
-        fingerprint["video"]["size"] += 1
+        fingerprint["video"]["sampled_sha256"] = "0" * 64
+    elif what == "providers changed":
+        fingerprint["execution"] = {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                    "gpus": ["NVIDIA H200"]}
     elif what == "setting changed":
         fingerprint["settings"]["CUSTOM_THRESHOLD"] = 0.65
     elif what == "photo changed":
@@ -316,7 +357,11 @@ def _change(saved, fingerprint, folder, what):
     ("clip not cut", "clips were not cut"),  # no ffmpeg, or stopped while cutting
     ("clip missing", "files are missing"),  # deleted by the user
     ("snapshot missing", "files are missing"),
-    ("video changed", "video file changed"),  # same path, other size or mtime
+    ("clip changed", "files changed since it was saved"),
+    ("snapshot changed", "files changed since it was saved"),
+    ("video changed", "video file changed"),  # other content (size, or a sampled MiB)
+    ("providers changed", "it was searched with CPUExecutionProvider on no GPU, this run uses "
+                          "CUDAExecutionProvider > CPUExecutionProvider on NVIDIA H200"),
     ("setting changed", "settings changed: CUSTOM_THRESHOLD"),
     ("photo changed", "reference photos changed"),
     ("model changed", "model files changed"),
@@ -333,9 +378,10 @@ def test_a_saved_video_is_not_reused_when_unfinished_or_anything_changed(main_mo
 
 
 @pytest.mark.parametrize("content", [
-    b'{"format": 1, "fingerprint": {"video": {"path": "/v', b"", b"\xff\xfe not utf-8",
-    b"[1, 2, 3]", b'{"format": 99, "fingerprint": {}, "snapshots": [], "entry": {}}',
-    b'{"format": 1, "fingerprint": {}, "snapshots": []}',
+    b'{"format": 2, "fingerprint": {"video": {"size": 1', b"", b"\xff\xfe not utf-8",
+    b"[1, 2, 3]", b'{"format": 99, "fingerprint": {}, "snapshots": [], "file_bytes": {}, "entry": {}}',
+    b'{"format": 2, "fingerprint": {}, "snapshots": [], "entry": {}}',
+    b'{"format": 1, "fingerprint": {}, "snapshots": [], "entry": {}}',  # before file sizes
 ])
 def test_a_truncated_or_foreign_video_json_is_rejected_naming_it(main_module, tmp_path, content):
     """A video.json that is truncated, not JSON, or not this version's raises BadInput naming the
@@ -349,12 +395,14 @@ def test_a_truncated_or_foreign_video_json_is_rejected_naming_it(main_module, tm
 
 
 def test_only_files_main_writes_are_found_for_removal(main_module, tmp_path):
-    """Before a video is searched again, only its snapshots, clips, video.json and their .part
-    files are removed: a user's files in the same folders are not touched."""
+    """Only a video's snapshots, clips, video.json and their .part files can be removed (when
+    its results are saved or reused, if they do not list them): a user's files in the same
+    folders are never touched."""
     folder = tmp_path / "obama_whcd"
     (folder / "clips").mkdir(parents=True)
     ours = ["frame_0000005_00000.333s_Barack_Obama.jpg", "frame_0000005_00000.333s_Barack_Obama.jpg.part",
             "frame_1234567_123456.250s_Zoë Saldaña.jpg", "video.json", "video.json.part",
+            "frame_0000001_-0000.033s_Barack_Obama.jpg", "frame_12345678_411522.189s_Barack_Obama.jpg",
             "clips/0.00s_Barack_Obama_d0.412.mp4", "clips/12.34s_Barack_Obama_d1.000.mp4.part"]
     theirs = ["notes.txt", "frame_5.jpg", "my_frame_0000005_00000.333s_X.jpg", "video.json.bak",
               "clips/holiday.mp4", "clips/0.00s_Barack_Obama_d0.412.mov", "results.json"]
@@ -363,3 +411,55 @@ def test_only_files_main_writes_are_found_for_removal(main_module, tmp_path):
     found = sorted(p.relative_to(folder).as_posix() for p in main_module.tool_output_files(folder))
     assert found == sorted(ours), f"found {found}"
     assert main_module.tool_output_files(tmp_path / "missing") == []
+
+
+def test_saving_new_results_removes_only_what_they_do_not_list(main_module, saved_video):
+    """When a video's new results are saved, main.py's files in its folder that they do not list
+    (an earlier run's snapshot, a .part left by an interruption) are removed; the listed ones and
+    a user's files stay. Until then nothing is removed (issue #5: a rerun stopped early loses
+    nothing)."""
+    saved, fingerprint, folder, out = saved_video
+    (folder / "clips" / "9.00s_Barack_Obama_d0.500.mp4.part").write_bytes(b"half a clip")
+    (folder / "notes.txt").write_text("the user's")
+    main_module.replace_saved_video(folder / "video.json", fingerprint, saved["entry"],
+                                    saved["snapshots"])
+    left = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert left == ["clips/0.00s_Barack_Obama_d0.412.mp4", "frame_0000005_00000.333s_Barack_Obama.jpg",
+                    "notes.txt", "video.json"], left
+
+
+def test_a_video_is_recognised_by_its_content_not_its_path_or_time(main_module, tmp_path):
+    """video_fingerprint: a copy elsewhere with another modification time is the same video (a
+    moved or remounted folder keeps its results); a change of size, or of a byte in the first,
+    middle or last MiB, makes it another."""
+    import os
+    import random
+    data = bytearray(random.Random(3).randbytes(5 * 2**20 + 123))
+    original, copy = tmp_path / "a" / "v.mp4", tmp_path / "b" / "v.mp4"
+    for path in (original, copy):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    os.utime(copy, (1_000_000_000, 1_000_000_000))
+    assert main_module.video_fingerprint(str(copy)) == main_module.video_fingerprint(str(original))
+    for offset in (10, len(data) // 2, len(data) - 10):
+        changed = bytearray(data)
+        changed[offset] ^= 0xFF
+        copy.write_bytes(changed)
+        assert main_module.video_fingerprint(str(copy)) != \
+            main_module.video_fingerprint(str(original)), f"a byte changed at {offset}"
+    copy.write_bytes(data + b"x")
+    assert main_module.video_fingerprint(str(copy)) != main_module.video_fingerprint(str(original))
+
+
+def test_the_fingerprint_names_the_providers_and_gpus_that_run_the_models(main_module, monkeypatch):
+    """run_fingerprint records the provider chain PROVIDERS resolves to here and, with a GPU
+    provider in it, the visible GPUs: results made on a GPU are not reused on a CPU-only machine."""
+    import onnxruntime
+    cpu = main_module.run_fingerprint(main_module.load_settings(["--providers", "cpu"]), [], [])
+    assert cpu["execution"] == {"providers": ["CPUExecutionProvider"], "gpus": []}, cpu
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(main_module, "visible_gpu_names", lambda: ["NVIDIA H200"])
+    gpu = main_module.run_fingerprint(main_module.load_settings(["--providers", "auto"]), [], [])
+    assert gpu["execution"] == {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                "gpus": ["NVIDIA H200"]}, gpu
