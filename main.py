@@ -1617,11 +1617,21 @@ def onnxruntime_gpu_build() -> str:
     return f"onnxruntime-gpu {info.__version__} needs CUDA {cuda}" + (f" and cuDNN {cudnn}" if cudnn else "")
 
 
-def tensorrt_unsupported_ops(model_path: Path) -> set:
+@lru_cache(maxsize=16)
+def tensorrt_unsupported_ops(model_path: Path) -> frozenset:
     """Return the ops of a model that TensorRT cannot run (int8 dynamic quantization)."""
     import onnx
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    return {node.op_type for node in graph.node} & _TRT_UNSUPPORTED_OPS
+    return frozenset({node.op_type for node in graph.node} & _TRT_UNSUPPORTED_OPS)
+
+
+def ort_log_level() -> int:
+    """Return ONNX Runtime's log level from ORT_LOG_LEVEL (0 verbose .. 4 fatal; default 3,
+    errors only); raise ValueError naming the variable for another value."""
+    text = os.environ.get("ORT_LOG_LEVEL", "3").strip()
+    if text not in ("0", "1", "2", "3", "4"):
+        raise ValueError(f"ORT_LOG_LEVEL must be 0 (verbose) to 4 (fatal), got {text!r}")
+    return int(text)
 
 
 def session_options(threads: int):
@@ -1630,7 +1640,7 @@ def session_options(threads: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = int(os.environ.get("ORT_LOG_LEVEL", "3"))
+    options.log_severity_level = ort_log_level()
     # Two sessions alternating on few cores slow each other 1.6-2.2x when idle threads spin.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
@@ -1824,11 +1834,10 @@ def open_with_tensorrt(path: Path, chain: list, profile: dict, options, gpu: Gpu
     (said why). One process at a time (a file lock): the first builds the engine into a
     temporary folder, renamed into place only once the session works, so an interrupted or
     failed build leaves nothing a later run would trust; the others then load it."""
-    from filelock import FileLock
     folder = engine_folder(Path(settings.TRT_CACHE_DIR), path, profile, gpu, settings.TRT_FP16)
     folder.parent.mkdir(parents=True, exist_ok=True)
     rest = [(p, provider_options(p, gpu)) for p in chain[1:]]
-    with FileLock(str(folder) + ".lock"):
+    with engine_lock(folder, path, say):
         for stale in folder.parent.glob(f"{folder.name}.build-*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a build that was killed
         if not needs_engine_build(folder):
@@ -1841,6 +1850,23 @@ def open_with_tensorrt(path: Path, chain: list, profile: dict, options, gpu: Gpu
         return build_tensorrt_engine(path, folder, rest, profile, options, gpu, settings, say)
 
 
+@contextlib.contextmanager
+def engine_lock(folder: Path, path: Path, say):
+    """Hold the file lock of one engine folder, saying so when another process holds it (it is
+    building the engine: this one waits, then loads it)."""
+    import filelock
+    lock = filelock.FileLock(str(folder) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        say(f"{path.name}: another worker is building or loading its TensorRT engine; waiting for it")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def build_tensorrt_engine(path: Path, folder: Path, rest: list, profile: dict, options,
                           gpu: GpuSlot, settings: Settings, say):
     """Return a TensorRT session whose engine was just built into folder, or None (said why)."""
@@ -1849,10 +1875,18 @@ def build_tensorrt_engine(path: Path, folder: Path, rest: list, profile: dict, o
     build.mkdir()
     trt = ("TensorrtExecutionProvider", tensorrt_options(build, profile, gpu.id, settings.TRT_FP16))
     session = try_session(path, [trt, *rest], options, say)
-    if session is None or needs_engine_build(build):
+    if session is not None and needs_engine_build(build):
+        say(f"{path.name}: TensorRT built no engine file in {build}; it is not cached, and the "
+            f"model runs on the next provider")
+        session = None
+    if session is None:
         shutil.rmtree(build, ignore_errors=True)
         return None
-    os.replace(build, folder)  # the session keeps its engine; later runs find the folder
+    try:
+        shutil.rmtree(folder, ignore_errors=True)  # a folder without an engine, e.g. emptied by hand
+        os.replace(build, folder)  # the session keeps its engine; later runs find the folder
+    except OSError as error:
+        say(f"{path.name}: the engine could not be cached in {folder} ({error}); the next run builds it again")
     return session
 
 
@@ -1875,7 +1909,7 @@ def load_face_models(settings: Settings, provider_choice: str, threads: int,
     (TensorRT, CUDA, CPU); say() tells what was chosen and why better providers were not."""
     import onnxruntime as ort
     from insightface.model_zoo.arcface_onnx import ArcFaceONNX
-    ort.set_default_logger_severity(int(os.environ.get("ORT_LOG_LEVEL", "3")))
+    ort.set_default_logger_severity(ort_log_level())
     det_path, rec_path = classify_pack_models(find_model_pack(settings.MODEL_ROOT,
                                                               settings.MODEL_PACK_NAME))
     chain = provider_chain(provider_choice, ort.get_available_providers())
@@ -1901,7 +1935,10 @@ def load_face_models(settings: Settings, provider_choice: str, threads: int,
                          1 if rec_chunk == 1 else 1 << 30, gpu)
     device_type = device_for(det_provider, rec_provider, settings.FRAMES_ON_DEVICE, say)
     if device_type is not None:
-        models.device = DeviceGraphs(models, device_type, gpu.id, threads, say)
+        try:
+            models.device = DeviceGraphs(models, device_type, gpu.id, threads, say)
+        except BadInput as error:
+            say(f"frames stay on the CPU: {error}")
     return models
 
 
@@ -2034,7 +2071,7 @@ def graph_session(model, providers: list, options=None):
     """Return an ONNX Runtime session running the in-memory model on the given providers."""
     import onnxruntime as ort
     return ort.InferenceSession(model.SerializeToString(), sess_options=options,
-                                providers=providers)
+                                providers=providers, enable_fallback=0)
 
 
 def letterbox_graph():
@@ -2279,7 +2316,7 @@ def candidates_graph(output_names: list, output_ranks: list, count: int):
     from onnx import helper
     level_count = len(output_names) // 3
     nodes, constants = [], {"k_most": np.array([count], np.int64), "flat": np.array([0, -1], np.int64),
-                            "index_axis": np.array([2], np.int64), "anchor_axis": np.array([1], np.int64)}
+                            "index_axis": np.array([2], np.int64)}
     for group, channels in enumerate((1, 4, 10)):
         for rank in (2, 3):  # [anchors, C] for a batch-1 detector, else [N, anchors, C]
             constants[f"shape_{channels}_{rank}"] = np.array([1 if rank == 2 else 0, -1, channels], np.int64)
@@ -2358,7 +2395,9 @@ class DeviceGraphs:
         self.letterbox = graph_session(letterbox_graph(), providers, session_options(threads))
         self.align = graph_session(alignment_graph(models.rec_mean, models.rec_std), providers,
                                    session_options(threads))
-        ranks = [len(o.shape) for o in models.det_session.get_outputs()]
+        ranks = [len(o.shape or []) for o in models.det_session.get_outputs()]
+        if any(rank not in (2, 3) for rank in ranks):
+            raise BadInput(f"{models.det_file}: detector outputs of rank {ranks}, not 2 or 3")
         self.candidates = graph_session(candidates_graph(models.det_output_names, ranks,
                                                          _DEVICE_CANDIDATES), providers, session_options(threads))
         ran_on = self.letterbox.get_providers()[0]
@@ -2444,23 +2483,28 @@ def detect_on_device(models: FaceModels, images: list, settings: Settings) -> tu
             for first in range(0, len(chunk), step):
                 count = min(step, len(chunk) - first)
                 outputs, chosen = models.device.detector_outputs(blob, first, count, input_size)
+                whole = []  # the batch's whole outputs, fetched at most once (see below)
                 for j in range(count):
                     results[chunk[first + j]] = decode_device_detections(
-                        models, outputs, chosen, j, input_size, scale, settings.det_prob_threshold)
+                        models, outputs, chosen, j, input_size, scale, settings.det_prob_threshold, whole)
             for j, i in enumerate(chunk):
                 handles[i] = (frames, j)
     return results, handles
 
 
 def decode_device_detections(models: FaceModels, outputs: list, chosen: list, j: int,
-                             input_size: tuple, scale: float, threshold: float) -> tuple:
+                             input_size: tuple, scale: float, threshold: float,
+                             whole: list | None = None) -> tuple:
     """Return image j's (boxes, kps) from its best anchors; if every one of them passes the
-    threshold (there may be more), from its whole outputs, fetched from the device."""
+    threshold (there may be more), from its whole outputs, fetched from the device into `whole`
+    once for the batch."""
     scores, index, distances, kps = (part[j] for part in chosen)
     keep = scores >= threshold
     total = len(anchor_table(models.det_strides, models.det_anchors, input_size)[0])
     if keep.all() and len(scores) < total:
-        whole = [o.numpy() for o in outputs]
+        whole = [] if whole is None else whole
+        if not whole:
+            whole += [o.numpy() for o in outputs]
         return decode_scrfd([o[j] for o in whole] if models.det_batched else whole,
                             models.det_strides, models.det_anchors, input_size, scale, threshold)
     order = np.argsort(index[keep], kind="stable")  # back to the levels' order, as decode_scrfd
@@ -3609,12 +3653,13 @@ def run_fingerprint(settings: Settings, references: list, model_paths: list) -> 
 
 
 def execution_fingerprint(settings: Settings) -> dict:
-    """Return what the models can run on here: the provider chain PROVIDERS resolves to with this
-    onnxruntime, and the names of the visible GPUs when a GPU provider is in it (results made on
-    a GPU are then not reused on a CPU-only machine, nor the other way round)."""
+    """Return what the models can run on here: the providers PROVIDERS resolves to whose
+    libraries load, and the visible GPU models when a GPU provider is among them (results made
+    on a GPU are then not reused on a CPU-only machine, nor the other way round)."""
     import onnxruntime as ort
-    chain = provider_chain(settings.PROVIDERS, ort.get_available_providers())
-    gpus = visible_gpu_names() if chain[0] != "CPUExecutionProvider" else []
+    chain = [p for p in provider_chain(settings.PROVIDERS, ort.get_available_providers())
+             if provider_library_error(p) is None]  # onnxruntime-gpu lists TensorRT even without it
+    gpus = sorted(set(visible_gpu_names())) if chain[0] != "CPUExecutionProvider" else []
     return {"providers": chain, "gpus": gpus}
 
 
@@ -3863,7 +3908,9 @@ def forward_results(result_q, inbox: queue.Queue, reader_stop: threading.Event) 
             message = result_q.get(timeout=_QUEUE_TIMEOUT_S)
         except queue.Empty:
             continue
-        except (OSError, EOFError, ValueError):  # closed at shutdown
+        except (OSError, EOFError, ValueError):  # closed at shutdown, or broken
+            if not reader_stop.is_set():
+                inbox.put(("error", "result-reader", traceback.format_exc()))
             return
         except Exception:  # a message that cannot be unpickled: the pipeline is broken
             inbox.put(("error", "result-reader", traceback.format_exc()))
@@ -4047,9 +4094,11 @@ class RunState:
     def save_video(self, result: VideoResult) -> None:
         """Save a video's results in its folder (video.json) once every range has its clip entry,
         so a later run can reuse it (see reuse_problem), and only then remove what an earlier run
-        left there that these results do not list; nothing without a fingerprint."""
+        left there that these results do not list. Not for a video that did not end "ok" (a
+        truncated copy, a read error): it would never be reused, and must not replace an
+        earlier run's good results; nothing without a fingerprint either."""
         fingerprint = self.fingerprints.get(result.info.idx)
-        if fingerprint is not None:
+        if fingerprint is not None and video_status(result) == "ok":
             with self.lock:
                 entry = video_report(result, self.output_dir, self.settings.FRAME_INTERVAL)
                 snapshots = sorted(result.snapshots)
@@ -4086,12 +4135,14 @@ class RunState:
             self.save_reports()
 
     def next_clip_job(self) -> VideoResult | None:
-        """Return the next video whose clips are to be cut; None ends the clip thread."""
+        """Return the next video whose clips are to be cut; None ends the clip thread (also once the
+        run is stopping and no job is waiting)."""
         while True:
             try:
                 return self.clip_jobs.get(timeout=_QUEUE_TIMEOUT_S)
             except queue.Empty:
-                continue
+                if self.stop_clips.is_set():
+                    return None
 
     def cut_video_clips(self, result: VideoResult) -> None:
         """Cut the clips of one video's ranges, in order, unless the run is stopping."""
@@ -4522,15 +4573,21 @@ def package_version(name: str) -> str | None:
 
 def working_providers(model_path: Path) -> dict:
     """Return {provider: "loads" or why not} by opening the model with each GPU provider alone
-    (and the CPU); a provider this build lacks is reported with the fix."""
+    (and the CPU). "not in this build: ..." is a provider this onnxruntime lacks (optional with
+    --providers auto); "cannot be loaded: ..." one it has whose libraries do not load."""
     import onnxruntime as ort
-    ort.set_default_logger_severity(3)
+    ort.set_default_logger_severity(ort_log_level())
     available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # as the workers do: CUDA/cuDNN from the nvidia-* pip packages
     verdicts = {}
     for provider in _PROVIDER_ORDER["auto"]:
-        if provider not in available or provider_library_error(provider):
+        if provider not in available:
             if provider != "CPUExecutionProvider":
-                verdicts[provider] = f"not available: {provider_load_problem(provider)}"
+                verdicts[provider] = f"not in this build: {provider_load_problem(provider)}"
+            continue
+        if provider_library_error(provider):
+            verdicts[provider] = f"cannot be loaded: {provider_library_error(provider)}"
             continue
         try:
             session = ort.InferenceSession(str(model_path), providers=[provider], enable_fallback=0)
@@ -4541,6 +4598,12 @@ def working_providers(model_path: Path) -> dict:
         except Exception as error:  # a provider that cannot load is what we report
             verdicts[provider] = f"fails: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
     return verdicts
+
+
+def optional_provider(provider: str, verdict: str) -> bool:
+    """Return True when a provider's verdict is no problem with --providers auto: it is not in
+    this build, or it is TensorRT, which is not installed (onnxruntime-gpu always lists it)."""
+    return verdict.startswith("not in this build") or tensorrt_missing(provider, verdict)
 
 
 def visible_gpus() -> list:
@@ -4594,8 +4657,7 @@ def check_lines(settings: Settings) -> tuple:
             detector, recognizer = classify_pack_models(pack)
             say(True, f"model pack: {pack} (detector {detector.name}, recognizer {recognizer.name})")
             for provider, verdict in working_providers(detector).items():
-                optional = verdict.startswith("not available") or tensorrt_missing(provider, verdict)
-                if optional and settings.PROVIDERS in ("auto", "cpu"):
+                if optional_provider(provider, verdict) and settings.PROVIDERS in ("auto", "cpu"):
                     lines.append(f"  [--] provider {provider}: {verdict}")  # optional here
                 else:
                     say(verdict == "loads", f"provider {provider}: {verdict}")
@@ -4753,6 +4815,7 @@ def main(argv=None) -> int:
     try:
         args = build_arg_parser().parse_args(argv)
         settings = settings_from_args(args)
+        ort_log_level()
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -96,7 +96,7 @@ def providers(report: Report, detector: Path) -> list:
         if verdict == "loads":
             working.append(provider)
             report.line("ok", f"{provider}: loads")
-        elif verdict.startswith("not available") or main.tensorrt_missing(provider, verdict):
+        elif main.optional_provider(provider, verdict):
             report.line("--", f"{provider}: {verdict}")
         else:
             report.line("!!", f"{provider}: {verdict}")

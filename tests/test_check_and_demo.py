@@ -110,3 +110,18 @@ def test_check_reports_a_broken_onnxruntime_instead_of_crashing(tmp_path, all_re
     assert done.returncode == 1, done.stdout + done.stderr
     assert "cannot be opened (ImportError" in done.stdout and "libonnxruntime" in done.stdout, done.stdout
     assert "obama_whcd.mp4" in done.stdout, "the rest of the report is still printed"
+
+
+def test_check_counts_a_cuda_that_does_not_load_but_not_a_missing_tensorrt(main_module, monkeypatch):
+    """--check with onnxruntime-gpu's provider list on a machine whose CUDA libraries do not load:
+    CUDA is a problem ([!!]); TensorRT, not installed, is optional ([--]) with --providers auto."""
+    import onnxruntime as ort
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(main_module, "tensorrt_version", lambda: None)
+    settings = main_module.load_settings(MODEL_FLAGS[:4])
+    lines, problems = main_module.check_lines(settings)
+    text = "\n".join(lines)
+    assert "[!!] provider CUDAExecutionProvider: cannot be loaded" in text, text
+    assert "[--] provider TensorrtExecutionProvider" in text, text
+    assert problems == 1, text

@@ -26,7 +26,7 @@ def test_gpu_check_runs_without_gpu_tensorrt_or_ffmpeg(tmp_path):
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
     for expected in ("[--] ffmpeg on PATH: none", "[--] TensorRT: not installed",
                      "[--] TensorRT engine build and reuse: TensorRT does not load here",
-                     "[--] CUDAExecutionProvider: not available", "[ok] CPUExecutionProvider: loads",
+                     "[--] CUDAExecutionProvider: not in this build", "[ok] CPUExecutionProvider: loads",
                      "[ok] CPUExecutionProvider: batched detections equal single-frame ones",
                      "[ok] CPUExecutionProvider: device path detections equal single-frame ones",
                      "batch  1:", "batch  8:", "batch 32:", "== 0 failed"):
@@ -46,20 +46,28 @@ def load_gpu_check():
 
 def test_tensorrt_missing_is_not_checked_but_a_failing_cuda_is_a_failure(monkeypatch, capsys):
     """On a GPU machine with onnxruntime-gpu but without TensorRT (it lists TensorRT anyway),
-    TensorRT is 'not checked' ([--]); a CUDA provider that is there but falls back fails ([!!])."""
+    TensorRT is 'not checked' ([--]); a CUDA provider whose libraries do not load fails ([!!]).
+    Goes through main.working_providers, with the libraries' load errors made up."""
+    import onnxruntime as ort
     gpu_check = load_gpu_check()
-    verdicts = {
-        "TensorrtExecutionProvider": "listed, but the session fell back to ['CUDAExecutionProvider', "
-                                     "'CPUExecutionProvider']: libonnxruntime_providers_tensorrt.so "
-                                     "cannot be loaded: libnvinfer.so.10: cannot open shared object file",
-        "CUDAExecutionProvider": "loads", "CPUExecutionProvider": "loads"}
-    monkeypatch.setattr(gpu_check.main, "working_providers", lambda path: dict(verdicts))
+    main = gpu_check.main
+    errors = {"TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so cannot be loaded: "
+                                           "libnvinfer.so.10: cannot open shared object file",
+              "CUDAExecutionProvider": None}
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(main, "provider_library_error", lambda provider: errors.get(provider))
+    monkeypatch.setattr(main, "tensorrt_version", lambda: None)
+    detector = Path(main.__file__).parent.parent / "shared" / "models" / "buffalo_sc_int8" / "det_500m.onnx"
     report = gpu_check.Report()
-    working = gpu_check.providers(report, Path("det.onnx"))
-    assert working == ["CUDAExecutionProvider", "CPUExecutionProvider"] and report.failed == 0, capsys.readouterr().out
-    assert "[--] TensorrtExecutionProvider" in capsys.readouterr().out
-    verdicts["CUDAExecutionProvider"] = ("listed, but the session fell back to ['CPUExecutionProvider']: "
-                                         "libcudnn.so.9: cannot open shared object file")
+    gpu_check.providers(report, detector)
+    out = capsys.readouterr().out
+    assert "[--] TensorrtExecutionProvider: cannot be loaded" in out and "libnvinfer" in out, out
+    assert "[!!] CUDAExecutionProvider" in out, out  # listed (as faked), but no CUDA here: it fails
+    assert report.failed == 1, out
+    errors["CUDAExecutionProvider"] = "libonnxruntime_providers_cuda.so cannot be loaded: libcudnn.so.9: x"
     report = gpu_check.Report()
-    gpu_check.providers(report, Path("det.onnx"))
-    assert report.failed == 1, capsys.readouterr().out
+    gpu_check.providers(report, detector)
+    out = capsys.readouterr().out
+    assert "[!!] CUDAExecutionProvider: cannot be loaded" in out and "libcudnn.so.9" in out, out
+    assert report.failed == 1, out

@@ -136,13 +136,17 @@ def test_batched_detections_equal_each_frames_own(main_module, images, tmp_path,
 
 
 def test_batched_detector_copy_is_made_once_per_source_file(main_module, tmp_path):
-    """The batch-capable copy is keyed by the source file's SHA-256 and reused, not remade."""
+    """The batch-capable copy is keyed by the source file's SHA-256 and reused, not remade; a copy
+    that no longer parses is made again."""
     source = PACK_DIR / "det_500m.onnx"
     first, note = main_module.batched_detector(source, tmp_path)
     assert first is not None and main_module.file_sha256(source)[:16] in first.name, note
     made_at = first.stat().st_mtime_ns
     second, _ = main_module.batched_detector(source, tmp_path)
     assert second == first and second.stat().st_mtime_ns == made_at
+    first.write_bytes(first.read_bytes()[:1000])  # cut short, as by a crash while it was written
+    third, note = main_module.batched_detector(source, tmp_path)
+    assert third == first and "made from" in note and main_module.loads_as_onnx(third), note
 
 
 def test_interleaving_transposes_are_what_the_edit_fixes(main_module, tmp_path):
@@ -415,6 +419,7 @@ class FakeTensorrtSession:
     fail: set = set()  # "build": a new engine fails; "load": a cached engine fails
 
     def __init__(self, path, options=None, providers=None, provider_options=None, enable_fallback=1):
+        assert enable_fallback == 0, "ONNX Runtime's silent retry on other providers must be off"
         FakeTensorrtSession.calls.append((list(providers), list(provider_options or [])))
         self.providers = list(providers)
         if providers[0] == "TensorrtExecutionProvider":
@@ -537,12 +542,18 @@ def test_device_graphs_run_on_the_workers_gpu(main_module, monkeypatch, cpu_mode
         def get_providers(self):
             return ["CPUExecutionProvider"]
 
+    import onnxruntime as ort
     monkeypatch.setattr(main_module, "graph_session",
-                        lambda model, providers, options=None: seen.append(providers) or Fake())
+                        lambda model, providers, options=None: seen.append((providers, options)) or Fake())
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy",
+                        staticmethod(lambda array, device, device_id: ("on", device, device_id)))
     said = []
-    main_module.DeviceGraphs(cpu_models, "cuda", 1, 1, said.append)
-    assert len(seen) == 3 and all(p[0] == ("CUDAExecutionProvider", {"device_id": 1}) for p in seen), seen
+    graphs = main_module.DeviceGraphs(cpu_models, "cuda", 1, 3, said.append)
+    assert len(seen) == 3 and all(p[0] == ("CUDAExecutionProvider", {"device_id": 1}) for p, _ in seen), seen
+    assert all(o.intra_op_num_threads == 3 for _, o in seen), "graph sessions must use the worker's threads"
     assert any("not CUDA" in t for t in said), said
+    frames = graphs.upload([np.zeros((4, 6, 3), np.uint8)] * 2)
+    assert frames.value == ("on", "cuda", 1) and frames.host is None, "no host copy kept on a GPU"
 
 
 @pytest.mark.parametrize("model, unsupported", [
@@ -905,3 +916,57 @@ def test_the_best_anchors_from_the_device_decode_like_all_outputs(main_module, i
         assert 0 < len(fetched) < 9 * len(images), f"the whole outputs were fetched {len(fetched)} times"
     else:
         assert fetched == [], "with 1000 candidates no frame here needs its whole outputs"
+
+
+def test_batched_device_detections_decode_exactly_like_all_outputs(main_module, images, device_models):
+    """For every frame of a batch on the device (not only the first), the best anchors decode
+    exactly as all of that frame's outputs do."""
+    settings, models = device_models
+    same_size = [image for image in images if image.shape == images[-1].shape][:4]
+    assert len(same_size) >= 2, "the test needs a batch"
+    size = main_module.detector_input_size(models, settings, same_size[0].shape[:2])
+    frames = models.device.upload(same_size)
+    blob, scale = models.device.blob(frames, size)
+    outputs, chosen = models.device.detector_outputs(blob, 0, len(same_size), size)
+    whole = [o.numpy() for o in outputs]
+    for j in range(len(same_size)):
+        got = main_module.decode_device_detections(models, outputs, chosen, j, size, scale,
+                                                    settings.det_prob_threshold)
+        want = main_module.decode_scrfd([o[j] for o in whole], models.det_strides, models.det_anchors,
+                                        size, scale, settings.det_prob_threshold)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), f"frame {j}"
+        assert len(want[0]) > 0 or j > 0, "the test saw no face"
+
+
+@pytest.mark.parametrize("choice, gpus, said", [
+    ("cuda", [], ["CUDAExecutionProvider"]),
+    ("tensorrt", [], ["TensorrtExecutionProvider", "CUDAExecutionProvider"]),
+    ("auto", [], []),  # a CPU machine: nothing to say
+    ("auto", ["NVIDIA H200, 143771 MiB"], ["TensorrtExecutionProvider", "CUDAExecutionProvider"]),
+    ("cpu", ["NVIDIA H200, 143771 MiB"], []),
+])
+def test_providers_asked_for_but_missing_from_the_build_are_said(main_module, monkeypatch, choice,
+                                                                 gpus, said):
+    """--providers cuda|tensorrt on a CPU-only onnxruntime says why each is missing; auto says so
+    only when nvidia-smi sees a GPU."""
+    monkeypatch.setattr(main_module, "visible_gpus", lambda: gpus)
+    heard = []
+    main_module.say_missing_providers(choice, ["CPUExecutionProvider"], heard.append)
+    assert [t.split(" ")[0] for t in heard] == said, heard
+    assert all("pip install onnxruntime-gpu" in t for t in heard), heard
+
+
+@pytest.mark.parametrize("value, level", [(None, 3), ("0", 0), ("4", 4), (" 2 ", 2), ("verbose", None), ("5", None)])
+def test_ort_log_level_is_read_and_checked(main_module, monkeypatch, value, level):
+    """ORT_LOG_LEVEL sets ONNX Runtime's log level, 0..4 (default 3: errors only); another value
+    is refused naming the variable."""
+    if value is None:
+        monkeypatch.delenv("ORT_LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("ORT_LOG_LEVEL", value)
+    if level is None:
+        with pytest.raises(ValueError, match="ORT_LOG_LEVEL must be 0"):
+            main_module.ort_log_level()
+    else:
+        assert main_module.ort_log_level() == level
+        assert main_module.session_options(1).log_severity_level == level

@@ -778,6 +778,39 @@ def test_a_moved_copy_of_the_video_folder_reuses_the_results(obama_run, tmp_path
     assert {**results["videos"][0], "file": None} == {**original["videos"][0], "file": None}
 
 
+def test_a_worse_rerun_does_not_replace_good_results(obama_run, tmp_path, ffmpeg_exe):
+    """The same name, but a truncated copy of the video (a failed download), searched with
+    --force: it ends incomplete (exit 1) and saves no video.json; the earlier run's video.json
+    and every earlier file stay, except those this run wrote again under the same name and
+    lists in results.json (its own clip of the same range) - a result that would never be
+    reused must not replace or delete one that is."""
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    source = (TESTDATA / "videos" / "obama_whcd.mp4").read_bytes()
+    cut = damaged / "obama_whcd.mp4"
+    subprocess.run([ffmpeg_exe, "-v", "error", "-i", str(TESTDATA / "videos" / "obama_whcd.mp4"),
+                    "-c", "copy", "-movflags", "+faststart", str(cut)], check=True)
+    cut.write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])
+    assert cut.read_bytes() != source
+    out = tmp_path / "out"
+    shutil.copytree(obama_run[0], out, symlinks=True)
+    def video_files():
+        return {p.relative_to(out).as_posix(): p.read_bytes()
+                for p in sorted((out / "obama_whcd").rglob("*")) if p.is_file()}
+    before = video_files()
+    assert any(name.endswith(".mp4") for name in before) and "obama_whcd/video.json" in before
+    code, text = run_main(search_command(damaged, obama_run[2], out, "--force"), tmp_path)
+    assert code == 1 and "truncated" in text, text[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["videos"][0]["status"] == "incomplete", results["videos"][0]["status"]
+    after = video_files()
+    rewritten = {r["clip"] for r in results["videos"][0]["ranges"] if r["clip"]}
+    gone = [name for name in before if name not in after
+            or (after[name] != before[name] and name not in rewritten)]
+    assert gone == [], f"the earlier, good results lost or changed: {gone}"
+    assert after["obama_whcd/video.json"] == before["obama_whcd/video.json"]
+
+
 def write_half_a_message(result_q) -> None:
     """Child: write the start of a 1 MiB message into result_q's pipe, as a child killed while
     sending a large track leaves it, then die by SIGKILL."""

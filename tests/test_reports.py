@@ -452,14 +452,21 @@ def test_a_video_is_recognised_by_its_content_not_its_path_or_time(main_module, 
 
 
 def test_the_fingerprint_names_the_providers_and_gpus_that_run_the_models(main_module, monkeypatch):
-    """run_fingerprint records the provider chain PROVIDERS resolves to here and, with a GPU
-    provider in it, the visible GPUs: results made on a GPU are not reused on a CPU-only machine."""
+    """run_fingerprint records the providers PROVIDERS resolves to here whose libraries load
+    (onnxruntime-gpu lists TensorRT even where it is not installed) and, with a GPU provider
+    among them, the visible GPU models: results made on a GPU are not reused on a CPU-only
+    machine, nor CUDA fp32 results where TensorRT fp16 now runs."""
     import onnxruntime
     cpu = main_module.run_fingerprint(main_module.load_settings(["--providers", "cpu"]), [], [])
     assert cpu["execution"] == {"providers": ["CPUExecutionProvider"], "gpus": []}, cpu
-    monkeypatch.setattr(onnxruntime, "get_available_providers",
-                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(main_module, "visible_gpu_names", lambda: ["NVIDIA H200"])
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(main_module, "visible_gpu_names", lambda: ["NVIDIA H200", "NVIDIA H200"])
+    monkeypatch.setattr(main_module, "provider_library_error",
+                        lambda p: "libnvinfer.so.10: cannot open" if p.startswith("Tensorrt") else None)
     gpu = main_module.run_fingerprint(main_module.load_settings(["--providers", "auto"]), [], [])
     assert gpu["execution"] == {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                                 "gpus": ["NVIDIA H200"]}, gpu
+    monkeypatch.setattr(main_module, "provider_library_error", lambda p: None)
+    trt = main_module.run_fingerprint(main_module.load_settings(["--providers", "auto"]), [], [])
+    assert trt["execution"]["providers"][0] == "TensorrtExecutionProvider", trt
