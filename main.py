@@ -524,32 +524,34 @@ def reference_files(folder: Path) -> list:
             and p.name.lower() not in _IGNORED_FILES and not p.name.startswith("._")]
 
 
-def list_reference_photos(folder: Path) -> dict:
-    """Return {label: [photo paths]} for every image in the folder and its first-level
-    subfolders; labels that differ only in case, spaces, '_' or '-' are one person (the first
-    spelling, sorted, names them)."""
-    photos, spelling = {}, {}
-    for path in reference_files(folder):
-        if path.suffix.lower() in _IMAGE_EXTENSIONS:
-            label = reference_label(path, folder)
-            label = spelling.setdefault(label_key(label), label)
-            photos.setdefault(label, []).append(path)
-    return photos
-
-
-def reference_folder_notes(folder: Path) -> tuple:
-    """Return ([skipped files: unsupported formats], [notes: label spellings merged])."""
-    skipped, spellings = [], {}
+def scan_reference_folder(folder: Path) -> tuple:
+    """Return ({label: [photo paths]}, {label: the spellings merged into it}, [files in other
+    formats]) for the folder and its first-level subfolders. Labels that differ only in case,
+    spaces, '_' or '-' are one person, named by the first spelling (files sorted)."""
+    photos, spellings, others, first = {}, {}, [], {}
     for path in reference_files(folder):
         if path.suffix.lower() not in _IMAGE_EXTENSIONS:
-            skipped.append(f"{path}: not a supported photo format ({path.suffix or 'no extension'}); "
-                           f"convert it to .jpg or .png (skipped)")
-        else:
-            spellings.setdefault(label_key(reference_label(path, folder)), set()).add(
-                reference_label(path, folder))
+            others.append(path)
+            continue
+        spelled = reference_label(path, folder)
+        label = first.setdefault(label_key(spelled), spelled)
+        photos.setdefault(label, []).append(path)
+        spellings.setdefault(label, set()).add(spelled)
+    return photos, spellings, others
+
+
+def list_reference_photos(folder: Path) -> dict:
+    """Return {label: [photo paths]} (see scan_reference_folder)."""
+    return scan_reference_folder(folder)[0]
+
+
+def reference_folder_notes(spellings: dict, others: list) -> tuple:
+    """Return ([skipped files: other formats], [notes: label spellings merged]) of a scan."""
+    skipped = [f"{path}: not a supported photo format ({path.suffix or 'no extension'}); "
+               f"convert it to .jpg or .png (skipped)" for path in others]
     notes = [f"labels {', '.join(repr(s) for s in sorted(names))} differ only in case, spaces, '_' "
-             f"or '-': their photos are used as one person, {sorted(names)[0]!r}"
-             for names in spellings.values() if len(names) > 1]
+             f"or '-': their photos are used as one person, {label!r}"
+             for label, names in spellings.items() if len(names) > 1]
     return skipped, notes
 
 
@@ -572,9 +574,10 @@ def largest_face_index(boxes: np.ndarray) -> int:
 
 def load_references(folder: Path, models, settings: Settings) -> tuple:
     """Return ([Reference], [skipped photos], [notes]); embeds the largest face of each photo."""
-    problems, notes = reference_folder_notes(folder)
+    photos, spellings, others = scan_reference_folder(folder)
+    problems, notes = reference_folder_notes(spellings, others)
     references = []
-    for label, paths in list_reference_photos(folder).items():
+    for label, paths in photos.items():
         embeddings, used = [], []
         for path in paths:
             try:
@@ -738,9 +741,7 @@ def first_frame_rotation(path: Path, container, stream) -> float:
     """Return the display rotation (degrees counter-clockwise) of the first decodable frame;
     raise BadInput when no frame can be decoded."""
     damaged_pts = []
-    frames = (frame for packet in container.demux(stream)
-              for frame in decode_packet(packet, damaged_pts))
-    first = next(frames, None)
+    first = next(decoded_frames(container, stream, damaged_pts), None)
     if first is None:
         reason = f" ({len(damaged_pts)} damaged packets)" if damaged_pts else ""
         raise BadInput(f"{path}: no frame can be decoded{reason}; the file is truncated or "
@@ -826,9 +827,7 @@ def pyav_frames(info: VideoInfo, frame_interval: int, damaged_pts: list):
         stream.thread_type = "AUTO"
         last_pts = None
         frame_duration = 1 / Fraction(info.fps).limit_denominator(100000) / info.time_base
-        frames = (frame for packet in container.demux(stream)
-                  for frame in decode_packet(packet, damaged_pts))
-        for frame_idx, frame in enumerate(frames):
+        for frame_idx, frame in enumerate(decoded_frames(container, stream, damaged_pts)):
             pts = frame.pts
             if pts is None:  # rare: a frame without a timestamp follows its predecessor
                 pts = info.origin_pts if last_pts is None else last_pts + int(frame_duration)
@@ -842,6 +841,13 @@ def pyav_frames(info: VideoInfo, frame_interval: int, damaged_pts: list):
             yield frame_idx, frame_time_s(pts, info.origin_pts, info.time_base), image
 
 
+def decoded_frames(container, stream, damaged_pts: list):
+    """Yield the frames of one stream of an open container, skipping the packets the decoder
+    rejects (their pts go to damaged_pts), as the ffmpeg command line does."""
+    for packet in container.demux(stream):
+        yield from decode_packet(packet, damaged_pts)
+
+
 def decode_packet(packet, damaged_pts: list) -> list:
     """Return the frames one packet decodes to; a packet the decoder rejects as invalid data
     gives none, and its pts is added to damaged_pts."""
@@ -853,14 +859,15 @@ def decode_packet(packet, damaged_pts: list) -> list:
         return []
 
 
-def presentation_times_s(info: VideoInfo) -> list:
-    """Return the sorted times (s, frame clock) of the video stream's packets, read without
-    decoding: every frame's exact timestamp."""
+def packet_times_s(info: VideoInfo, keyframes_only: bool = False) -> list:
+    """Return the sorted times (s, frame clock) of the video stream's packets (every frame's exact
+    timestamp), or of its keyframes only, read without decoding."""
     import av
     with av.open(info.path) as container:
         stream = container.streams.video[info.video_stream_idx]
         return sorted(frame_time_s(packet.pts, info.origin_pts, info.time_base)
-                      for packet in container.demux(stream) if packet.pts is not None)
+                      for packet in container.demux(stream)
+                      if packet.pts is not None and (packet.is_keyframe or not keyframes_only))
 
 
 def nearest_time_s(times_s: list, approx_s: float, tolerance_s: float) -> float:
@@ -877,7 +884,7 @@ def opencv_frames(info: VideoInfo, frame_interval: int):
     packet timestamp (exact, read by PyAV's demuxer) nearest to OpenCV's position, which counts
     from the first frame too; OpenCV's own where no packet is within half a frame."""
     import cv2
-    times_s = presentation_times_s(info)
+    times_s = packet_times_s(info)
     capture = cv2.VideoCapture(info.path, cv2.CAP_FFMPEG)
     capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)  # rotated below, exactly as PyAV's frames
     try:
@@ -895,12 +902,18 @@ def opencv_frames(info: VideoInfo, frame_interval: int):
         capture.release()
 
 
+def grey_sample(image: np.ndarray) -> np.ndarray:
+    """Return every 8th pixel of every 8th row as grey levels (float32): enough to tell a blank
+    or repeated picture."""
+    return image[::8, ::8].mean(axis=2, dtype=np.float32)
+
+
 def frames_look_broken(images: list) -> bool:
     """Return True when there is no picture, every picture is blank (near-uniform: black, green,
     grey), or they are all the same picture (a decoder repeating a stale frame)."""
     if not images:
         return True
-    grey = [image[::8, ::8].mean(axis=2) for image in images]
+    grey = [grey_sample(image) for image in images]
     if all(g.std() < _BLANK_STD_GREY for g in grey):
         return True
     return len(grey) > 1 and all(np.abs(g - grey[0]).mean() < _FROZEN_MAD_GREY for g in grey[1:])
@@ -920,7 +933,7 @@ class PictureSampler:
         if time_s < self.next_s:
             return
         self.next_s = time_s + _PICTURE_SAMPLE_S
-        grey = image[::8, ::8].mean(axis=2, dtype=np.float32)
+        grey = grey_sample(image)
         blank = bool(grey.std() < _BLANK_STD_GREY)
         if self.previous is not None:  # alive: the picture changed, and not from blank to blank
             changed = float(np.abs(grey - self.previous[0]).mean()) >= _FROZEN_MAD_GREY
@@ -1384,9 +1397,15 @@ def uses_dynamic_quantization(model_path: Path) -> bool:
     others comes out different (measured: cosine down to 0.95 on buffalo_sc_int8): results
     would depend on how frames happened to be batched. Those models get one face per call.
     """
+    return "DynamicQuantizeLinear" in model_op_types(model_path)
+
+
+@lru_cache(maxsize=16)
+def model_op_types(model_path: Path) -> frozenset:
+    """Return the op types a model's graph uses (read once per file)."""
     import onnx
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    return any(node.op_type == "DynamicQuantizeLinear" for node in graph.node)
+    return frozenset(node.op_type for node in graph.node)
 
 
 def file_sha256(path: Path) -> str:
@@ -1617,12 +1636,9 @@ def onnxruntime_gpu_build() -> str:
     return f"onnxruntime-gpu {info.__version__} needs CUDA {cuda}" + (f" and cuDNN {cudnn}" if cudnn else "")
 
 
-@lru_cache(maxsize=16)
 def tensorrt_unsupported_ops(model_path: Path) -> frozenset:
     """Return the ops of a model that TensorRT cannot run (int8 dynamic quantization)."""
-    import onnx
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return frozenset({node.op_type for node in graph.node} & _TRT_UNSUPPORTED_OPS)
+    return model_op_types(model_path) & _TRT_UNSUPPORTED_OPS
 
 
 def ort_log_level() -> int:
@@ -1668,17 +1684,13 @@ def try_session(path: Path, pairs: list, options, say):
 def open_session(path: Path, chain: list, options, say):
     """Return (session, provider it really runs on) for the first provider of chain (pairs of
     provider and options) that loads; the providers after it take the nodes it cannot run."""
-    last_error = None
+    said = []
     for i, (provider, _) in enumerate(chain):
-        heard = []
-        session = try_session(path, chain[i:], options, lambda text: heard.append(text))
-        for text in heard:
-            say(text)
+        session = try_session(path, chain[i:], options, lambda text: (said.append(text), say(text)))
         if session is not None:
             return session, provider
-        last_error = heard[-1] if heard else None
-    raise BadInput(f"{path}: no execution provider could open it ({last_error}); the file may be "
-                   f"damaged (download the pack again), or reinstall onnxruntime")
+    raise BadInput(f"{path}: no execution provider could open it ({said[-1] if said else None}); "
+                   f"the file may be damaged (download the pack again), or reinstall onnxruntime")
 
 
 def model_input(model_path: Path) -> tuple:
@@ -2184,22 +2196,27 @@ def detect_faces(models: FaceModels, images: list, settings: Settings) -> list:
     With a batch-capable detector, images of the same detector input size go through it in
     one call (at most BATCH_SIZE at a time); otherwise one at a time.
     """
-    groups = {}
-    for i, image in enumerate(images):
-        groups.setdefault(detector_input_size(models, settings, image.shape[:2]), []).append(i)
-    step = settings.BATCH_SIZE if models.det_batched else 1
+    sizes = [detector_input_size(models, settings, image.shape[:2]) for image in images]
     results = [None] * len(images)
-    for input_size, members in groups.items():
-        for start in range(0, len(members), step):
-            chunk = members[start:start + step]
-            blobs, scales = zip(*(letterbox(images[i], input_size) for i in chunk))
-            outputs = models.det_session.run(models.det_output_names,
-                                             {models.det_input_name: np.concatenate(blobs)})
-            for j, i in enumerate(chunk):
-                results[i] = decode_scrfd([o[j] for o in outputs] if models.det_batched else outputs,
-                                          models.det_strides, models.det_anchors, input_size,
-                                          scales[j], settings.det_prob_threshold)
+    for input_size, chunk in batches_by(sizes, settings.BATCH_SIZE if models.det_batched else 1):
+        blobs, scales = zip(*(letterbox(images[i], input_size) for i in chunk))
+        outputs = models.det_session.run(models.det_output_names,
+                                         {models.det_input_name: np.concatenate(blobs)})
+        for j, i in enumerate(chunk):
+            results[i] = decode_scrfd([o[j] for o in outputs] if models.det_batched else outputs,
+                                      models.det_strides, models.det_anchors, input_size,
+                                      scales[j], settings.det_prob_threshold)
     return results
+
+
+def batches_by(keys: list, size: int):
+    """Yield (key, [indices]): the indices of equal keys, in order, at most size at a time."""
+    groups = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    for key, members in groups.items():
+        for start in range(0, len(members), size):
+            yield key, members[start:start + size]
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -2358,7 +2375,12 @@ def embed_faces(models: FaceModels, crops: list, chunk_size: int) -> np.ndarray:
         blob = cv2.dnn.blobFromImages(crops[start:start + chunk_size], 1.0 / models.rec_std,
                                       (112, 112), (models.rec_mean,) * 3, swapRB=True)
         chunks.append(models.rec_session.run(None, {models.rec_input_name: blob})[0])
-    embeddings = np.concatenate(chunks).astype(np.float32)
+    return l2_normalised(np.concatenate(chunks))
+
+
+def l2_normalised(embeddings: np.ndarray) -> np.ndarray:
+    """Return float32 rows scaled to length 1 (a zero row stays zero)."""
+    embeddings = embeddings.astype(np.float32)
     return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
 
 
@@ -2469,26 +2491,21 @@ def detect_on_device(models: FaceModels, images: list, settings: Settings) -> tu
     """Return ([(boxes, kps)] per image, [(DeviceFrames, index)] per image): frames of one size
     are uploaded together (BATCH_SIZE at most), resized and detected on the device, and only
     each frame's best anchors come back."""
-    groups = {}
-    for i, image in enumerate(images):
-        groups.setdefault(image.shape[:2], []).append(i)
     results, handles = [None] * len(images), [None] * len(images)
-    for frame_hw, members in groups.items():
+    for frame_hw, chunk in batches_by([image.shape[:2] for image in images], settings.BATCH_SIZE):
         input_size = detector_input_size(models, settings, frame_hw)
-        for start in range(0, len(members), settings.BATCH_SIZE):
-            chunk = members[start:start + settings.BATCH_SIZE]
-            frames = models.device.upload([images[i] for i in chunk])
-            blob, scale = models.device.blob(frames, input_size)
-            step = len(chunk) if models.det_batched else 1
-            for first in range(0, len(chunk), step):
-                count = min(step, len(chunk) - first)
-                outputs, chosen = models.device.detector_outputs(blob, first, count, input_size)
-                whole = []  # the batch's whole outputs, fetched at most once (see below)
-                for j in range(count):
-                    results[chunk[first + j]] = decode_device_detections(
-                        models, outputs, chosen, j, input_size, scale, settings.det_prob_threshold, whole)
-            for j, i in enumerate(chunk):
-                handles[i] = (frames, j)
+        frames = models.device.upload([images[i] for i in chunk])
+        blob, scale = models.device.blob(frames, input_size)
+        step = len(chunk) if models.det_batched else 1
+        for first in range(0, len(chunk), step):
+            count = min(step, len(chunk) - first)
+            outputs, chosen = models.device.detector_outputs(blob, first, count, input_size)
+            whole = []  # the batch's whole outputs, fetched at most once (see below)
+            for j in range(count):
+                results[chunk[first + j]] = decode_device_detections(
+                    models, outputs, chosen, j, input_size, scale, settings.det_prob_threshold, whole)
+        for j, i in enumerate(chunk):
+            handles[i] = (frames, j)
     return results, handles
 
 
@@ -2529,8 +2546,7 @@ def embed_looks(models: FaceModels, looks: list, chunk_size: int) -> np.ndarray:
             matrices = alignment_matrices([looks[i].kps for i in part])
             for i, row in zip(part, models.device.embed(first.frames, first.index, matrices)):
                 rows[i] = row
-    embeddings = np.stack(rows).astype(np.float32)
-    return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    return l2_normalised(np.stack(rows))
 
 
 def worker_main(name, settings, layout, videos, references, filled_q, free_q, result_q,
@@ -2753,15 +2769,16 @@ def fsync_file(path: Path) -> None:
         os.close(descriptor)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a file through a .part file, flushed to the disk and renamed into place, so no
-    half-written file is left; on any failure (disk full, no permission, Ctrl-C) remove the .part;
-    an OSError is raised again naming the file."""
+def write_bytes_atomic(path: Path, data: bytes, flush: bool = True) -> None:
+    """Write a file through a .part file, flushed to the disk (unless flush is False) and renamed
+    into place, so no half-written file is left; on any failure (disk full, no permission,
+    Ctrl-C) remove the .part; an OSError is raised again naming the file."""
     part = path.with_name(path.name + ".part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         part.write_bytes(data)
-        fsync_file(part)
+        if flush:
+            fsync_file(part)
         os.replace(part, path)
     except BaseException as error:
         part.unlink(missing_ok=True)
@@ -2783,7 +2800,7 @@ def save_debug_detections(context: WorkerContext, frame: tuple, image: np.ndarra
             cv2.circle(canvas, (int(x), int(y)), 1, (0, 255, 0), 2)
     info = context.videos[frame[0]]
     path = Path(context.settings.debug_det_dir) / info.output_name / f"frame_{frame[2]:07d}.jpg"
-    write_bytes_atomic(path, cv2.imencode(".jpg", canvas)[1].tobytes())
+    write_bytes_atomic(path, cv2.imencode(".jpg", canvas)[1].tobytes(), flush=False)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -3172,8 +3189,8 @@ class VideoTracker:
         """Write the track's kept snapshots of this person (the others stay kept, in case later
         evidence names the track differently)."""
         for who, _, path, jpeg in track.pending:
-            if who == person:
-                write_bytes_atomic(path, jpeg)
+            if who == person:  # not flushed: a disk flush per face would stall the tracker, and a
+                write_bytes_atomic(path, jpeg, flush=False)  # lost one shows in video.json's sizes
                 track.written.append((who, path))
         track.pending = [item for item in track.pending if item[0] != person]
 
@@ -3306,16 +3323,6 @@ def build_clip_command(ffmpeg: str, info: VideoInfo, time_range: TimeRange, part
             "-t", f"{time_range.end_s - time_range.start_s:.3f}", *maps,
             "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p",
             "-c:a", "aac", "-b:a", "160k", "-movflags", "+faststart", "-f", "mp4", str(part_path)]
-
-
-def keyframe_times_s(info: VideoInfo) -> list:
-    """Return the times (s, frame clock) of the video stream's keyframes, read without decoding."""
-    import av
-    with av.open(info.path) as container:
-        stream = container.streams.video[info.video_stream_idx]
-        return sorted(frame_time_s(packet.pts, info.origin_pts, info.time_base)
-                      for packet in container.demux(stream)
-                      if packet.is_keyframe and packet.pts is not None)
 
 
 def keyframe_before(keyframes_s: list, time_s: float) -> float:
@@ -3908,12 +3915,9 @@ def forward_results(result_q, inbox: queue.Queue, reader_stop: threading.Event) 
             message = result_q.get(timeout=_QUEUE_TIMEOUT_S)
         except queue.Empty:
             continue
-        except (OSError, EOFError, ValueError):  # closed at shutdown, or broken
+        except Exception:  # closed at shutdown; else broken (a message that cannot be unpickled)
             if not reader_stop.is_set():
                 inbox.put(("error", "result-reader", traceback.format_exc()))
-            return
-        except Exception:  # a message that cannot be unpickled: the pipeline is broken
-            inbox.put(("error", "result-reader", traceback.format_exc()))
             return
         inbox.put(message)
 
@@ -4148,7 +4152,7 @@ class RunState:
         """Cut the clips of one video's ranges, in order, unless the run is stopping."""
         fast = self.settings.CLIP_MODE == "fast"
         clip_dir = self.output_dir / result.info.output_name / "clips"
-        keyframes = keyframe_times_s(result.info) if fast and result.ranges else []
+        keyframes = packet_times_s(result.info, keyframes_only=True) if fast and result.ranges else []
         for time_range in result.ranges:
             if self.stop_clips.is_set():
                 break
@@ -4317,7 +4321,7 @@ def prepare_references(settings: Settings) -> tuple:
 def no_photo_message(folder: Path) -> str:
     """Return the message for a reference folder without a photo in a supported format: empty,
     or only files in other formats (an iPhone's .heic), which it counts."""
-    others = [p for p in reference_files(folder) if p.suffix.lower() not in _IMAGE_EXTENSIONS]
+    others = scan_reference_folder(folder)[2]
     if not others:
         return (f"no photo in {folder}: add one photo per person named after them (e.g. "
                 f"Barack_Obama.jpg), or try: python main.py --demo")
