@@ -620,7 +620,7 @@ def test_an_interrupted_run_resumed_gives_the_same_results_as_an_uninterrupted_o
     assert code == 0, text[-3000:]
     assert "[*] reused: obama_whcd.mp4" in text and "1 of 2 video(s) reused" in text, text[-3000:]
     resumed = json.loads((tmp_path / "resumed" / "results.json").read_text())
-    assert resumed["stats"]["reused_videos"] == [str(TESTDATA / "videos" / "obama_whcd.mp4")]
+    assert resumed["stats"]["reused_videos"] == [str((TESTDATA / "videos" / "obama_whcd.mp4").resolve())]
     assert comparable(resumed) == comparable(json.loads((full / "results.json").read_text())), \
         "results.json differs from the uninterrupted run"
     assert tool_files(tmp_path / "resumed") == tool_files(full), "snapshots differ"
