@@ -53,15 +53,20 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 import main  # noqa: E402  (importing main does nothing)
 import scoring  # noqa: E402
+from findpeople.decode import decode_frames, frame_time_s, probe_video  # noqa: E402
+from findpeople.detect import detect_faces  # noqa: E402
+from findpeople.models import load_face_models  # noqa: E402
+from findpeople.references import reference_label  # noqa: E402
+from findpeople.clips import find_ffmpeg  # noqa: E402
 
 
 def clip_frame_times(path: Path) -> list:
     """Return each frame's time in seconds from the first video frame (as main.py counts)."""
-    info = main.probe_video(path, 0, path.stem)
+    info = probe_video(path, 0, path.stem)
     import av
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        return [main.frame_time_s(f.pts, info.origin_pts, info.time_base)
+        return [frame_time_s(f.pts, info.origin_pts, info.time_base)
                 for f in container.decode(stream)]
 
 
@@ -105,7 +110,7 @@ def run_naive(videos: list, refs: Path, det_threshold: float) -> dict:
     for photo in sorted(refs.glob("*.jpg")):
         faces = app.get(cv2.imread(str(photo)))
         largest = max(faces, key=lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
-        names.append(main.reference_label(photo, refs))
+        names.append(reference_label(photo, refs))
         embeddings.append(largest.normed_embedding)
     matrix = np.stack(embeddings)
     warm = cv2.VideoCapture(str(videos[0]))
@@ -201,14 +206,14 @@ def run_floor(videos: list) -> dict:
     settings = main.load_settings(["--model-root", str(MODEL_ROOT), "--model-pack", MODEL_PACK,
                                    "--det-size", str(DET_SIZE), "--det-prob-threshold",
                                    str(DET_THRESHOLD)])
-    models = main.load_face_models(settings, "cpu", os.cpu_count() or 2)
+    models = load_face_models(settings, "cpu", os.cpu_count() or 2)
     frames = []
     for video in videos:
-        info = main.probe_video(video, 0, video.stem)
-        frames += [image for _, _, image in main.decode_frames(info, 1)]
-    main.detect_faces(models, frames[:WARMUP_FRAMES], settings)
+        info = probe_video(video, 0, video.stem)
+        frames += [image for _, _, image in decode_frames(info, 1)]
+    detect_faces(models, frames[:WARMUP_FRAMES], settings)
     started = time.perf_counter()
-    main.detect_faces(models, frames, settings)
+    detect_faces(models, frames, settings)
     seconds = time.perf_counter() - started
     return {"fps": len(frames) / seconds, "frames": len(frames), "seconds": seconds}
 
@@ -295,7 +300,7 @@ def main_bench(quick: bool) -> dict:
     """Run all three methods and return the report."""
     clips = sorted((TESTDATA / "videos").glob("*.mp4"))
     refs = reference_folder()
-    ffmpeg = main.find_ffmpeg(str(REPO / "ffmpeg"))
+    ffmpeg = find_ffmpeg(str(REPO / "ffmpeg"))
     report = {"machine": machine(), "settings": {
         "model_pack": MODEL_PACK, "threshold": THRESHOLD, "det_size": DET_SIZE,
         "det_threshold": DET_THRESHOLD, "naive_det_threshold": NAIVE_DET_THRESHOLD,

@@ -41,6 +41,14 @@ REC_CHUNKS = (1, 8, 32)  # recognizer faces per call timed
 
 sys.path.insert(0, str(REPO))
 import main  # noqa: E402  (importing main does nothing)
+from findpeople.decode import decode_frames, probe_video  # noqa: E402
+from findpeople.providers import (
+    both_onnxruntime_builds_problem, gpu_slots, optional_provider, package_version,
+    tensorrt_version, visible_gpus, working_providers)  # noqa: E402
+from findpeople.detect import detect_faces, detector_input_size, embed_faces, letterbox  # noqa: E402
+from findpeople.device import detect_on_device  # noqa: E402
+from findpeople.models import classify_pack_models, load_face_models  # noqa: E402
+from findpeople.doctor import local_model_pack  # noqa: E402
 
 
 class Report:
@@ -58,7 +66,7 @@ class Report:
 
 
 def run_settings(model_root: str, pack: str, cache_dir: Path, providers: str, batch: int):
-    """Return main.Settings for this check (batched detector, the given providers and cache)."""
+    """Return the Settings for this check (batched detector, the given providers and cache)."""
     return main.load_settings(["--model-root", model_root, "--model-pack", pack,
                                "--providers", providers, "--frames-on-device", "on",
                                "--batch-size", str(batch), "--rec-chunk-size", str(max(REC_CHUNKS)),
@@ -71,14 +79,14 @@ def environment(report: Report) -> None:
     print(f"Python {platform.python_version()} on {platform.system()} {platform.machine()}")
     for name in ("onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "opencv-python",
                  "opencv-python-headless", "insightface", "av", "tensorrt"):
-        print(f"  {name}: {main.package_version(name) or 'not installed'}")
+        print(f"  {name}: {package_version(name) or 'not installed'}")
     print(f"  onnxruntime providers: {', '.join(ort.get_available_providers())}")
-    both = main.both_onnxruntime_builds_problem()
+    both = both_onnxruntime_builds_problem()
     if both:
         report.line("!!", both)
-    gpus = main.visible_gpus()
+    gpus = visible_gpus()
     report.line("ok" if gpus else "--", f"GPUs: {', '.join(gpus) or 'none (no nvidia-smi or no GPU)'}")
-    trt = main.tensorrt_version()
+    trt = tensorrt_version()
     report.line("ok" if trt else "--", f"TensorRT: {trt or 'not installed (engine cache not checked)'}")
     ffmpeg = shutil.which("ffmpeg")
     report.line("ok" if ffmpeg else "--", f"ffmpeg on PATH: {ffmpeg or 'none (clip cutting not checked here)'}")
@@ -92,11 +100,11 @@ def environment(report: Report) -> None:
 def providers(report: Report, detector: Path) -> list:
     """Report each provider opened alone on the detector; return those that load, best first."""
     working = []
-    for provider, verdict in main.working_providers(detector).items():
+    for provider, verdict in working_providers(detector).items():
         if verdict == "loads":
             working.append(provider)
             report.line("ok", f"{provider}: loads")
-        elif main.optional_provider(provider, verdict):
+        elif optional_provider(provider, verdict):
             report.line("--", f"{provider}: {verdict}")
         else:
             report.line("!!", f"{provider}: {verdict}")
@@ -108,7 +116,7 @@ def open_detector_once(model_root: str, pack: str, cache_dir: Path, provider: st
     settings = run_settings(model_root, pack, cache_dir, provider, max(BATCHES))
     notes = []
     started = time.perf_counter()
-    models = main.load_face_models(settings, provider, 4, main.gpu_slots(settings, 1)[0]
+    models = load_face_models(settings, provider, 4, gpu_slots(settings, 1)[0]
                                    if provider != "cpu" else None, notes.append)
     return {"seconds": round(time.perf_counter() - started, 2), "notes": notes,
             "providers": models.providers, "batched": models.det_batched}
@@ -152,9 +160,9 @@ def decode_speed() -> None:
     keep up with), or say why it cannot."""
     clip = REPO.parent / "shared" / "testdata" / "videos" / "crowd_royal_opera_house.mp4"
     try:
-        info = main.probe_video(clip, 0, clip.stem)
+        info = probe_video(clip, 0, clip.stem)
         started = time.perf_counter()
-        count = sum(1 for _ in main.decode_frames(info, 1))
+        count = sum(1 for _ in decode_frames(info, 1))
         print(f"    PyAV decoding of {clip.name} (1920x1080, one process): "
               f"{count / (time.perf_counter() - started):.1f} frames/s")
     except Exception as error:  # no PyAV or no test data: say so, measure the rest
@@ -196,16 +204,16 @@ def time_runs(run, runs: int) -> float:
 def detector_speed(models, settings, frames: list, runs: int) -> None:
     """Print frames/s per batch size: the model alone (blob ready), the CPU path (cv2 letterbox,
     model, decoding) and, with frames on the device, the device path (upload, graph, model)."""
-    size = main.detector_input_size(models, settings, FRAME_HW)
-    blob = np.concatenate([main.letterbox(f, size)[0] for f in frames])
+    size = detector_input_size(models, settings, FRAME_HW)
+    blob = np.concatenate([letterbox(f, size)[0] for f in frames])
     for batch in BATCHES if models.det_batched else (1,):
         feed = {models.det_input_name: blob[:batch]}
         model_s = time_runs(lambda: models.det_session.run(models.det_output_names, feed), runs)
-        cpu_s = time_runs(lambda: main.detect_faces(models, frames[:batch], settings), max(2, runs // 4))
+        cpu_s = time_runs(lambda: detect_faces(models, frames[:batch], settings), max(2, runs // 4))
         line = (f"      batch {batch:>2}: model {batch / model_s:8.1f} frames/s, CPU path "
                 f"{batch / cpu_s:8.1f} frames/s")
         if models.device is not None:
-            dev_s = time_runs(lambda: main.detect_on_device(models, frames[:batch], settings), max(2, runs // 4))
+            dev_s = time_runs(lambda: detect_on_device(models, frames[:batch], settings), max(2, runs // 4))
             line += f", device path {batch / dev_s:8.1f} frames/s ({cpu_s / dev_s:.2f}x the CPU path)"
         print(line, flush=True)
 
@@ -213,10 +221,10 @@ def detector_speed(models, settings, frames: list, runs: int) -> None:
 def detections_agree(report: Report, provider: str, models, settings, frames: list) -> None:
     """Check that batched detections (and the device path's) equal single-frame CPU-path ones."""
     single_settings = main.load_settings([*settings_flags(settings), "--batch-size", "1"])
-    single = [main.detect_faces(models, [f], single_settings)[0] for f in frames[:8]]
-    paths = {"batched": main.detect_faces(models, frames[:8], settings)}
+    single = [detect_faces(models, [f], single_settings)[0] for f in frames[:8]]
+    paths = {"batched": detect_faces(models, frames[:8], settings)}
     if models.device is not None:
-        paths["device path"] = main.detect_on_device(models, frames[:8], settings)[0]
+        paths["device path"] = detect_on_device(models, frames[:8], settings)[0]
     faces = sum(len(boxes) for boxes, _ in single)
     for name, found in paths.items():
         same = all(len(a[0]) == len(b[0]) and np.abs(a[0][:, :4] - b[0][:, :4]).max(initial=0) <= 1.0
@@ -238,8 +246,8 @@ def speed(report: Report, model_root: str, pack: str, cache_dir: Path, provider:
     that batched and device-path detections equal single-frame ones."""
     choice = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda"}.get(provider, "cpu")
     settings = run_settings(model_root, pack, cache_dir, choice, max(BATCHES))
-    gpu = main.gpu_slots(settings, 1)[0] if choice != "cpu" else None
-    models = main.load_face_models(settings, choice, 4, gpu, lambda text: None)
+    gpu = gpu_slots(settings, 1)[0] if choice != "cpu" else None
+    models = load_face_models(settings, choice, 4, gpu, lambda text: None)
     frames = test_frames(max(BATCHES))
     print(f"    {provider}: detector {Path(models.det_file).name} on "
           f"{models.providers[Path(models.det_path).name][0]}, recognizer on "
@@ -249,7 +257,7 @@ def speed(report: Report, model_root: str, pack: str, cache_dir: Path, provider:
     detections_agree(report, provider, models, settings, frames)
     crops = [np.zeros((112, 112, 3), np.uint8) + i for i in range(max(REC_CHUNKS))]
     for chunk in REC_CHUNKS:
-        seconds = time_runs(lambda: main.embed_faces(models, crops[:chunk], chunk), max(2, runs // 4))
+        seconds = time_runs(lambda: embed_faces(models, crops[:chunk], chunk), max(2, runs // 4))
         print(f"      recognizer, {chunk:>2} faces per call: {chunk / seconds:8.1f} faces/s"
               f"{' (int8: one face per call)' if models.rec_max_chunk == 1 else ''}", flush=True)
 
@@ -276,12 +284,12 @@ def main_check(argv=None) -> int:
     report = Report()
     print("== environment")
     environment(report)
-    pack = main.local_model_pack(args.model_root, args.model_pack)
+    pack = local_model_pack(args.model_root, args.model_pack)
     if pack is None:
         report.line("!!", f"model pack {args.model_pack} not found under {args.model_root} "
                           f"(pass --model-root/--model-pack)")
         return 1
-    detector, _ = main.classify_pack_models(pack)
+    detector, _ = classify_pack_models(pack)
     print(f"== providers (each alone on {detector.name})")
     working = providers(report, detector)
     print(f"== TensorRT engine cache ({cache_dir})")

@@ -37,9 +37,16 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 import main  # noqa: E402
 import scoring  # noqa: E402
+from findpeople.settings import flag_name  # noqa: E402
+from findpeople.decode import decode_frames, probe_video  # noqa: E402
+from findpeople.detect import align_face, detect_faces, embed_faces  # noqa: E402
+from findpeople.models import load_face_models  # noqa: E402
+from findpeople.references import load_references, reference_matrix  # noqa: E402
+from findpeople.tracks import VideoTracker, person_distances, thumbnail  # noqa: E402
+from findpeople.worker import WorkerContext  # noqa: E402
 
 
-class CachedTracker(main.VideoTracker):
+class CachedTracker(VideoTracker):
     """A VideoTracker whose recognizer answers from a cache keyed by (video, frame, face index)."""
 
     cache: dict = {}
@@ -51,16 +58,16 @@ class CachedTracker(main.VideoTracker):
     def look(self, image, kps, d):
         """Return (cache key, aligned crop) of face d in this frame."""
         key = (self.info.idx, self.seq, d)
-        return key, (None if key in self.cache else main.align_face(image, kps[d]))
+        return key, (None if key in self.cache else align_face(image, kps[d]))
 
     def recognise_looks(self, looks):
         """Return (embeddings, distances) of the looks, computing each face only once."""
         self.calls += len(looks)
         for key, crop in looks:
             if key not in self.cache:
-                self.cache[key] = main.embed_faces(self.context.models, [crop], 1)[0]
+                self.cache[key] = embed_faces(self.context.models, [crop], 1)[0]
         embeddings = np.stack([self.cache[key] for key, _ in looks])
-        return embeddings, main.person_distances(embeddings, self.context.ref_embeddings,
+        return embeddings, person_distances(embeddings, self.context.ref_embeddings,
                                                  self.context.ref_owners, len(self.context.people))
 
 
@@ -68,11 +75,11 @@ def load_clips(settings, models) -> list:
     """Return per clip (info, frames [(frame_idx, time_s, image, boxes, kps, thumb)])."""
     clips = []
     for idx, path in enumerate(sorted((TESTDATA / "videos").glob("*.mp4"))):
-        info = main.probe_video(path, idx, path.stem)
+        info = probe_video(path, idx, path.stem)
         frames = []
-        for frame_idx, time_s, image in main.decode_frames(info, 1):
-            boxes, kps = main.detect_faces(models, [image], settings)[0]
-            frames.append((frame_idx, time_s, image, boxes, kps, main.thumbnail(image)))
+        for frame_idx, time_s, image in decode_frames(info, 1):
+            boxes, kps = detect_faces(models, [image], settings)[0]
+            frames.append((frame_idx, time_s, image, boxes, kps, thumbnail(image)))
         clips.append((info, frames))
     return clips
 
@@ -80,11 +87,11 @@ def load_clips(settings, models) -> list:
 def replay(clips: list, settings, models, references) -> dict:
     """Run the tracker over every clip; return recognitions, named tracks and quality."""
     truth = json.loads((TESTDATA / "ground_truth.json").read_text())
-    embeddings, owners = main.reference_matrix(references)
+    embeddings, owners = reference_matrix(references)
     people = [r.name for r in references]
     recognitions, named, counts = 0, 0, []
     for info, frames in clips:
-        context = main.WorkerContext(settings, None, [info], embeddings, owners, people, models,
+        context = WorkerContext(settings, None, [info], embeddings, owners, people, models,
                                      None, None)
         messages = []
         tracker = CachedTracker(info, context, messages.append)
@@ -115,11 +122,11 @@ def main_sweep() -> list:
     """Return one row per setting value tried."""
     workdir = REPO / "bench" / "_work" / "sweep"
     base = main.load_settings(BASE_FLAGS + ["--output", str(workdir)])
-    models = main.load_face_models(base, "cpu", 2)
+    models = load_face_models(base, "cpu", 2)
     refs = REPO / "bench" / "_work" / "refs"
     if not refs.is_dir():
         raise SystemExit("run bench/bench.py once first: it links the reference photos")
-    references, _, _ = main.load_references(refs, models, base)
+    references, _, _ = load_references(refs, models, base)
     clips = load_clips(base, models)
     faces = sum(len(boxes) for _, frames in clips for _, _, _, boxes, _, _ in frames)
     print(f"{faces} faces detected in {sum(len(f) for _, f in clips)} frames: the naive loop "
@@ -128,7 +135,7 @@ def main_sweep() -> list:
     for name, values in SWEEP.items():
         for value in values:
             settings = main.load_settings(BASE_FLAGS + ["--output", str(workdir),
-                                                        main.flag_name(name), str(value)])
+                                                        flag_name(name), str(value)])
             row = {"setting": name, "value": value,
                    **replay(clips, settings, models, references)}
             rows.append(row)

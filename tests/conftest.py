@@ -1,10 +1,17 @@
 """Shared fixtures: the real test media and models in ../shared, read in place (never copied)."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+import threading
+import time
+import uuid
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,7 +22,13 @@ MODEL_PACK = "buffalo_sc_int8"
 TEST_THRESHOLD = 0.70  # cosine distance fitting buffalo_sc_int8 (same person ~0.5-0.6, others >= 0.74)
 VIDEOS = sorted((TESTDATA / "videos").glob("*.mp4"))
 
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # the package beside main.py, for the imports below
+
+from findpeople.decode import VideoInfo, decode_frames, probe_video  # noqa: E402
+from findpeople.detect import detect_faces  # noqa: E402
+from findpeople.models import load_face_models  # noqa: E402
+from findpeople.references import read_image  # noqa: E402
+from findpeople.clips import TimeRange, find_ffmpeg  # noqa: E402
 
 
 def pytest_configure(config):
@@ -33,7 +46,7 @@ def main_module():
 @pytest.fixture(scope="session")
 def ffmpeg_exe(main_module):
     """The ffmpeg main.py would use (ffmpeg/ -> PATH -> imageio-ffmpeg)."""
-    exe = main_module.find_ffmpeg(str(REPO / "ffmpeg"))
+    exe = find_ffmpeg(str(REPO / "ffmpeg"))
     assert exe, "no ffmpeg found: pip install imageio-ffmpeg"
     return exe
 
@@ -49,7 +62,7 @@ def test_settings(main_module):
 @pytest.fixture(scope="session")
 def cpu_models(main_module, test_settings):
     """The buffalo_sc_int8 detector and recognizer on the CPU provider."""
-    return main_module.load_face_models(test_settings, "cpu", 1)
+    return load_face_models(test_settings, "cpu", 1)
 
 
 def link_all_refs(folder: Path) -> Path:
@@ -65,3 +78,165 @@ def link_all_refs(folder: Path) -> Path:
 def all_refs_dir(tmp_path):
     """A folder of links to every photo in refs/ and refs_distractors/."""
     return link_all_refs(tmp_path / "refs")
+
+
+PACK_DIR = MODEL_ROOT / "models" / MODEL_PACK
+
+
+DETECTORS = [PACK_DIR / "det_500m.onnx", SHARED / "models" / "extra" / "scrfd_2.5g_kps_640.onnx"]
+
+
+def sample_images(main_module) -> list:
+    """Reference photos plus a few frames of each shared video (BGR)."""
+    images = [read_image(p) for p in sorted((TESTDATA / "refs").glob("*.jpg"))]
+    for path in VIDEOS:
+        info = probe_video(path, 0, path.stem)
+        images += [img for i, _, img in decode_frames(info, 37)][:3]
+    return images
+
+
+@pytest.fixture(scope="session")
+def images(main_module):
+    return sample_images(main_module)
+
+
+def pack_with(tmp_path: Path, detector: Path) -> Path:
+    """A model root whose pack links the given detector and the shared recognizer."""
+    pack = tmp_path / "models" / "testpack"
+    pack.mkdir(parents=True)
+    os.symlink(detector, pack / detector.name)
+    os.symlink(PACK_DIR / "w600k_mbf_int8.onnx", pack / "w600k_mbf_int8.onnx")
+    return tmp_path
+
+
+def assert_same_faces(found: tuple, reference: tuple, px: float, score: float, what: str) -> None:
+    """Assert two (boxes, kps) detections hold the same faces: boxes and keypoints within px,
+    scores within score."""
+    assert len(found[0]) == len(reference[0]), f"{what}: {len(found[0])} vs {len(reference[0])} faces"
+    if len(reference[0]):
+        assert np.abs(found[0][:, :4] - reference[0][:, :4]).max() <= px, f"{what}: boxes"
+        assert np.abs(found[0][:, 4] - reference[0][:, 4]).max() <= score, f"{what}: scores"
+        assert np.abs(found[1] - reference[1]).max() <= px, f"{what}: keypoints"
+
+
+@pytest.fixture(scope="session")
+def faces(main_module, images, cpu_models, test_settings) -> list:
+    """(image, kps [F,5,2]) for every sample image with at least one face."""
+    found = [(image, detect_faces(cpu_models, [image], test_settings)[0][1])
+             for image in images]
+    return [(image, kps) for image, kps in found if len(kps)]
+
+
+@pytest.fixture(scope="session")
+def device_models(main_module, tmp_path_factory):
+    """(settings, models) with FRAMES_ON_DEVICE on, on the CPU: the device path's graphs, IO
+    binding and batched detector, exactly as on a GPU but with 'cpu' as the device."""
+    cache = tmp_path_factory.mktemp("cache")
+    settings = main_module.load_settings([
+        "--model-root", str(MODEL_ROOT), "--model-pack", MODEL_PACK, "--providers", "cpu",
+        "--frames-on-device", "on", "--batch-size", "4", "--trt-cache-dir", str(cache)])
+    said = []
+    models = load_face_models(settings, "cpu", 1, say=said.append)
+    assert models.device is not None and models.det_batched, said
+    assert any("frames go to the CPU once" in line for line in said), said
+    return settings, models
+
+
+def make_info(main_module, idx=0, path="/videos/obama_whcd.mp4", output_name="obama_whcd"):
+    """Return a VideoInfo built directly (4 s at 15 fps)."""
+    return VideoInfo(
+        idx=idx, path=path, output_name=output_name, width=844, height=614, fps=15.0,
+        frame_count=60, duration_s=4.0, time_base=Fraction(1, 15360), origin_pts=0,
+        video_start_offset_s=0.0, has_audio=True)
+
+
+def make_range(main_module, name, start_s, end_s, distance):
+    """Return a TimeRange whose sightings are one second inside its ends."""
+    return TimeRange(name, start_s, end_s, distance, start_s + 1.0, end_s - 1.0)
+
+
+def processes_with_marker(marker: str) -> list:
+    """PIDs of live processes whose environment carries the marker (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def shm_names() -> set:
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("sfv")}
+
+
+def search_command(videos: Path, refs: Path, output: Path, *extra: str) -> list:
+    return [sys.executable, str(REPO / "main.py"), "--videos", str(videos), "--refs", str(refs),
+            "--output", str(output), "--model-root", str(MODEL_ROOT), "--model-pack", MODEL_PACK,
+            "--custom-threshold", str(TEST_THRESHOLD), "--providers", "cpu",
+            "--num-cpu-loaders", "1", "--gpu-worker-threads", "2", "--batch-size", "4",
+            "--max-buffer-slots", "12", *extra]
+
+
+@pytest.fixture(scope="session")
+def search(tmp_path_factory):
+    """One full run on every shared clip with every reference, distractors included."""
+    base = tmp_path_factory.mktemp("e2e")
+    refs = link_all_refs(base / "refs")
+    marker = f"SFV_TEST_{uuid.uuid4().hex}"
+    env = {**os.environ, marker: "1", "PYTHONUNBUFFERED": "1"}
+    cmd = search_command(TESTDATA / "videos", refs, base / "out")
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=base) as process:
+        stdout, stderr = process.communicate(timeout=900)
+    done = subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+    time.sleep(0.5)
+    return {"done": done, "out": base / "out", "marker": marker, "ring": f"sfv{process.pid}r",
+            "results": json.loads((base / "out" / "results.json").read_text())}
+
+
+def worker_pid(parent_pid: int, marker: str) -> int:
+    """The PID of the run's worker: the child that loaded onnxruntime (decoders never do)."""
+    for pid in processes_with_marker(marker):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            if f"PPid:\t{parent_pid}\n" in status and "onnxruntime" in Path(f"/proc/{pid}/maps").read_text():
+                return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no worker process among {processes_with_marker(marker)}")
+
+
+def start_logged(cmd: list, cwd: Path, env: dict) -> tuple:
+    """Start main.py in its own session (as a terminal does) with a thread collecting its output;
+    return (process, collected lines, that thread)."""
+    process = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    lines = []
+
+    def collect():
+        for line in process.stdout:
+            lines.append(line)
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    return process, lines, reader
+
+
+# Faults, interruption and resume (issue #5) ---------------------------------------------------
+def video_folder(base: Path, *names: str) -> Path:
+    """A folder of links to some of the shared clips (the files stay in place)."""
+    folder = base / "videos"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        os.symlink(TESTDATA / "videos" / name, folder / name)
+    return folder
+
+
+def run_main(cmd: list, cwd: Path, env: dict | None = None, timeout: int = 600) -> tuple:
+    """Run main.py to the end; return (exit code, stdout + stderr)."""
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return done.returncode, done.stdout + done.stderr

@@ -47,7 +47,7 @@ def load_gpu_check():
 def test_tensorrt_missing_is_not_checked_but_a_failing_cuda_is_a_failure(monkeypatch, capsys):
     """On a GPU machine with onnxruntime-gpu but without TensorRT (it lists TensorRT anyway),
     TensorRT is 'not checked' ([--]); a CUDA provider whose libraries do not load fails ([!!]).
-    Goes through main.working_providers, with the libraries' load errors made up."""
+    Goes through findpeople.providers.working_providers, with the libraries' load errors made up."""
     import onnxruntime as ort
     gpu_check = load_gpu_check()
     main = gpu_check.main
@@ -56,8 +56,8 @@ def test_tensorrt_missing_is_not_checked_but_a_failing_cuda_is_a_failure(monkeyp
               "CUDAExecutionProvider": None}
     monkeypatch.setattr(ort, "get_available_providers", lambda: [
         "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(main, "provider_library_error", lambda provider: errors.get(provider))
-    monkeypatch.setattr(main, "tensorrt_version", lambda: None)
+    monkeypatch.setattr("findpeople.providers.provider_library_error", lambda provider: errors.get(provider))
+    monkeypatch.setattr("findpeople.providers.tensorrt_version", lambda: None)
     detector = Path(main.__file__).parent.parent / "shared" / "models" / "buffalo_sc_int8" / "det_500m.onnx"
     report = gpu_check.Report()
     gpu_check.providers(report, detector)

@@ -1,4 +1,5 @@
-"""Section 1, References: labels from file names, largest face, bad photos reported and skipped."""
+"""References (findpeople/references.py): labels from file names, largest face, bad photos
+reported and skipped."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import TESTDATA
+from findpeople.errors import BadInput
+from findpeople.detect import detect_faces, face_size_px
+from findpeople.references import (
+    largest_face_index, list_reference_photos, load_references, read_image, reference_label,
+    reference_matrix)
+from findpeople.tracks import person_distances
 
 
 @pytest.mark.parametrize("relative, label", [
@@ -21,7 +28,7 @@ from conftest import TESTDATA
 def test_label_is_the_stem_without_a_number_suffix_or_the_subfolder(main_module, relative, label):
     """Name.jpg and Name_2.jpg are one person; so is every photo in a subfolder Name/."""
     root = Path("/refs")
-    assert main_module.reference_label(root / relative, root) == label
+    assert reference_label(root / relative, root) == label
 
 
 def write_blank(path: Path) -> None:
@@ -45,7 +52,7 @@ def mixed_refs(tmp_path):
 
 def test_photos_are_grouped_per_person(main_module, mixed_refs):
     """Only images count; a subfolder's photos join the file of the same name."""
-    photos = main_module.list_reference_photos(mixed_refs)
+    photos = list_reference_photos(mixed_refs)
     assert sorted(photos) == ["Barack_Obama", "Broken", "Michelle_Obama", "Nobody"]
     assert len(photos["Barack_Obama"]) == 2
 
@@ -53,7 +60,7 @@ def test_photos_are_grouped_per_person(main_module, mixed_refs):
 def test_bad_photos_are_reported_by_name_and_the_rest_load(main_module, mixed_refs, cpu_models,
                                                          test_settings):
     """A photo with no face and a corrupt photo are named in the problems; the others are used."""
-    references, problems, _ = main_module.load_references(mixed_refs, cpu_models, test_settings)
+    references, problems, _ = load_references(mixed_refs, cpu_models, test_settings)
     names = {r.name: len(r.embeddings) for r in references}
     assert names == {"Barack_Obama": 2, "Michelle_Obama": 1}, names
     text = "\n".join(problems)
@@ -63,10 +70,10 @@ def test_bad_photos_are_reported_by_name_and_the_rest_load(main_module, mixed_re
 
 def test_a_person_matches_on_their_closest_photo(main_module, mixed_refs, cpu_models, test_settings):
     """With two Obama photos, his distance to each photo's own embedding is 0 via the closest one."""
-    references, _, _ = main_module.load_references(mixed_refs, cpu_models, test_settings)
-    embeddings, owners = main_module.reference_matrix(references)
+    references, _, _ = load_references(mixed_refs, cpu_models, test_settings)
+    embeddings, owners = reference_matrix(references)
     obama = references[[r.name for r in references].index("Barack_Obama")]
-    distances = main_module.person_distances(obama.embeddings, embeddings, owners, len(references))
+    distances = person_distances(obama.embeddings, embeddings, owners, len(references))
     own = [r.name for r in references].index("Barack_Obama")
     assert np.allclose(distances[:, own], 0.0, atol=1e-5), distances
 
@@ -74,8 +81,8 @@ def test_a_person_matches_on_their_closest_photo(main_module, mixed_refs, cpu_mo
 def test_the_largest_face_of_a_group_photo_is_used(main_module, tmp_path, cpu_models, test_settings):
     """A photo with several faces yields the largest one, and says so."""
     import cv2
-    big = main_module.read_image(TESTDATA / "refs" / "Barack_Obama.jpg")
-    small = cv2.resize(main_module.read_image(TESTDATA / "refs" / "Michelle_Obama.jpg"), None,
+    big = read_image(TESTDATA / "refs" / "Barack_Obama.jpg")
+    small = cv2.resize(read_image(TESTDATA / "refs" / "Michelle_Obama.jpg"), None,
                        fx=0.5, fy=0.5)
     canvas = np.zeros((max(big.shape[0], small.shape[0]), big.shape[1] + small.shape[1], 3), np.uint8)
     canvas[:big.shape[0], :big.shape[1]] = big
@@ -83,8 +90,8 @@ def test_the_largest_face_of_a_group_photo_is_used(main_module, tmp_path, cpu_mo
     folder = tmp_path / "group"
     folder.mkdir()
     cv2.imwrite(str(folder / "Group.jpg"), canvas)
-    references, problems, notes = main_module.load_references(folder, cpu_models, test_settings)
-    alone, _, _ = main_module.load_references(TESTDATA / "refs", cpu_models, test_settings)
+    references, problems, notes = load_references(folder, cpu_models, test_settings)
+    alone, _, _ = load_references(TESTDATA / "refs", cpu_models, test_settings)
     obama = [r for r in alone if r.name == "Barack_Obama"][0].embeddings[0]
     assert problems == [], "a group photo is used, not skipped"
     assert any("faces found, using the largest" in n for n in notes), notes
@@ -120,20 +127,20 @@ def test_no_usable_reference_is_a_clear_error(main_module, tmp_path, capsys, con
 
 def test_missing_reference_folder_names_it(main_module, tmp_path):
     """A reference folder that does not exist raises BadInput naming it."""
-    with pytest.raises(main_module.BadInput, match="does_not_exist"):
-        main_module.list_reference_photos(tmp_path / "does_not_exist")
+    with pytest.raises(BadInput, match="does_not_exist"):
+        list_reference_photos(tmp_path / "does_not_exist")
 
 
 def face_px(main_module, models, settings, image) -> float:
     """The shorter side of the largest face's box in an image, in px."""
-    boxes, _ = main_module.detect_faces(models, [image], settings)[0]
-    return main_module.face_size_px(boxes[main_module.largest_face_index(boxes)])
+    boxes, _ = detect_faces(models, [image], settings)[0]
+    return face_size_px(boxes[largest_face_index(boxes)])
 
 
 def photo_with_face_of(main_module, models, settings, size_px: float) -> np.ndarray:
     """Obama's reference photo scaled so that his face is size_px, on a small grey canvas."""
     import cv2
-    photo = main_module.read_image(TESTDATA / "refs" / "Barack_Obama.jpg")
+    photo = read_image(TESTDATA / "refs" / "Barack_Obama.jpg")
     scale = size_px / face_px(main_module, models, settings, photo)
     small = cv2.resize(photo, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     canvas = np.full((max(160, small.shape[0]), max(160, small.shape[1]), 3), 120, np.uint8)
@@ -152,7 +159,7 @@ def test_tiny_faces_are_skipped_and_small_ones_warned(main_module, tmp_path, cpu
     image = photo_with_face_of(main_module, cpu_models, test_settings, size_px)
     cv2.imwrite(str(folder / "Barack_Obama.png"), image)
     measured = face_px(main_module, cpu_models, test_settings, image)
-    references, problems, notes = main_module.load_references(folder, cpu_models, test_settings)
+    references, problems, notes = load_references(folder, cpu_models, test_settings)
     if outcome == "skipped":
         assert measured < 32 and references == [], (measured, references)
         assert len(problems) == 1 and "Barack_Obama.png" in problems[0] and "too small" in problems[0], problems
@@ -170,7 +177,7 @@ def test_label_spellings_that_differ_only_in_case_or_separators_are_one_person(
     folder.mkdir()
     os.symlink(TESTDATA / "refs" / "Barack_Obama.jpg", folder / "Barack_Obama.jpg")
     os.symlink(TESTDATA / "refs_alt" / "Barack_Obama" / "obama2.jpg", folder / "barack obama_2.jpg")
-    references, problems, notes = main_module.load_references(folder, cpu_models, test_settings)
+    references, problems, notes = load_references(folder, cpu_models, test_settings)
     assert [(r.name, len(r.photos)) for r in references] == [("Barack_Obama", 2)], references
     assert problems == [] and any("differ only in case" in n and "'barack obama'" in n for n in notes), notes
 
@@ -186,8 +193,8 @@ def test_unsupported_files_are_named_and_system_files_ignored(main_module, tmp_p
     (folder / "Rose_Leslie.gif").write_bytes(b"GIF89a")
     (folder / ".DS_Store").write_bytes(b"\x00Bud1")
     (folder / "Thumbs.db").write_bytes(b"\xd0\xcf")
-    cv2.imwrite(str(folder / "Michelle_Obama.bmp"), main_module.read_image(TESTDATA / "refs" / "Michelle_Obama.jpg"))
-    references, problems, _ = main_module.load_references(folder, cpu_models, test_settings)
+    cv2.imwrite(str(folder / "Michelle_Obama.bmp"), read_image(TESTDATA / "refs" / "Michelle_Obama.jpg"))
+    references, problems, _ = load_references(folder, cpu_models, test_settings)
     assert [r.name for r in references] == ["Michelle_Obama"], references
     assert len(problems) == 2, problems
     for name, suffix in (("Kit_Harington.heic", ".heic"), ("Rose_Leslie.gif", ".gif")):
@@ -204,7 +211,7 @@ def test_the_same_face_under_two_names_is_refused_for_the_second(main_module, tm
     os.symlink(TESTDATA / "refs" / "Barack_Obama.jpg", folder / "Barack_Obama.jpg")
     os.symlink(TESTDATA / "refs" / "Barack_Obama.jpg", folder / "President.jpg")
     os.symlink(TESTDATA / "refs" / "Michelle_Obama.jpg", folder / "Michelle_Obama.jpg")
-    references, problems, _ = main_module.load_references(folder, cpu_models, test_settings)
+    references, problems, _ = load_references(folder, cpu_models, test_settings)
     assert [r.name for r in references] == ["Barack_Obama", "Michelle_Obama"], references
     assert len(problems) == 1 and "President.jpg" in problems[0] and "Barack_Obama.jpg" in problems[0], problems
     assert "same face" in problems[0], problems

@@ -1,4 +1,5 @@
-"""Settings loader: one flag per setting, validated overrides, one frozen Settings (rules 2-4)."""
+"""Settings (main.py's block and findpeople/settings.py): one flag per setting, validated
+overrides, one frozen Settings (rules 2-4)."""
 from __future__ import annotations
 
 import ast
@@ -9,10 +10,13 @@ import pickle
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+from findpeople.settings import _LIMITS, changed_settings, flag_name, setting_comments
+from findpeople.run import run_header
 
 HEAVY_MODULES = ("onnxruntime", "insightface", "tensorrt", "av", "cv2")
 ALIASES = ("--videos", "--refs", "--output", "--model-root", "--model-pack", "--providers")
@@ -110,12 +114,12 @@ def test_help_lists_a_flag_with_its_default_for_every_setting(main_module, help_
     """`--help` shows one flag per recorded setting, spelled from its name, with its default."""
     entries = help_entries(help_text)
     defaults = main_module.default_settings()
-    missing = [main_module.flag_name(n) for n in main_module.SETTING_NAMES
-               if main_module.flag_name(n) not in entries]
+    missing = [flag_name(n) for n in main_module.SETTING_NAMES
+               if flag_name(n) not in entries]
     assert not missing, f"--help lacks flags {missing}; it lists {sorted(entries)}"
-    no_default = {main_module.flag_name(n): entries[main_module.flag_name(n)]
+    no_default = {flag_name(n): entries[flag_name(n)]
                   for n in main_module.SETTING_NAMES
-                  if f"(default: {defaults[n]})" not in entries[main_module.flag_name(n)]}
+                  if f"(default: {defaults[n]})" not in entries[flag_name(n)]}
     assert not no_default, f"these help entries do not show their default: {no_default}"
 
 
@@ -130,7 +134,7 @@ def test_flag_names_are_spelled_from_setting_names(main_module):
     """A setting's flag is its name in lower case with dashes (DET_SIZE -> --det-size)."""
     pairs = {"DET_SIZE": "--det-size", "CUSTOM_THRESHOLD": "--custom-threshold",
              "det_prob_threshold": "--det-prob-threshold", "debug_det": "--debug-det"}
-    spelled = {name: main_module.flag_name(name) for name in pairs}
+    spelled = {name: flag_name(name) for name in pairs}
     assert spelled == pairs, f"flag_name gave {spelled}"
 
 
@@ -162,7 +166,7 @@ def test_a_flag_overrides_its_setting_with_the_default_s_type(main_module, argv,
     value = getattr(settings, name)
     assert value == expected and type(value) is type(expected), \
         f"{argv} gave {name}={value!r} ({type(value).__name__}), expected {expected!r}"
-    others = {k: v for k, v in main_module.changed_settings(settings).items() if k != name}
+    others = {k: v for k, v in changed_settings(settings, main_module.default_settings()).items() if k != name}
     assert others == {}, f"{argv} also changed {others}"
 
 
@@ -170,7 +174,7 @@ def test_no_flags_give_the_settings_block_defaults(main_module):
     """Without flags every setting has the value written in the settings block."""
     settings = main_module.load_settings([])
     assert settings.values == main_module.default_settings(), \
-        f"differences: {main_module.changed_settings(settings)}"
+        f"differences: {changed_settings(settings, main_module.default_settings())}"
     assert set(settings.values) == set(main_module.SETTING_NAMES)
 
 
@@ -185,7 +189,7 @@ def test_no_flags_give_the_settings_block_defaults(main_module):
 ])
 def test_changed_settings_are_exactly_the_overridden_ones(main_module, argv, expected):
     """changed_settings returns the settings whose value differs from the block, and only those."""
-    changed = main_module.changed_settings(main_module.load_settings(argv))
+    changed = changed_settings(main_module.load_settings(argv), main_module.default_settings())
     assert changed == expected, f"{argv}: changed_settings gave {changed}, expected {expected}"
 
 
@@ -218,7 +222,7 @@ def test_unknown_setting_attribute_raises_attribute_error(main_module):
 def test_the_saved_configuration_holds_every_effective_setting(main_module):
     """results.json's run header stores every setting with its effective (overridden) value."""
     settings = main_module.load_settings(["--custom-threshold", "0.7", "--det-size", "320x256"])
-    saved = json.loads(json.dumps(main_module.run_header(settings, [], None)))["settings"]
+    saved = json.loads(json.dumps(run_header(settings, [], None)))["settings"]
     assert set(saved) == set(main_module.SETTING_NAMES), \
         f"saved settings differ from SETTING_NAMES: {set(saved) ^ set(main_module.SETTING_NAMES)}"
     assert (saved["CUSTOM_THRESHOLD"], saved["DET_SIZE"]) == (0.7, [320, 256]), f"saved {saved}"
@@ -272,16 +276,19 @@ def test_out_of_range_value_makes_load_settings_raise_value_error_naming_the_fla
 def test_values_at_the_limits_are_accepted(main_module, argv):
     """The allowed ranges are inclusive: the limits themselves load without error."""
     settings = main_module.load_settings(argv)
-    changed = main_module.changed_settings(settings)
+    changed = changed_settings(settings, main_module.default_settings())
     assert len(changed) == 1, f"{argv} loaded as {changed}, expected exactly one changed setting"
 
 
 # Rule 4: only default_settings reads the constants -------------------------------------------
-def test_no_code_outside_default_settings_reads_a_setting_constant(main_module):
-    """Below the settings block, code receives `settings`; no function reads a module constant."""
-    source = (REPO / "main.py").read_text(encoding="utf-8")
+@pytest.mark.parametrize("path", ["main.py", *sorted(p.relative_to(REPO).as_posix()
+                                                    for p in (REPO / "findpeople").glob("*.py"))])
+def test_no_code_outside_default_settings_reads_a_setting_constant(main_module, path):
+    """Below the settings block, and in every module of the package, code receives `settings`;
+    no function reads a setting constant."""
+    source = (REPO / path).read_text(encoding="utf-8")
     hits = settings_constant_reads(source, main_module.SETTING_NAMES)
-    assert hits == [], f"setting constants read outside default_settings (function, name, line): {hits}"
+    assert hits == [], f"{path}: setting constants read outside default_settings (function, name, line): {hits}"
 
 
 @pytest.mark.parametrize("source, expected", [
@@ -314,16 +321,16 @@ def test_constant_read_check_allows_settings_attributes(main_module, source):
 # Rule 2: the settings block documents every setting ------------------------------------------
 def test_every_setting_has_an_inline_comment(main_module):
     """Each name in SETTING_NAMES carries an inline comment in the settings block (shown in --help)."""
-    comments = main_module.setting_comments()
+    comments = setting_comments(Path(main_module.__file__), main_module.SETTING_NAMES)
     missing = [n for n in main_module.SETTING_NAMES if not comments.get(n, "").strip()]
     assert not missing, f"settings without an inline comment: {missing}"
 
 
 def test_every_numeric_setting_comment_states_the_validated_range(main_module):
     """A number's comment gives 'low..high', and that range is the one validation enforces."""
-    comments = main_module.setting_comments()
+    comments = setting_comments(Path(main_module.__file__), main_module.SETTING_NAMES)
     wrong = {}
-    for name, limits in main_module._LIMITS.items():
+    for name, limits in _LIMITS.items():
         comment = comments.get(name, "")
         if isinstance(limits[0], str):
             if not all(choice in comment for choice in limits):

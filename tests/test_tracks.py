@@ -1,7 +1,9 @@
-"""Section 5, face tracks: follow each face across frames, recognise a few times per track, and name
-a track from its evidence (within CUSTOM_THRESHOLD, MATCH_MARGIN ahead, MIN_TRACK_HITS agreeing)."""
+"""Tracks and matching (findpeople/tracks.py): cosine DISTANCE to a person's closest photo, face
+tracks followed across frames, recognised a few times per track, and named only from agreeing
+evidence."""
 from __future__ import annotations
 
+import main
 import re
 from fractions import Fraction
 from types import SimpleNamespace
@@ -9,12 +11,27 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import main
+from findpeople.decode import VideoInfo
+from findpeople.detect import face_size_px
+from findpeople.ring import StageClock
+from findpeople.tracks import (
+    Track, VideoTracker, _FRONTAL_GAIN_FOR_RECHECK, _GROWTH_FOR_RECHECK, _LINK_MIN_IOU,
+    _SHOT_CUT_MAD, agreeing_person, box_iou, evaluate_evidence, frontal_score, is_shot_cut,
+    link_detections, person_distances, recognition_due, sighting_flags, thumbnail)
+
 
 THRESHOLD, MARGIN, MIN_HITS = 0.6, 0.05, 2  # the issue's CUSTOM_THRESHOLD, MATCH_MARGIN, MIN_TRACK_HITS
+
+
 MIN_FACE_PX, INTERVAL, MAX_GAP_S = 20, 5, 1.0  # MIN_FACE_SIZE, RECOGNITION_INTERVAL, TRACK_MAX_GAP
+
+
 FPS = 25.0
+
+
 HEIGHT, WIDTH = 240, 320
+
+
 PEOPLE = ["Alice", "Bob"]
 
 
@@ -49,7 +66,7 @@ def settings(tmp_path):
 def test_one_recognition_agrees_with_the_closest_person_within_threshold_and_margin(
         row, threshold, margin, expected):
     """A recognition names its closest person when within threshold and ahead of the next by margin."""
-    got = main.agreeing_person(np.array(row), threshold, margin)
+    got = agreeing_person(np.array(row), threshold, margin)
     assert got == expected, f"distances {row}, threshold {threshold}, margin {margin}: {got}, " \
                             f"expected {expected}"
 
@@ -67,14 +84,14 @@ def test_one_recognition_agrees_with_the_closest_person_within_threshold_and_mar
         "above-threshold", "stranger"])
 def test_a_track_is_named_only_with_min_track_hits_agreeing_recognitions(rows, min_hits, person, hits):
     """Named when at least MIN_TRACK_HITS recognitions agree (within threshold, margin ahead)."""
-    got = main.evaluate_evidence(np.array(rows), THRESHOLD, MARGIN, min_hits)
+    got = evaluate_evidence(np.array(rows), THRESHOLD, MARGIN, min_hits)
     assert (got[0], got[2]) == (person, hits), \
         f"rows {rows}, min_hits {min_hits}: (person, best, hits) = {got}, expected {person}, {hits} hits"
 
 
 def test_a_distance_exactly_at_the_threshold_counts_as_a_hit():
     """Distance == CUSTOM_THRESHOLD agrees (match when <= threshold); values exact in binary."""
-    got = main.evaluate_evidence(np.array([[0.5, 1.0], [0.5, 1.0]]), 0.5, MARGIN, 2)
+    got = evaluate_evidence(np.array([[0.5, 1.0], [0.5, 1.0]]), 0.5, MARGIN, 2)
     assert got == (0, 0.5, 2), f"evaluate_evidence at the threshold: {got}, expected (0, 0.5, 2)"
 
 
@@ -85,7 +102,7 @@ def test_a_distance_exactly_at_the_threshold_counts_as_a_hit():
 ], ids=["1-1", "2-2", "2-vs-1+1"])
 def test_a_track_whose_recognitions_disagree_is_not_named(rows, min_hits):
     """No name when the leading person does not have more hits than all others together."""
-    got = main.evaluate_evidence(np.array(rows), THRESHOLD, MARGIN, min_hits)
+    got = evaluate_evidence(np.array(rows), THRESHOLD, MARGIN, min_hits)
     assert got[0] is None, f"rows {rows}: named person {got[0]} ({got}); expected no name"
 
 
@@ -96,7 +113,7 @@ def test_a_track_whose_recognitions_disagree_is_not_named(rows, min_hits):
 ], ids=["3-vs-1", "2-vs-1", "stranger-row"])
 def test_the_majority_person_names_the_track_when_the_others_have_fewer_hits(rows, person, hits):
     """The person with more agreeing recognitions than all others together names the track."""
-    got = main.evaluate_evidence(np.array(rows), THRESHOLD, MARGIN, MIN_HITS)
+    got = evaluate_evidence(np.array(rows), THRESHOLD, MARGIN, MIN_HITS)
     assert (got[0], got[2]) == (person, hits), f"rows {rows}: {got}, expected person {person}, {hits} hits"
 
 
@@ -107,7 +124,7 @@ def test_the_majority_person_names_the_track_when_the_others_have_fewer_hits(row
 ])
 def test_the_best_distance_is_the_minimum_over_the_tracks_recognitions(rows, best):
     """The returned distance is the named person's smallest distance over all the recognitions."""
-    got = main.evaluate_evidence(np.array(rows), THRESHOLD, MARGIN, MIN_HITS)
+    got = evaluate_evidence(np.array(rows), THRESHOLD, MARGIN, MIN_HITS)
     assert got[0] == 0 and got[1] == pytest.approx(best), f"rows {rows}: {got}, expected (0, {best}, ...)"
 
 
@@ -126,15 +143,15 @@ def boxes(*rows) -> np.ndarray:
 ], ids=["identical", "disjoint", "touching", "half", "contained"])
 def test_box_iou_is_intersection_over_union(a, b, expected):
     """IoU: 1 for identical boxes, 0 for disjoint ones, intersection / union in between."""
-    got = main.box_iou(boxes(a), boxes(b))
+    got = box_iou(boxes(a), boxes(b))
     assert got.shape == (1, 1) and float(got[0, 0]) == pytest.approx(expected), \
         f"IoU of {a} and {b}: {got}, expected {expected}"
 
 
 def test_box_iou_of_no_boxes_is_an_empty_matrix():
     """No tracks or no detections: an empty [len(a), len(b)] matrix."""
-    assert main.box_iou(boxes(), boxes((0, 0, 1, 1))).shape == (0, 1)
-    assert main.box_iou(boxes((0, 0, 1, 1), (1, 1, 2, 2)), boxes()).shape == (2, 0)
+    assert box_iou(boxes(), boxes((0, 0, 1, 1))).shape == (0, 1)
+    assert box_iou(boxes((0, 0, 1, 1), (1, 1, 2, 2)), boxes()).shape == (2, 0)
 
 
 @pytest.mark.parametrize("tracks, dets, links", [
@@ -147,7 +164,7 @@ def test_box_iou_of_no_boxes_is_an_empty_matrix():
 ], ids=["one", "none", "best-track", "best-detection", "two-pairs", "below-min-iou"])
 def test_greedy_linking_keeps_the_best_overlap(tracks, dets, links):
     """Each detection continues at most one track and each track at most one detection, best IoU first."""
-    got, _ = main.link_detections(boxes(*tracks), boxes(*dets), main._LINK_MIN_IOU)
+    got, _ = link_detections(boxes(*tracks), boxes(*dets), _LINK_MIN_IOU)
     assert got == links, f"tracks {tracks}, detections {dets}: links {got}, expected {links}"
 
 
@@ -158,13 +175,13 @@ def test_greedy_linking_keeps_the_best_overlap(tracks, dets, links):
 ], ids=["det-over-two-tracks", "track-over-two-dets", "apart"])
 def test_a_detection_overlapping_two_tracks_is_ambiguous(tracks, dets, ambiguous):
     """Faces crossing (one box over two of the other side) are reported ambiguous."""
-    _, got = main.link_detections(boxes(*tracks), boxes(*dets), main._LINK_MIN_IOU)
+    _, got = link_detections(boxes(*tracks), boxes(*dets), _LINK_MIN_IOU)
     assert got == ambiguous, f"tracks {tracks}, detections {dets}: ambiguous {got}, expected {ambiguous}"
 
 
 def test_linking_with_no_tracks_links_nothing():
     """The first frame of a video: no tracks, so no links and nothing ambiguous."""
-    assert main.link_detections(boxes(), boxes((0, 0, 10, 10)), 0.3) == ({}, set())
+    assert link_detections(boxes(), boxes((0, 0, 10, 10)), 0.3) == ({}, set())
 
 
 # face_size_px / frontal_score / is_shot_cut -----------------------------------------------------
@@ -173,7 +190,7 @@ def test_linking_with_no_tracks_links_nothing():
 ])
 def test_face_size_is_the_shorter_box_side(box, size):
     """face_size_px is min(width, height) of the box, in px."""
-    got = main.face_size_px(np.array(box, dtype=np.float32))
+    got = face_size_px(np.array(box, dtype=np.float32))
     assert got == pytest.approx(size), f"box {box}: size {got}, expected {size}"
 
 
@@ -194,38 +211,38 @@ def frontal_kps(x1=0.0, y1=0.0, size=100.0, nose_x=None) -> np.ndarray:
 ], ids=["frontal", "left-eye", "right-eye", "beyond", "halfway"])
 def test_frontal_score_is_one_for_a_centred_nose_and_zero_at_an_eye(nose_x, score):
     """frontal_score: 1 when the nose is midway between the eyes, 0 at (or beyond) an eye."""
-    got = main.frontal_score(frontal_kps(nose_x=nose_x))
+    got = frontal_score(frontal_kps(nose_x=nose_x))
     assert got == pytest.approx(score, abs=1e-6), f"nose at {nose_x}: score {got}, expected {score}"
 
 
 def test_thumbnail_is_a_64x36_grey_float_image():
     """thumbnail gives the 64x36 grey float32 picture the shot-cut test compares."""
-    thumb = main.thumbnail(np.full((HEIGHT, WIDTH, 3), 100, np.uint8))
+    thumb = thumbnail(np.full((HEIGHT, WIDTH, 3), 100, np.uint8))
     assert thumb.shape == (36, 64) and thumb.dtype == np.float32, f"{thumb.shape} {thumb.dtype}"
     assert np.allclose(thumb, 100), f"grey 100 became {thumb.min()}..{thumb.max()}"
 
 
 @pytest.mark.parametrize("change, is_cut", [
-    (main._SHOT_CUT_MAD + 1, True), (main._SHOT_CUT_MAD - 1, False), (0.0, False), (150.0, True),
-    (-(main._SHOT_CUT_MAD + 1), True),
+    (_SHOT_CUT_MAD + 1, True), (_SHOT_CUT_MAD - 1, False), (0.0, False), (150.0, True),
+    (-(_SHOT_CUT_MAD + 1), True),
 ], ids=["above", "below", "none", "large", "darker"])
 def test_a_flat_grey_change_above_the_cut_level_is_a_shot_cut(change, is_cut):
     """is_shot_cut: the mean absolute thumbnail change must exceed _SHOT_CUT_MAD grey levels."""
     before = np.full((36, 64), 100.0, np.float32)
-    got = main.is_shot_cut(before, before + np.float32(change))
-    assert got == is_cut, f"change {change} (cut level {main._SHOT_CUT_MAD}): {got}, expected {is_cut}"
+    got = is_shot_cut(before, before + np.float32(change))
+    assert got == is_cut, f"change {change} (cut level {_SHOT_CUT_MAD}): {got}, expected {is_cut}"
 
 
 def test_the_first_frame_is_never_a_shot_cut():
     """No previous thumbnail: no cut."""
-    assert main.is_shot_cut(None, np.zeros((36, 64), np.float32)) is False
+    assert is_shot_cut(None, np.zeros((36, 64), np.float32)) is False
 
 
 # recognition_due ------------------------------------------------------------------------------
 def make_track(recognitions=1, last_rec_seq=0, best_size_px=40.0, best_frontal=0.5,
-               name_idx=None) -> main.Track:
+               name_idx=None) -> Track:
     """Return a track recognised `recognitions` times, last at last_rec_seq, with this best look."""
-    track = main.Track(0, np.array([0, 0, 40, 40], np.float32), 0.0, 0)
+    track = Track(0, np.array([0, 0, 40, 40], np.float32), 0.0, 0)
     track.rec_distances = [np.array([0.3, 0.9])] * recognitions
     track.last_rec_seq, track.best_size_px, track.best_frontal = last_rec_seq, best_size_px, best_frontal
     track.name_idx = name_idx
@@ -247,11 +264,11 @@ def make_track(recognitions=1, last_rec_seq=0, best_size_px=40.0, best_frontal=0
     (make_track(4), 40.0, 0.5, 8 * INTERVAL - 1, False, False),
     (make_track(4), 40.0, 0.5, 8 * INTERVAL, False, True),
     (make_track(20), 40.0, 0.5, 8 * INTERVAL, False, True),  # ... up to 8x
-    (make_track(), 40.0 * main._GROWTH_FOR_RECHECK + 0.5, 0.5, 1, False, True),  # grown
-    (make_track(), 40.0 * main._GROWTH_FOR_RECHECK - 0.5, 0.5, 1, False, False),  # not grown enough
-    (make_track(), 40.0, 0.5 + main._FRONTAL_GAIN_FOR_RECHECK + 0.01, 1, False, True),  # turned
-    (make_track(), 40.0, 0.5 + main._FRONTAL_GAIN_FOR_RECHECK - 0.01, 1, False, False),
-    (make_track(4), 40.0 * main._GROWTH_FOR_RECHECK + 0.5, 0.5, 1, False, True),  # grown, late
+    (make_track(), 40.0 * _GROWTH_FOR_RECHECK + 0.5, 0.5, 1, False, True),  # grown
+    (make_track(), 40.0 * _GROWTH_FOR_RECHECK - 0.5, 0.5, 1, False, False),  # not grown enough
+    (make_track(), 40.0, 0.5 + _FRONTAL_GAIN_FOR_RECHECK + 0.01, 1, False, True),  # turned
+    (make_track(), 40.0, 0.5 + _FRONTAL_GAIN_FOR_RECHECK - 0.01, 1, False, False),
+    (make_track(4), 40.0 * _GROWTH_FOR_RECHECK + 0.5, 0.5, 1, False, True),  # grown, late
     (make_track(), 40.0, 0.5, 1, True, True),  # ambiguous: yes
     (make_track(4, name_idx=0), 40.0, 0.5, 1, True, True),
     (None, 40.0, 0.5, 0, False, False),  # a doubtful new detection (score < 0.5) waits a frame
@@ -265,7 +282,7 @@ def test_recognition_is_due_at_start_after_a_doubling_interval_on_a_better_look_
     """Recognise new, ambiguous, grown or turned faces, and RECOGNITION_INTERVAL frames after the
     last look, doubling with each recognition up to 8x; never a face below MIN_FACE_SIZE."""
     score = 0.4 if request.node.callspec.id.startswith("doubtful") else 0.9
-    got = main.recognition_due(track, size, frontal, score, seq, ambiguous, settings)
+    got = recognition_due(track, size, frontal, score, seq, ambiguous, settings)
     state = None if track is None else (len(track.rec_distances), track.last_rec_seq,
                                          track.best_size_px, track.best_frontal, track.name_idx)
     assert got == due, f"track (recognitions, last seq, size, frontal, name) {state}, size {size}, " \
@@ -274,6 +291,8 @@ def test_recognition_is_due_at_start_after_a_doubling_interval_on_a_better_look_
 
 # VideoTracker on synthetic sequences ----------------------------------------------------------
 DIM = 8
+
+
 IDENTITIES = {  # name -> (unit embedding, distances to [Alice, Bob])
     "Alice": (np.eye(DIM, dtype=np.float32)[0], np.array([0.30, 0.90])),
     "Bob": (np.eye(DIM, dtype=np.float32)[1], np.array([0.90, 0.30])),
@@ -281,7 +300,7 @@ IDENTITIES = {  # name -> (unit embedding, distances to [Alice, Bob])
 }
 
 
-class ScriptedTracker(main.VideoTracker):
+class ScriptedTracker(VideoTracker):
     """A VideoTracker whose recognizer answers from the identity the test gave each detection."""
 
     def __init__(self, info, context, emit):
@@ -304,12 +323,12 @@ class ScriptedTracker(main.VideoTracker):
 
 def make_tracker(settings):
     """Return (tracker, emitted messages) for one 320x240 video at 25 fps."""
-    info = main.VideoInfo(idx=0, path="clip.mp4", output_name="clip", width=WIDTH, height=HEIGHT,
+    info = VideoInfo(idx=0, path="clip.mp4", output_name="clip", width=WIDTH, height=HEIGHT,
                           fps=FPS, frame_count=100, duration_s=4.0, time_base=Fraction(1, 25),
                           origin_pts=0, video_start_offset_s=0.0, has_audio=False)
     refs = np.stack([IDENTITIES["Alice"][0], IDENTITIES["Bob"][0]])
     context = SimpleNamespace(settings=settings, people=list(PEOPLE), ref_embeddings=refs,
-                              ref_owners=np.array([0, 1]), models=None, clock=main.StageClock())
+                              ref_owners=np.array([0, 1]), models=None, clock=StageClock())
     emitted = []
     return ScriptedTracker(info, context, emitted.append), emitted
 
@@ -329,7 +348,7 @@ def run_frames(tracker, frames) -> None:
         kps = np.array([frontal_kps(b[0], b[1], min(b[2] - b[0], b[3] - b[1])) for _, b in faces],
                        np.float32).reshape(-1, 5, 2)
         tracker.identities, tracker.seq = [name for name, _ in faces], seq
-        tracker.step(seq, frame_idx, time_s, image, det, kps, main.thumbnail(image))
+        tracker.step(seq, frame_idx, time_s, image, det, kps, thumbnail(image))
     tracker.finish()
 
 
@@ -606,7 +625,7 @@ def test_a_face_replaced_on_the_same_box_without_a_gap_never_lends_its_name(sett
 def test_sightings_are_frames_bracketed_by_confirming_recognitions(rec_at, confirms, tail, expected):
     """A frame counts when the recognitions on both sides confirm the name, or within `tail`
     frames of a confirming first or last recognition."""
-    assert main.sighting_flags(rec_at, confirms, tail) == expected
+    assert sighting_flags(rec_at, confirms, tail) == expected
 
 
 def painted(*faces):
@@ -654,3 +673,127 @@ def test_a_stranger_on_a_named_face_s_box_is_never_given_the_name(settings, scen
     assert not alice_frames & stranger_frames, \
         f"stranger frames named Alice: {sorted(alice_frames & stranger_frames)}; {described(tracks)}"
     assert len(alice_frames & set(alice)) >= 30, f"Alice's own frames lost: {described(tracks)}"
+
+
+def unit(*values) -> np.ndarray:
+    """Return the L2-normalised float32 vector of the values."""
+    vector = np.asarray(values, dtype=np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def random_units(rng, count: int, dim: int) -> np.ndarray:
+    """Return count random L2-normalised float32 rows."""
+    rows = rng.standard_normal((count, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+# person_distances ----------------------------------------------------------------------------
+def test_person_distance_uses_the_closest_of_several_photos(main_module):
+    """A face identical to a person's SECOND photo is at distance 0 from that person."""
+    refs = np.stack([unit(1, 0, 0, 0), unit(0, 1, 0, 0), unit(0, 0, 1, 0)])
+    owners = np.array([0, 0, 1])  # person 0 has photos 0 and 1, person 1 has photo 2
+    faces = np.stack([unit(0, 1, 0, 0)])
+    distances = person_distances(faces, refs, owners, 2)
+    assert distances[0].tolist() == pytest.approx([0.0, 1.0], abs=1e-6), \
+        f"distances {distances[0].tolist()}, expected [0, 1] (photo 1 of person 0 is identical)"
+
+
+@pytest.mark.parametrize("face_count, photos_per_person, dim", [
+    (1, [1], 4), (3, [2, 1, 3], 8), (5, [1, 1], 512), (2, [4], 16), (7, [1, 5, 2, 1], 32),
+])
+def test_person_distance_is_one_minus_the_best_cosine_similarity(main_module, face_count,
+                                                                  photos_per_person, dim):
+    """distances[f, p] = 1 - max over p's photos of cos(face f, photo), shaped [faces, people]."""
+    rng = np.random.default_rng(face_count * 1000 + dim)
+    refs = random_units(rng, sum(photos_per_person), dim)
+    owners = np.repeat(np.arange(len(photos_per_person)), photos_per_person)
+    faces = random_units(rng, face_count, dim)
+    distances = person_distances(faces, refs, owners, len(photos_per_person))
+    expected = np.array([[1 - max(float(face @ refs[k]) for k in np.nonzero(owners == p)[0])
+                          for p in range(len(photos_per_person))] for face in faces])
+    assert distances.shape == (face_count, len(photos_per_person)), f"shape {distances.shape}"
+    assert np.allclose(distances, expected, atol=1e-5), \
+        f"max difference {np.abs(distances - expected).max()}:\n{distances}\nexpected\n{expected}"
+
+
+def test_person_distance_accepts_photos_in_any_owner_order(main_module):
+    """Photos of one person need not be adjacent: owners [1, 0, 1] is read per photo."""
+    refs = np.stack([unit(1, 0, 0), unit(0, 1, 0), unit(0, 0, 1)])
+    owners = np.array([1, 0, 1])
+    faces = np.stack([unit(0, 0, 1), unit(0, 1, 0)])
+    distances = person_distances(faces, refs, owners, 2)
+    assert np.allclose(distances, [[1.0, 0.0], [0.0, 1.0]], atol=1e-6), f"distances\n{distances}"
+
+
+@pytest.mark.parametrize("face, expected_distance", [
+    ((1, 0, 0), 0.0),  # identical: similarity 1, distance 0
+    ((0, 1, 0), 1.0),  # orthogonal: similarity 0, distance 1
+    ((-1, 0, 0), 2.0),  # opposite: similarity -1, distance 2
+    ((1, 1, 0), 1 - 2 ** -0.5),  # 45 degrees
+], ids=["identical", "orthogonal", "opposite", "45deg"])
+def test_distance_is_one_minus_similarity_never_the_similarity(main_module, face, expected_distance):
+    """Distance and similarity are never swapped: identical faces are at distance 0, not 1."""
+    distances = person_distances(np.stack([unit(*face)]), np.stack([unit(1, 0, 0)]),
+                                             np.array([0]), 1)
+    assert float(distances[0, 0]) == pytest.approx(expected_distance, abs=1e-6), \
+        f"face {face}: distance {float(distances[0, 0])}, expected {expected_distance}"
+
+
+# threshold semantics, through agreeing_person (the rule the tracker uses) ----------------------
+def match(main_module, distances, threshold):
+    """Return (closest person, matched?, distance) as the tracker decides it, margin 0."""
+    distances = np.asarray(distances, dtype=np.float64)
+    person = agreeing_person(distances, threshold, 0.0)
+    best = int(np.argmin(distances))
+    return best, person == best, float(distances[best])
+
+
+@pytest.mark.parametrize("distances, threshold, best, matched", [
+    ([0.8, 0.6], 0.6, 1, True),  # exactly at the threshold: a match
+    ([0.8, 0.6000001], 0.6, 1, False),  # just above: no match
+    ([0.5999999], 0.6, 0, True),  # just below: a match
+    ([0.5], 0.6, 0, True),
+    ([0.5], 0.4, 0, False),  # lower threshold is stricter
+    ([0.0], 0.0, 0, True),  # threshold 0: only identical faces
+    ([2.0], 2.0, 0, True),  # threshold 2: everything
+    ([0.3, 0.2, 0.9], 0.25, 1, True),  # the closest person is the smallest distance
+    ([0.3, 0.2, 0.9], 0.1, 1, False),
+    ([0.74, 0.70], 0.70, 1, True),  # conftest's TEST_THRESHOLD
+])
+def test_a_face_matches_when_its_distance_is_at_most_the_threshold(main_module, distances,
+                                                                   threshold, best, matched):
+    """The closest person (smallest distance) matches when distance <= threshold."""
+    got = match(main_module, distances, threshold)
+    assert (got[0], bool(got[1])) == (best, matched), \
+        f"distances {distances} at threshold {threshold}: got {got}, expected ({best}, {matched})"
+    assert got[2] == pytest.approx(min(distances)), f"reported distance {got[2]}, expected {min(distances)}"
+
+
+@pytest.mark.parametrize("distance", [0.1, 0.35, 0.55, 0.6, 0.7, 1.2])
+def test_a_lower_threshold_never_matches_more(main_module, distance):
+    """Lowering CUSTOM_THRESHOLD is stricter: the matched thresholds are exactly those >= distance."""
+    thresholds = [0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 2.0]
+    matched = [t for t in thresholds if match(main_module, [distance], t)[1]]
+    assert matched == [t for t in thresholds if t >= distance], \
+        f"distance {distance} matched at thresholds {matched}"
+
+
+def test_a_face_identical_to_a_reference_matches_that_person_at_distance_zero(main_module):
+    """End to end: person_distances then the matching rule give distance 0 for an identical face."""
+    rng = np.random.default_rng(7)
+    refs = random_units(rng, 4, 64)
+    owners = np.array([0, 1, 1, 2])
+    distances = person_distances(refs[2:3], refs, owners, 3)
+    best, matched, distance = match(main_module, distances[0], 0.05)
+    assert (best, bool(matched)) == (1, True) and distance == pytest.approx(0.0, abs=1e-6), \
+        f"identical face: best {best}, matched {matched}, distance {distance}"
+
+
+def test_an_unrelated_face_does_not_match_at_the_default_threshold(main_module):
+    """A face orthogonal to every photo is at distance 1, above the default 0.60: no match."""
+    refs = np.stack([unit(1, 0, 0, 0), unit(0, 1, 0, 0)])
+    distances = person_distances(np.stack([unit(0, 0, 1, 0)]), refs, np.array([0, 1]), 2)
+    threshold = main_module.default_settings()["CUSTOM_THRESHOLD"]
+    _, matched, distance = match(main_module, distances[0], threshold)
+    assert not matched and distance == pytest.approx(1.0, abs=1e-6), \
+        f"orthogonal face: matched {matched} at distance {distance} (threshold {threshold})"

@@ -1,4 +1,5 @@
-"""Section 2, Decoding: pixels equal the ffmpeg command line's, times come from timestamps."""
+"""Decoding (findpeople/decode.py): pixels equal the ffmpeg command line's, times come from
+timestamps."""
 from __future__ import annotations
 
 import json
@@ -10,12 +11,22 @@ import numpy as np
 import pytest
 
 from conftest import TESTDATA, VIDEOS
+from findpeople.errors import BadInput
+from findpeople.ring import (
+    StageClock, _MIN_RING_SLOTS, ring_layout_for, ring_memory_budget, slot_image)
+from findpeople.decode import (
+    bob_deinterlace, decode_frames, decode_into_ring, describe_content, display_rotation_deg,
+    first_frame_rotation, frames_look_broken, nearest_time_s, opencv_frames,
+    probe_video, pyav_frames, unique_output_names)
+from findpeople.detect import detect_faces
+from findpeople.clips import TimeRange, cut_clip
+from findpeople.run import probe_all
 
 MEDIA_INFO = json.loads((TESTDATA / "media_info.json").read_text())
 
 
 def probe(main_module, path: Path):
-    return main_module.probe_video(path, 0, path.stem)
+    return probe_video(path, 0, path.stem)
 
 
 def cli_frames(ffmpeg_exe: str, path: Path, width: int, height: int):
@@ -34,7 +45,7 @@ def cli_frames(ffmpeg_exe: str, path: Path, width: int, height: int):
 def test_decoded_pixels_equal_the_ffmpeg_command_line(main_module, ffmpeg_exe, path):
     """Every decoded frame of every shared video equals what `ffmpeg -pix_fmt bgr24` decodes."""
     info = probe(main_module, path)
-    ours = main_module.decode_frames(info, 1)
+    ours = decode_frames(info, 1)
     count = 0
     for count, (expected, (frame_idx, _, image)) in enumerate(
             zip(cli_frames(ffmpeg_exe, path, info.width, info.height), ours), start=1):
@@ -59,7 +70,7 @@ def test_probe_reports_the_stream_facts(main_module, path):
 def test_late_starting_stream_times_start_at_zero(main_module):
     """Hamilton's video starts 0.844 s after its container: frame 0 is still time 0."""
     info = probe(main_module, TESTDATA / "videos" / "short_hamilton_clip.mp4")
-    times = [t for _, t, _ in main_module.decode_frames(info, 1)]
+    times = [t for _, t, _ in decode_frames(info, 1)]
     assert times[0] == 0.0
     assert info.video_start_offset_s == pytest.approx(0.844, abs=1e-3)
     expected_last = 274 * 100 / 2997
@@ -70,7 +81,7 @@ def test_late_starting_stream_times_start_at_zero(main_module):
 def test_frame_interval_keeps_every_nth_frame(main_module):
     """FRAME_INTERVAL = 3 processes frames 0, 3, 6, ... and nothing else."""
     info = probe(main_module, TESTDATA / "videos" / "obama_whcd.mp4")
-    indices = [i for i, _, _ in main_module.decode_frames(info, 3)]
+    indices = [i for i, _, _ in decode_frames(info, 3)]
     assert indices == list(range(0, 60, 3)), indices
 
 
@@ -88,7 +99,7 @@ def vfr_video(tmp_path_factory, ffmpeg_exe):
 def test_variable_frame_rate_times_follow_timestamps_not_frame_rate(main_module, vfr_video):
     """On VFR video each frame's time is its own timestamp, not frame_idx / fps."""
     info = probe(main_module, vfr_video)
-    times = [t for _, t, _ in main_module.decode_frames(info, 1)]
+    times = [t for _, t, _ in decode_frames(info, 1)]
     expected = [i * 0.12 for i in range(10)] + [1.2 + i * 0.04 for i in range(10)]
     assert len(times) == 20
     assert np.allclose(times, expected, atol=1.5e-3), f"times {np.round(times, 3).tolist()}"
@@ -98,7 +109,7 @@ def test_output_names_stay_unique_when_stems_clash(main_module):
     """a.mp4, a.mkv and sub/a.mp4 get different output folders; unique stems stay as they are."""
     root = Path("/videos")
     paths = [root / "a.mp4", root / "a.mkv", root / "sub" / "a.mp4", root / "b.mp4"]
-    names = main_module.unique_output_names(paths, root)
+    names = unique_output_names(paths, root)
     assert names == ["a_mp4", "a_mkv", "sub_a_mp4", "b"], names
 
 
@@ -239,8 +250,8 @@ def matrix_dir(tmp_path_factory, ffmpeg_exe) -> Path:
 def test_a_bad_file_is_refused_naming_it_what_is_wrong_and_what_to_do(main_module, matrix_dir, name):
     """probe_video raises BadInput that starts with the file's path and says what to do."""
     path = matrix_dir / name
-    with pytest.raises(main_module.BadInput) as raised:
-        main_module.probe_video(path, 0, path.stem)
+    with pytest.raises(BadInput) as raised:
+        probe_video(path, 0, path.stem)
     message = str(raised.value)
     assert message.startswith(f"{path}: "), message
     assert re.search(BAD_FILES[name], message), f"{name}: {message}"
@@ -251,10 +262,10 @@ def test_a_truncated_or_damaged_file_yields_what_it_can_then_says_so(main_module
     """A file that opens but ends early or holds damaged packets gives every frame it can, then
     BadInput saying what was lost."""
     path = matrix_dir / name
-    info = main_module.probe_video(path, 0, path.stem)
+    info = probe_video(path, 0, path.stem)
     frames = []
-    with pytest.raises(main_module.BadInput) as raised:
-        for frame in main_module.decode_frames(info, 1):
+    with pytest.raises(BadInput) as raised:
+        for frame in decode_frames(info, 1):
             frames.append(frame)
     count, pattern = PARTLY_READABLE[name]
     assert len(frames) == count, f"{name}: {len(frames)} frames, expected {count}"
@@ -268,8 +279,9 @@ def probe_as_other_user(folder: Path) -> tuple:
     import os
     import sys
     from conftest import REPO
-    code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import main; "
-            "folder = Path(sys.argv[2]); videos, problems = main.probe_all(main.list_videos(folder), "
+    code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+            "from findpeople.decode import list_videos; from findpeople.run import probe_all; "
+            "folder = Path(sys.argv[2]); videos, problems = probe_all(list_videos(folder), "
             "folder); print(json.dumps([[Path(v.path).name for v in videos], problems]))")
     cmd = [sys.executable, "-c", code, str(REPO), str(folder)]
     if os.geteuid() == 0:
@@ -282,7 +294,6 @@ def probe_as_other_user(folder: Path) -> tuple:
 def test_an_unreadable_video_is_reported_as_permission_denied(ffmpeg_exe):
     """A video this user may not read (chmod 000) is reported by name, with 'permission denied'
     and how to fix it; a readable one beside it is probed as usual."""
-    import os
     import shutil
     import tempfile
     folder = Path(tempfile.mkdtemp(prefix="sfv_test_perm_"))  # not tmp_path: that is mode 0700
@@ -314,14 +325,14 @@ def test_an_unreadable_video_is_reported_as_permission_denied(ffmpeg_exe):
 ])
 def test_first_bytes_tell_what_a_file_is(main_module, head, expected):
     """describe_content names common non-videos from their first bytes, and nothing else."""
-    assert main_module.describe_content(head) == expected, head
+    assert describe_content(head) == expected, head
 
 
 @pytest.mark.parametrize("rotation, expected", [
     (0, 0), (90, 90), (-90, 270), (180, 180), (-180, 180), (89.6, 90), (-0.0, 0), (270, 270)])
 def test_display_rotation_is_a_quarter_turn_counter_clockwise(main_module, rotation, expected):
     """PyAV's frame.rotation (degrees counter-clockwise, -180..180) becomes 0, 90, 180 or 270."""
-    assert main_module.display_rotation_deg(rotation) == expected
+    assert display_rotation_deg(rotation) == expected
 
 
 @pytest.mark.parametrize("degrees", [90, 180, 270])
@@ -335,7 +346,7 @@ def test_rotated_video_frames_are_what_a_player_shows(main_module, ffmpeg_exe, t
     expected_size = (614, 844) if degrees in (90, 270) else (844, 614)
     assert (info.width, info.height, info.rotation_deg) == (*expected_size, degrees), info
     shown = list(cli_frames(ffmpeg_exe, path, info.width, info.height))
-    ours = [image for _, _, image in main_module.decode_frames(info, 1)]
+    ours = [image for _, _, image in decode_frames(info, 1)]
     assert len(ours) == len(shown) == 5
     for i, (a, b) in enumerate(zip(shown, ours)):
         diff = float(np.abs(a.astype(np.int16) - b).mean())
@@ -354,7 +365,7 @@ def test_bob_deinterlace_keeps_one_field_at_full_height(main_module):
     first = np.tile(np.linspace(0, 200, 64, dtype=np.uint8)[:, None, None], (1, 48, 3))
     woven = first.copy()
     woven[1::2] = 255 - first[1::2]
-    result = main_module.bob_deinterlace(woven)
+    result = bob_deinterlace(woven)
     assert result.shape == woven.shape
     diff = float(np.abs(result.astype(np.int16) - first).mean())
     assert diff < 3.0, f"mean difference {diff:.2f} from the first picture"
@@ -368,7 +379,7 @@ def test_interlaced_frames_are_deinterlaced_before_detection(main_module, matrix
         raw = [f for f in container.decode(video=0)]
     assert all(f.interlaced_frame for f in raw), "the test file should be interlaced"
     raw_combing = np.mean([combing(f.to_ndarray(format="bgr24")) for f in raw])
-    ours = np.mean([combing(image) for _, _, image in main_module.decode_frames(info, 1)])
+    ours = np.mean([combing(image) for _, _, image in decode_frames(info, 1)])
     assert ours < raw_combing / 2, f"combing {ours:.2f} after, {raw_combing:.2f} before"
 
 
@@ -384,7 +395,7 @@ def test_interlaced_frames_are_deinterlaced_before_detection(main_module, matrix
 ], ids=["none", "black", "green", "frozen", "moving", "black-then-grey", "one-picture"])
 def test_blank_or_frozen_pictures_look_broken(main_module, pictures, broken):
     """frames_look_broken: no picture, only uniform ones, or one picture repeated."""
-    assert main_module.frames_look_broken(pictures) is broken
+    assert frames_look_broken(pictures) is broken
 
 
 @pytest.mark.parametrize("approx_s, expected_s", [
@@ -392,7 +403,7 @@ def test_blank_or_frozen_pictures_look_broken(main_module, pictures, broken):
 def test_opencv_positions_snap_to_packet_timestamps(main_module, approx_s, expected_s):
     """nearest_time_s returns the nearest exact timestamp within the tolerance, else the guess."""
     times_s = [0.0, 0.0667, 0.1334]
-    assert main_module.nearest_time_s(times_s, approx_s, 0.02) == expected_s
+    assert nearest_time_s(times_s, approx_s, 0.02) == expected_s
 
 
 def opencv_pictures(path: Path) -> list:
@@ -412,17 +423,17 @@ def decode_with_fake_ring(main_module, info, slot_count: int | None = None) -> t
     import queue
     import threading
     slot_count = slot_count or info.frame_count + 1
-    layout = main_module.ring_layout_for([info], slot_count, "test")
+    layout = ring_layout_for([info], slot_count, "test")
     ring = np.zeros((layout.slot_count, layout.slot_bytes), np.uint8)
     free_q, filled_q = queue.Queue(), queue.Queue()
     for slot in range(len(ring)):
         free_q.put(slot)
-    result = main_module.decode_into_ring(info, ring, free_q, filled_q, threading.Event(), 1,
-                                          main_module.StageClock())
+    result = decode_into_ring(info, ring, free_q, filled_q, threading.Event(), 1,
+                                          StageClock())
     frames = []
     while not filled_q.empty():
         _, _, frame_idx, time_s, height, width, slot = filled_q.get()
-        frames.append((frame_idx, time_s, main_module.slot_image(ring, slot, height, width).copy()))
+        frames.append((frame_idx, time_s, slot_image(ring, slot, height, width).copy()))
     return result, frames
 
 
@@ -450,8 +461,8 @@ def test_a_decoder_giving_blank_or_frozen_pictures_is_replaced_by_opencv(
     """If PyAV returns success with blank (or always the same) pictures, the ring gets OpenCV's
     pictures instead, each at its exact timestamp, and a message names the file."""
     info = probe(main_module, OBAMA)
-    true_times = [t for _, t, _ in main_module.decode_frames(info, 1)]
-    monkeypatch.setattr(main_module, "pyav_frames", broken_decoder(main_module.pyav_frames))
+    true_times = [t for _, t, _ in decode_frames(info, 1)]
+    monkeypatch.setattr("findpeople.decode.pyav_frames", broken_decoder(pyav_frames))
     (sent, error), frames = decode_with_fake_ring(main_module, info)
     assert (sent, error) == (60, None), error
     assert [t for _, t, _ in frames] == true_times, "times must be the frames' own timestamps"
@@ -476,11 +487,10 @@ def test_a_video_that_opens_on_black_or_a_still_stays_with_pyav(main_module, ffm
                "[0:v]scale=844:614,setsar=1,format=yuv420p[a];[1:v]setsar=1[b];[a][b]concat=n=2:v=1[v]",
                "-map", "[v]", "-c:v", "libx264", "-preset", "ultrafast", "-qp", "0", path)
     asked = []
-    real_opencv = main_module.opencv_frames
-    monkeypatch.setattr(main_module, "opencv_frames",
-                        lambda *args: asked.append(args[0].path) or real_opencv(*args))
+    real_opencv = opencv_frames
+    monkeypatch.setattr("findpeople.decode.opencv_frames",                         lambda *args: asked.append(args[0].path) or real_opencv(*args))
     info = probe(main_module, path)
-    ours = list(main_module.decode_frames(info, 1))
+    ours = list(decode_frames(info, 1))
     printed = capsys.readouterr().out
     assert asked == [str(path)], "OpenCV should have been asked for a second opinion"
     assert "decoded with OpenCV" not in printed, printed
@@ -498,8 +508,7 @@ def matrix_run(matrix_dir, ffmpeg_exe):
     import os
     import time
     import uuid
-    from test_orchestration import search_command
-    from conftest import link_all_refs
+    from conftest import link_all_refs, search_command
     base = matrix_dir.parent
     refs = link_all_refs(base / "refs")
     marker = f"SFV_TEST_{uuid.uuid4().hex}"
@@ -524,7 +533,7 @@ def matrix_entry(matrix_run, name: str) -> dict:
 def test_a_run_over_bad_files_goes_on_exits_1_and_leaves_nothing_behind(matrix_run):
     """Bad files do not stop the run: it ends normally with exit code 1 (something was skipped),
     leaving no child process and no shared memory."""
-    from test_orchestration import processes_with_marker, shm_names
+    from conftest import processes_with_marker, shm_names
     output = matrix_run["stdout"] + matrix_run["stderr"]
     assert matrix_run["returncode"] == 1, output[-3000:]
     assert "pipeline broken" not in output and "Traceback" not in output, output[-3000:]
@@ -555,8 +564,8 @@ def test_a_partly_readable_video_is_searched_as_far_as_it_goes(matrix_run, name)
 
 def fits_the_ring(main_module, width: int, height: int) -> bool:
     """Whether this machine's memory holds the 2 ring slots such frames need."""
-    budget_bytes, _ = main_module.ring_memory_budget()
-    return budget_bytes is None or budget_bytes >= main_module._MIN_RING_SLOTS * width * height * 3
+    budget_bytes, _ = ring_memory_budget()
+    return budget_bytes is None or budget_bytes >= _MIN_RING_SLOTS * width * height * 3
 
 
 @pytest.mark.parametrize("name", GOOD_VIDEOS)
@@ -604,8 +613,8 @@ def test_a_fast_clip_of_a_rotated_video_keeps_its_rotation(main_module, matrix_d
     """A stream-copied (fast) clip keeps the display matrix, so players show it upright too."""
     import av
     info = probe(main_module, matrix_dir / "rotated.mp4")
-    time_range = main_module.TimeRange("Barack_Obama", 0.0, 1.0, 0.5, 0.0, 1.0)
-    clip = main_module.cut_clip(ffmpeg_exe, info, time_range, tmp_path, "fast", 0.0)
+    time_range = TimeRange("Barack_Obama", 0.0, 1.0, 0.5, 0.0, 1.0)
+    clip = cut_clip(ffmpeg_exe, info, time_range, tmp_path, "fast", 0.0)
     with av.open(str(clip)) as container:
         assert next(container.decode(video=0)).rotation == 90
 
@@ -627,7 +636,7 @@ def test_report_links_open_the_clips_and_snapshots_of_an_odd_name(matrix_run):
 def test_vfr_video_detections_are_at_its_frame_timestamps(main_module, matrix_run, matrix_dir):
     """In the variable-frame-rate file, every detection's time is one of its frames' own times."""
     info = probe(main_module, matrix_dir / "vfr.mkv")
-    times = [t for _, t, _ in main_module.decode_frames(info, 1)]
+    times = [t for _, t, _ in decode_frames(info, 1)]
     gaps = set(np.round(np.diff(times), 2).tolist())  # Matroska keeps milliseconds
     assert gaps == {0.13, 0.07}, f"not the variable frame rate made: gaps {sorted(gaps)}"
     entry = matrix_entry(matrix_run, "vfr.mkv")
@@ -642,7 +651,7 @@ def test_a_song_with_a_cover_picture_is_refused_as_audio_only(main_module, ffmpe
     """An audio file whose album art is stored as a video stream (attached_pic) is not searched as
     a one-picture video: it is refused as audio only, with a cover picture."""
     path = make_song_with_cover(ffmpeg_exe, tmp_path / f"song{suffix}")
-    with pytest.raises(main_module.BadInput) as raised:
+    with pytest.raises(BadInput) as raised:
         probe(main_module, path)
     assert str(raised.value).startswith(f"{path}: has no video stream (audio only: aac, with a "
                                         f"cover picture)"), str(raised.value)
@@ -662,8 +671,8 @@ def test_a_file_that_cannot_be_read_is_skipped_by_name_and_the_rest_probed(main_
         if Path(path) == bad:
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
         return builtins.open(path, *args, **kwargs)
-    monkeypatch.setattr(main_module, "open", failing_open, raising=False)
-    videos, problems = main_module.probe_all([bad, OBAMA], tmp_path)
+    monkeypatch.setattr("findpeople.decode.open", failing_open, raising=False)
+    videos, problems = probe_all([bad, OBAMA], tmp_path)
     assert [Path(v.path).name for v in videos] == ["obama_whcd.mp4"], problems
     assert problems == [f"{bad}: cannot be read (Input/output error); check the disk or the network "
                         f"share it is on (dmesg lists read errors), copy it again, or remove it "
@@ -674,14 +683,14 @@ def test_an_unexpected_error_while_probing_skips_only_that_file(main_module, tmp
     """Any other failure while probing (here a ZeroDivisionError) skips the file by name."""
     odd = tmp_path / "odd.mp4"
     odd.symlink_to(OBAMA)
-    real = main_module.first_frame_rotation
+    real = first_frame_rotation
 
     def rotation(path, container, stream):
         if path == odd:
             raise ZeroDivisionError("float division by zero")
         return real(path, container, stream)
-    monkeypatch.setattr(main_module, "first_frame_rotation", rotation)
-    videos, problems = main_module.probe_all([odd, OBAMA], tmp_path)
+    monkeypatch.setattr("findpeople.decode.first_frame_rotation", rotation)
+    videos, problems = probe_all([odd, OBAMA], tmp_path)
     assert [Path(v.path).name for v in videos] == ["obama_whcd.mp4"], problems
     assert len(problems) == 1 and problems[0].startswith(
         f"{odd}: cannot be probed (ZeroDivisionError: float division by zero)"), problems
@@ -694,7 +703,7 @@ def test_an_unexpected_decoder_error_is_that_videos_error_and_the_next_video_dec
     decoder goes on, and its next video decodes in full."""
     import cv2
     info = probe(main_module, OBAMA)
-    real, calls = main_module.decode_frames, []
+    real, calls = decode_frames, []
 
     def first_video_fails(info, frame_interval):
         calls.append(info.path)
@@ -703,12 +712,12 @@ def test_an_unexpected_decoder_error_is_that_videos_error_and_the_next_video_dec
                 raise cv2.error("OpenCV(4.9.0) color.cpp:196: error: (-215:Assertion failed) "
                                 "!_src.empty() in function 'cvtColor'\n")
             yield frame_idx, time_s, image
-    monkeypatch.setattr(main_module, "decode_frames", first_video_fails)
+    monkeypatch.setattr("findpeople.decode.decode_frames", first_video_fails)
     (sent, error), frames = decode_with_fake_ring(main_module, info)
     assert sent == len(frames) == 5, (sent, error)
     assert error.startswith(f"{OBAMA}: decoding failed after 5 processed frames (cv2.error: "
                             f"OpenCV(4.9.0) color.cpp:196: error: (-215:Assertion failed) "
-                            f"!_src.empty() in function 'cvtColor'; at test_decoding.py:"), error
+                            f"!_src.empty() in function 'cvtColor'; at test_decode.py:"), error
     assert "in first_video_fails); the rest was not searched" in error, error
     assert decode_with_fake_ring(main_module, info)[0] == (60, None), "the next video"
 
@@ -739,7 +748,7 @@ def test_a_video_whose_every_picture_is_blank_or_frozen_is_an_error(main_module,
     (its exit code is then 1); a video with a picture that changes gets none."""
     info = probe(main_module, OBAMA)
     pictures = fake_pictures(kind, frame_count)
-    monkeypatch.setattr(main_module, "decode_frames", lambda info, frame_interval: (
+    monkeypatch.setattr("findpeople.decode.decode_frames", lambda info, frame_interval: (
         (i, i / 15, picture) for i, picture in enumerate(pictures)))
     (sent, error), _ = decode_with_fake_ring(main_module, info)
     assert sent == frame_count
@@ -764,5 +773,5 @@ def test_an_8k_video_decodes_through_the_ring_at_full_size(main_module, matrix_d
     assert (sent, error) == (3, None) and (info.width, info.height) == (7680, 4320)
     first = next(cli_frames(ffmpeg_exe, path, info.width, info.height))
     assert np.array_equal(frames[0][2], first), "the 8K frame differs from ffmpeg's"
-    boxes, _ = main_module.detect_faces(cpu_models, [frames[0][2]], test_settings)[0]
+    boxes, _ = detect_faces(cpu_models, [frames[0][2]], test_settings)[0]
     assert (boxes[:, 4] >= 0.5).any(), f"no face found in the 8K frame: {boxes}"

@@ -1,4 +1,5 @@
-"""Section 6, Ranges and clips: sightings -> half-open ranges -> ffmpeg argument lists -> clips."""
+"""Ranges and clips (findpeople/clips.py): sightings -> half-open ranges -> ffmpeg argument
+lists -> clips."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,13 +13,21 @@ import numpy as np
 import pytest
 
 from conftest import TESTDATA
+from findpeople.errors import ClipError
+from findpeople.decode import VideoInfo, decode_frames, packet_times_s, probe_video
+from findpeople.tracks import sighting_flags
+from findpeople.clips import (
+    TimeRange, build_clip_command, clip_file_name, container_seek_s, cut_clip, find_ffmpeg,
+    keyframe_before, merge_sightings, person_ranges, run_checked, widen_range)
+from findpeople.runstate import RunState
+from findpeople.run import run_header
 
 HAMILTON = TESTDATA / "videos" / "short_hamilton_clip.mp4"
 
 
 def make_info(main_module, **changes):
     """Return a VideoInfo built directly: 20 s at 25 fps, video starting with the container."""
-    info = main_module.VideoInfo(
+    info = VideoInfo(
         idx=0, path="/videos/stage show.mp4", output_name="stage show", width=640, height=360,
         fps=25.0, frame_count=500, duration_s=20.0, time_base=Fraction(1, 12800), origin_pts=0,
         video_start_offset_s=0.0, has_audio=True)
@@ -34,19 +43,19 @@ def range_settings(main_module, gap_s: float, before_s: float, after_s: float):
 
 def time_range(main_module, start_s=12.5, end_s=15.0, name="Barack_Obama", distance=0.412):
     """Return a TimeRange with sightings just inside its margins."""
-    return main_module.TimeRange(name, start_s, end_s, distance, start_s + 1.0, end_s - 1.0)
+    return TimeRange(name, start_s, end_s, distance, start_s + 1.0, end_s - 1.0)
 
 
 # merge_sightings -----------------------------------------------------------------------------
 def test_sightings_closer_than_merge_gap_form_one_range(main_module):
     """Sightings 1.0 and 2.5 s with a 2.0 s gap form the single range (1.0, 2.5)."""
-    merged = main_module.merge_sightings([1.0, 2.5], 2.0)
+    merged = merge_sightings([1.0, 2.5], 2.0)
     assert merged == [(1.0, 2.5)], f"got {merged}"
 
 
 def test_sightings_exactly_the_merge_gap_apart_split(main_module):
     """Sightings exactly gap_s apart (1.0 and 3.0 with a 2.0 s gap) are two ranges: 'closer than' is strict."""
-    merged = main_module.merge_sightings([1.0, 3.0], 2.0)
+    merged = merge_sightings([1.0, 3.0], 2.0)
     assert merged == [(1.0, 1.0), (3.0, 3.0)], f"got {merged}"
 
 
@@ -63,7 +72,7 @@ def test_sightings_exactly_the_merge_gap_apart_split(main_module):
 ])
 def test_merge_sightings_table(main_module, times_s, gap_s, expected):
     """merge_sightings sorts the times and joins neighbours strictly closer than gap_s."""
-    merged = main_module.merge_sightings(times_s, gap_s)
+    merged = merge_sightings(times_s, gap_s)
     assert merged == expected, f"merge_sightings({times_s}, {gap_s}) = {merged}, expected {expected}"
 
 
@@ -79,7 +88,7 @@ def test_merge_sightings_table(main_module, times_s, gap_s, expected):
 def test_widen_range_adds_margins_and_one_frame_clamped_to_the_video(
         main_module, first_s, last_s, frame_s, before_s, after_s, duration_s, expected):
     """The range is [first - before, last + one frame + after), clamped to [0, duration]."""
-    got = main_module.widen_range(first_s, last_s, frame_s, before_s, after_s, duration_s)
+    got = widen_range(first_s, last_s, frame_s, before_s, after_s, duration_s)
     assert got == pytest.approx(expected), \
         f"widen_range({first_s}, {last_s}, {frame_s}, {before_s}, {after_s}, {duration_s}) = {got}"
     assert 0.0 <= got[0] <= got[1] <= duration_s, f"{got} is outside [0, {duration_s}]"
@@ -87,7 +96,7 @@ def test_widen_range_adds_margins_and_one_frame_clamped_to_the_video(
 
 def test_widened_range_includes_the_last_sighting_s_frame(main_module):
     """Half-open [start, end): the frame of the last sighting lies inside, so end > last_s."""
-    start_s, end_s = main_module.widen_range(3.0, 3.0, 0.04, 0.0, 0.0, 20.0)
+    start_s, end_s = widen_range(3.0, 3.0, 0.04, 0.0, 0.0, 20.0)
     assert start_s <= 3.0 < end_s and end_s == pytest.approx(3.04), f"range [{start_s}, {end_s})"
 
 
@@ -96,7 +105,7 @@ def test_person_ranges_gives_one_range_per_cluster_with_its_own_best_distance(ma
     """Two clusters 8.5 s apart give two ranges; each best_distance is the min inside that range."""
     info = make_info(main_module)
     sightings = [(10.0, 0.45), (1.0, 0.5), (1.5, 0.4), (10.5, 0.30)]
-    ranges = main_module.person_ranges("Lin_Manuel_Miranda", sightings, info,
+    ranges = person_ranges("Lin_Manuel_Miranda", sightings, info,
                                        range_settings(main_module, 2.0, 1.0, 1.0))
     got = [(r.name, r.start_s, r.end_s, r.best_distance, r.first_sighting_s, r.last_sighting_s)
            for r in ranges]
@@ -109,7 +118,7 @@ def test_person_ranges_gives_one_range_per_cluster_with_its_own_best_distance(ma
 def test_overlapping_widened_ranges_merge_into_one(main_module):
     """Sightings 3 s apart (gap 2 s) widened by 2 s each side overlap, so they form one range."""
     info = make_info(main_module)
-    ranges = main_module.person_ranges("Barack_Obama", [(5.0, 0.5), (8.0, 0.3)], info,
+    ranges = person_ranges("Barack_Obama", [(5.0, 0.5), (8.0, 0.3)], info,
                                        range_settings(main_module, 2.0, 2.0, 2.0))
     got = [(r.start_s, r.end_s, r.best_distance, r.first_sighting_s, r.last_sighting_s) for r in ranges]
     assert len(got) == 1 and got[0] == pytest.approx((3.0, 10.04, 0.3, 5.0, 8.0)), f"ranges {got}"
@@ -118,7 +127,7 @@ def test_overlapping_widened_ranges_merge_into_one(main_module):
 def test_ranges_that_do_not_overlap_after_widening_stay_apart(main_module):
     """Sightings 3 s apart widened by 1 s each side ([4, 6.04) and [7, 9.04)) stay two ranges."""
     info = make_info(main_module)
-    ranges = main_module.person_ranges("Barack_Obama", [(5.0, 0.5), (8.0, 0.3)], info,
+    ranges = person_ranges("Barack_Obama", [(5.0, 0.5), (8.0, 0.3)], info,
                                        range_settings(main_module, 2.0, 1.0, 1.0))
     got = [(r.start_s, r.end_s, r.best_distance) for r in ranges]
     assert len(got) == 2 and got[0] == pytest.approx((4.0, 6.04, 0.5)) \
@@ -128,7 +137,7 @@ def test_ranges_that_do_not_overlap_after_widening_stay_apart(main_module):
 def test_person_ranges_are_clamped_to_the_video(main_module):
     """Ranges near both ends stay within [0, duration_s]."""
     info = make_info(main_module, duration_s=12.0)
-    ranges = main_module.person_ranges("Michelle_Obama", [(0.2, 0.5), (11.9, 0.4)], info,
+    ranges = person_ranges("Michelle_Obama", [(0.2, 0.5), (11.9, 0.4)], info,
                                        range_settings(main_module, 2.0, 2.0, 2.0))
     got = [(r.start_s, r.end_s) for r in ranges]
     assert len(got) == 2 and got[0] == pytest.approx((0.0, 2.24)) \
@@ -137,7 +146,7 @@ def test_person_ranges_are_clamped_to_the_video(main_module):
 
 def test_person_ranges_of_no_sightings_is_empty(main_module):
     """No sightings, no ranges."""
-    ranges = main_module.person_ranges("Nobody", [], make_info(main_module),
+    ranges = person_ranges("Nobody", [], make_info(main_module),
                                        range_settings(main_module, 2.0, 2.0, 2.0))
     assert ranges == [], f"ranges {ranges}"
 
@@ -153,7 +162,7 @@ def test_person_ranges_of_no_sightings_is_empty(main_module):
 ])
 def test_clip_file_name_is_start_name_and_distance(main_module, name, start_s, distance, expected):
     """Clip names read '[StartSec]s_[Name]_d[Distance].mp4', unsafe characters replaced by '_'."""
-    got = main_module.clip_file_name(time_range(main_module, start_s, start_s + 4, name, distance))
+    got = clip_file_name(time_range(main_module, start_s, start_s + 4, name, distance))
     assert got == expected, f"clip_file_name for {name!r} at {start_s} s, d={distance}: {got!r}"
     assert Path(got).name == got, f"{got!r} would leave the clip folder"
 
@@ -169,14 +178,14 @@ def test_clip_file_name_is_start_name_and_distance(main_module, name, start_s, d
 ])
 def test_container_seek_adds_the_video_start_offset(main_module, time_s, offset_s, expected):
     """ffmpeg's -ss = frame time + video_start_offset_s, never below 0."""
-    got = main_module.container_seek_s(time_s, make_info(main_module, video_start_offset_s=offset_s))
+    got = container_seek_s(time_s, make_info(main_module, video_start_offset_s=offset_s))
     assert got == pytest.approx(expected), f"seek for {time_s} s with offset {offset_s}: {got}"
 
 
 def test_hamilton_frame_zero_seeks_to_its_late_video_start(main_module):
     """In the Hamilton clip, frame time 0 is container time 0.844 s."""
-    info = main_module.probe_video(HAMILTON, 0, HAMILTON.stem)
-    got = main_module.container_seek_s(0.0, info)
+    info = probe_video(HAMILTON, 0, HAMILTON.stem)
+    got = container_seek_s(0.0, info)
     assert got == pytest.approx(0.844, abs=1e-3), f"seek for frame time 0: {got}"
 
 
@@ -186,7 +195,7 @@ def clip_command(main_module):
     """The command for [5.04, 8.5) of a video whose stream starts 0.844 s late (path has a space)."""
     info = make_info(main_module, video_start_offset_s=0.844)
     part = Path("/out/stage show/clips/5.04s_X_d0.400.mp4.part")
-    return main_module.build_clip_command("/opt/ffmpeg", info, time_range(main_module, 5.04, 8.5),
+    return build_clip_command("/opt/ffmpeg", info, time_range(main_module, 5.04, 8.5),
                                           part), info, part
 
 
@@ -240,8 +249,8 @@ def test_run_checked_raises_clip_error_with_exit_code_and_stderr(main_module, ff
     missing = tmp_path / "missing.mp4"
     cmd = [ffmpeg_exe, "-nostdin", "-v", "error", "-i", str(missing), "-f", "null", "-"]
     expected_code = subprocess.run(cmd, capture_output=True).returncode
-    with pytest.raises(main_module.ClipError) as caught:
-        main_module.run_checked(cmd, what="missing.mp4 1.00-2.00s")
+    with pytest.raises(ClipError) as caught:
+        run_checked(cmd, what="missing.mp4 1.00-2.00s")
     message = str(caught.value)
     assert expected_code != 0 and f"exit code {expected_code}" in message, \
         f"exit code {expected_code} not in {message!r}"
@@ -251,8 +260,8 @@ def test_run_checked_raises_clip_error_with_exit_code_and_stderr(main_module, ff
 def test_run_checked_keeps_only_the_last_lines_of_stderr(main_module):
     """The error carries stderr's tail: the last line is there, the first is not."""
     script = "import sys\nfor i in range(40): print(f'line {i:02d}', file=sys.stderr)\nsys.exit(3)"
-    with pytest.raises(main_module.ClipError) as caught:
-        main_module.run_checked([sys.executable, "-c", script], what="tail test")
+    with pytest.raises(ClipError) as caught:
+        run_checked([sys.executable, "-c", script], what="tail test")
     message = str(caught.value)
     assert "exit code 3" in message and "line 39" in message and "line 00" not in message, \
         f"{message!r}"
@@ -261,14 +270,14 @@ def test_run_checked_keeps_only_the_last_lines_of_stderr(main_module):
 def test_run_checked_turns_a_missing_program_into_clip_error(main_module, tmp_path):
     """A program that cannot start raises ClipError naming it, not a bare OSError."""
     program = str(tmp_path / "no-such-ffmpeg")
-    with pytest.raises(main_module.ClipError, match="no-such-ffmpeg"):
-        main_module.run_checked([program, "-version"], what="x.mp4 0.00-1.00s")
+    with pytest.raises(ClipError, match="no-such-ffmpeg"):
+        run_checked([program, "-version"], what="x.mp4 0.00-1.00s")
 
 
 def test_run_checked_turns_a_timeout_into_clip_error(main_module):
     """A command running past its timeout is stopped and raises ClipError naming what ran."""
-    with pytest.raises(main_module.ClipError, match="slow.mp4"):
-        main_module.run_checked([sys.executable, "-c", "import time; time.sleep(30)"],
+    with pytest.raises(ClipError, match="slow.mp4"):
+        run_checked([sys.executable, "-c", "import time; time.sleep(30)"],
                                 what="slow.mp4 0.00-1.00s", timeout_s=0.5)
 
 
@@ -277,14 +286,14 @@ def test_run_checked_kills_the_command_when_asked_to_stop(main_module):
     import threading
     stop = threading.Event()
     threading.Timer(0.3, stop.set).start()
-    with pytest.raises(main_module.ClipError, match="stopped"):
-        main_module.run_checked([sys.executable, "-c", "import time; time.sleep(30)"],
+    with pytest.raises(ClipError, match="stopped"):
+        run_checked([sys.executable, "-c", "import time; time.sleep(30)"],
                                 what="long.mp4 0.00-9.00s", stop_event=stop)
 
 
 def test_run_checked_returns_quietly_on_success(main_module):
     """Exit code 0 raises nothing."""
-    assert main_module.run_checked([sys.executable, "-c", "pass"], what="ok") is None
+    assert run_checked([sys.executable, "-c", "pass"], what="ok") is None
 
 
 # find_ffmpeg ---------------------------------------------------------------------------------
@@ -303,7 +312,7 @@ def test_find_ffmpeg_prefers_the_local_folder_over_path(main_module, tmp_path, m
     local = fake_program(tmp_path / "local", name)
     fake_program(tmp_path / "bin", "ffmpeg")
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    got = main_module.find_ffmpeg(str(tmp_path / "local"))
+    got = find_ffmpeg(str(tmp_path / "local"))
     assert got == str(local.resolve()), f"find_ffmpeg chose {got}, expected {local}"
 
 
@@ -313,7 +322,7 @@ def test_find_ffmpeg_falls_back_to_path(main_module, tmp_path, monkeypatch, loca
     (tmp_path / "empty").mkdir()
     on_path = fake_program(tmp_path / "bin", "ffmpeg")
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    got = main_module.find_ffmpeg(str(tmp_path / local_folder))
+    got = find_ffmpeg(str(tmp_path / local_folder))
     assert got is not None and Path(got).resolve() == on_path.resolve(), \
         f"find_ffmpeg chose {got}, expected {on_path}"
 
@@ -334,17 +343,17 @@ def decoded_frames(path: Path, count: int | None = None) -> list:
 @pytest.fixture(scope="module")
 def hamilton_clip(main_module, ffmpeg_exe, tmp_path_factory):
     """The clip [5.04, 7.04) cut from the Hamilton video, with its folder and probe."""
-    info = main_module.probe_video(HAMILTON, 0, HAMILTON.stem)
+    info = probe_video(HAMILTON, 0, HAMILTON.stem)
     clip_dir = tmp_path_factory.mktemp("clips")
-    span = main_module.TimeRange("Lin_Manuel_Miranda", 5.04, 7.04, 0.41, 5.5, 6.0)
-    return main_module.cut_clip(ffmpeg_exe, info, span, clip_dir), clip_dir, info, span
+    span = TimeRange("Lin_Manuel_Miranda", 5.04, 7.04, 0.41, 5.5, 6.0)
+    return cut_clip(ffmpeg_exe, info, span, clip_dir), clip_dir, info, span
 
 
 def test_cut_clip_writes_the_named_clip_and_no_part_file(main_module, hamilton_clip):
     """cut_clip leaves exactly the final clip, named by clip_file_name, and no .part file."""
     clip, clip_dir, _, span = hamilton_clip
     names = sorted(p.name for p in clip_dir.iterdir())
-    assert names == [main_module.clip_file_name(span)] and clip == clip_dir / names[0], \
+    assert names == [clip_file_name(span)] and clip == clip_dir / names[0], \
         f"clip folder holds {names}; cut_clip returned {clip}"
 
 
@@ -378,8 +387,8 @@ def test_failed_cut_raises_clip_error_and_leaves_no_part_file(main_module, ffmpe
     """A cut that fails raises ClipError and leaves neither a clip nor a .part file behind."""
     info = make_info(main_module, path=str(tmp_path / "gone.mp4"))
     clip_dir = tmp_path / "clips"
-    with pytest.raises(main_module.ClipError, match="gone.mp4"):
-        main_module.cut_clip(ffmpeg_exe, info, time_range(main_module, 1.0, 2.0), clip_dir)
+    with pytest.raises(ClipError, match="gone.mp4"):
+        cut_clip(ffmpeg_exe, info, time_range(main_module, 1.0, 2.0), clip_dir)
     left = sorted(os.listdir(clip_dir))
     assert left == [], f"left behind: {left}"
 
@@ -388,8 +397,8 @@ def test_failed_cut_raises_clip_error_and_leaves_no_part_file(main_module, ffmpe
 def first_frames_match(main_module, clip_path, source_path, expected_time_s):
     """Return (index of the source frame the clip's first frame equals best, expected index)."""
     import av
-    info = main_module.probe_video(Path(source_path), 0, "src")
-    frames = [(t, img.astype(np.int16)) for _, t, img in main_module.decode_frames(info, 1)]
+    info = probe_video(Path(source_path), 0, "src")
+    frames = [(t, img.astype(np.int16)) for _, t, img in decode_frames(info, 1)]
     with av.open(str(clip_path)) as container:
         first = next(container.decode(video=0)).to_ndarray(format="bgr24").astype(np.int16)
     errors = [np.abs(first - img).mean() for _, img in frames]
@@ -414,14 +423,14 @@ def test_clip_modes_start_where_the_report_says_and_keep_audio(main_module, ffmp
     """accurate clips start on the range's first frame; fast clips on the keyframe at or before
     it, which keyframe_before reports; both keep the audio (ffprobe)."""
     source = TESTDATA / "videos" / "short_hamilton_clip.mp4"
-    info = main_module.probe_video(source, 0, "hamilton")
-    time_range = main_module.TimeRange("Lin_Manuel_Miranda", start_s, start_s + 1.5, 0.5, start_s,
+    info = probe_video(source, 0, "hamilton")
+    time_range = TimeRange("Lin_Manuel_Miranda", start_s, start_s + 1.5, 0.5, start_s,
                                        start_s + 1.0)
     clip_start_s = start_s
     if mode == "fast":
-        clip_start_s = main_module.keyframe_before(main_module.packet_times_s(info, keyframes_only=True), start_s)
+        clip_start_s = keyframe_before(packet_times_s(info, keyframes_only=True), start_s)
         assert clip_start_s == pytest.approx(expected_start_s, abs=1e-3), clip_start_s
-    clip = main_module.cut_clip(ffmpeg_exe, info, time_range, tmp_path, mode, clip_start_s)
+    clip = cut_clip(ffmpeg_exe, info, time_range, tmp_path, mode, clip_start_s)
     assert stream_types(clip) == ["audio", "video"], f"{mode} clip streams"
     shown, expected = first_frames_match(main_module, clip, source, expected_start_s)
     assert abs(shown - expected) <= 1, f"{mode} clip starts at frame {shown}, expected {expected}"
@@ -431,12 +440,11 @@ def test_clip_modes_start_where_the_report_says_and_keep_audio(main_module, ffmp
 def test_sighting_flags_on_a_one_hour_track_follow_the_rule(rec_count):
     """On a one-hour track (90 000 frames) every frame is judged, and the single-pass result equals
     the rule applied frame by frame (checked on a sample)."""
-    import main
     frames = 90_000
     step = frames // rec_count
     rec_at = [i // step if i % step == 0 and i // step < rec_count else None for i in range(frames)]
     confirms = [k % 7 != 3 for k in range(rec_count)]
-    flags = main.sighting_flags(rec_at, confirms, 1)
+    flags = sighting_flags(rec_at, confirms, 1)
     assert len(flags) == frames
     positions = [i for i, r in enumerate(rec_at) if r is not None]
     for i in range(0, frames, 997):  # brute force on a sample
@@ -459,10 +467,10 @@ def test_fast_mode_re_encodes_a_clip_mp4_cannot_hold_as_it_is(main_module, ffmpe
                     "testsrc=size=160x120:rate=10", "-f", "lavfi", "-i", "sine=frequency=440",
                     "-t", "4", "-c:v", "mjpeg", "-c:a", "pcm_s16le", str(source)], check=True)
     settings = main_module.load_settings(["--clip-mode", "fast", "--output", str(tmp_path / "out")])
-    info = main_module.probe_video(source, 0, "pcm")
-    state = main_module.RunState([info], settings, ffmpeg_exe,
-                                 main_module.run_header(settings, [], ffmpeg_exe))
-    time_range = main_module.TimeRange("Alice", 1.5, 3.0, 0.4, 1.5, 2.5)
+    info = probe_video(source, 0, "pcm")
+    state = RunState([info], settings, ffmpeg_exe,
+                                 run_header(settings, [], ffmpeg_exe))
+    time_range = TimeRange("Alice", 1.5, 3.0, 0.4, 1.5, 2.5)
     result = state.results[0]
     clip, start_s = state.cut_one(result, time_range, tmp_path / "clips", 1.0)
     assert clip is not None and Path(clip).is_file(), result.errors

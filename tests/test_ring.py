@@ -1,4 +1,4 @@
-"""Section 3, Ring buffer: slots hold the largest frame, every slot comes back, no leak."""
+"""Ring buffer (findpeople/ring.py): slots hold the largest frame, every slot comes back, no leak."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -11,6 +11,12 @@ import numpy as np
 import pytest
 
 from conftest import TESTDATA, VIDEOS
+from findpeople.ring import (
+    RingLayout, check_fits_ring, create_ring, fit_slot_count, get_with_stop, height_that_fits,
+    new_slot_queue, plan_ring, ring_layout_for, ring_memory_budget, ring_view, slot_image,
+    write_slot)
+from findpeople.decode import VideoInfo, decode_frames, decoder_main, probe_video
+from findpeople.run import probe_all
 
 
 def shm_entries(prefix: str) -> set:
@@ -21,8 +27,8 @@ def shm_entries(prefix: str) -> set:
 
 def test_slots_fit_the_largest_frame_of_any_video(main_module):
     """The layout takes the size of the frame with the most pixels over all videos."""
-    infos = [main_module.probe_video(p, i, p.stem) for i, p in enumerate(VIDEOS)]
-    layout = main_module.ring_layout_for(infos, 8, "t1")
+    infos = [probe_video(p, i, p.stem) for i, p in enumerate(VIDEOS)]
+    layout = ring_layout_for(infos, 8, "t1")
     assert (layout.width, layout.height) == (1920, 1080), layout
     assert layout.slot_bytes == 1920 * 1080 * 3
     assert layout.name.startswith("sfv")
@@ -31,7 +37,7 @@ def test_slots_fit_the_largest_frame_of_any_video(main_module):
 def test_free_slot_queue_holds_every_slot_once(main_module):
     """A new free-slot queue hands out slot 0..n-1, each exactly once."""
     ctx = mp.get_context("spawn")
-    free_q = main_module.new_slot_queue(ctx, 5)
+    free_q = new_slot_queue(ctx, 5)
     slots = sorted(free_q.get(timeout=5) for _ in range(5))
     assert slots == [0, 1, 2, 3, 4]
     with pytest.raises(queue.Empty):
@@ -43,31 +49,31 @@ def test_get_with_stop_returns_none_once_stopped(main_module):
     ctx = mp.get_context("spawn")
     q, stop = ctx.Queue(), ctx.Event()
     stop.set()
-    assert main_module.get_with_stop(q, stop) is None
+    assert get_with_stop(q, stop) is None
 
 
 def test_decoder_process_streams_a_video_through_few_slots_and_returns_all(main_module):
     """A real decoder process pushes 60 frames through 3 slots; pixels arrive intact; all slots return."""
     ctx = mp.get_context("spawn")
     path = TESTDATA / "videos" / "obama_whcd.mp4"
-    info = main_module.probe_video(path, 0, path.stem)
-    layout = main_module.ring_layout_for([info], 3, f"{os.getpid()}t")
-    shm = main_module.create_ring(layout)
+    info = probe_video(path, 0, path.stem)
+    layout = ring_layout_for([info], 3, f"{os.getpid()}t")
+    shm = create_ring(layout)
     jobs_q, filled_q, result_q, stop = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Event()
-    free_q = main_module.new_slot_queue(ctx, layout.slot_count)
+    free_q = new_slot_queue(ctx, layout.slot_count)
     jobs_q.put(info)
     jobs_q.put(None)
-    process = ctx.Process(target=main_module.decoder_main, name="decoder-0",
+    process = ctx.Process(target=decoder_main, name="decoder-0",
                           args=("decoder-0", layout, jobs_q, free_q, [filled_q], result_q, stop, 1))
     process.start()
-    ring = main_module.ring_view(shm, layout)
+    ring = ring_view(shm, layout)
     try:
-        expected = main_module.decode_frames(info, 1)
+        expected = decode_frames(info, 1)
         for seq, (frame_idx, time_s, image) in enumerate(expected):
             video_idx, got_seq, got_idx, got_time, h, w, slot = filled_q.get(timeout=30)
             assert (video_idx, got_seq, got_idx) == (0, seq, frame_idx)
             assert got_time == time_s
-            assert np.array_equal(main_module.slot_image(ring, slot, h, w), image), \
+            assert np.array_equal(slot_image(ring, slot, h, w), image), \
                 f"frame {frame_idx} differs in slot {slot}"
             free_q.put(slot)
         assert filled_q.get(timeout=30) == (0, 60, None, None, 0, 0, None), "end marker after 60 frames"
@@ -101,14 +107,14 @@ def test_decoder_finishes_a_truncated_video_early_and_goes_on(main_module, tmp_p
     broken = tmp_path / "broken.ts"
     broken.write_bytes(stream.read_bytes()[: stream.stat().st_size // 3])
     ctx = mp.get_context("spawn")
-    infos = [main_module.probe_video(broken, 0, "broken"), main_module.probe_video(source, 1, "ok")]
-    layout = main_module.ring_layout_for(infos, 4, f"{os.getpid()}u")
-    shm = main_module.create_ring(layout)
+    infos = [probe_video(broken, 0, "broken"), probe_video(source, 1, "ok")]
+    layout = ring_layout_for(infos, 4, f"{os.getpid()}u")
+    shm = create_ring(layout)
     jobs_q, filled_q, result_q, stop = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Event()
-    free_q = main_module.new_slot_queue(ctx, layout.slot_count)
+    free_q = new_slot_queue(ctx, layout.slot_count)
     for item in (*infos, None):
         jobs_q.put(item)
-    process = ctx.Process(target=main_module.decoder_main, name="decoder-0",
+    process = ctx.Process(target=decoder_main, name="decoder-0",
                           args=("decoder-0", layout, jobs_q, free_q, [filled_q], result_q, stop, 1))
     process.start()
     done = []
@@ -154,12 +160,12 @@ MB = 2**20
 def test_slot_count_is_what_was_asked_or_what_fits(main_module, requested, slot_bytes, budget_bytes,
                                                    expected):
     """fit_slot_count: MAX_BUFFER_SLOTS, or fewer where the memory budget holds fewer."""
-    assert main_module.fit_slot_count(requested, slot_bytes, budget_bytes) == expected
+    assert fit_slot_count(requested, slot_bytes, budget_bytes) == expected
 
 
 def infos_of_size(main_module, *sizes) -> list:
     """VideoInfo records of the given (width, height), built directly."""
-    return [main_module.VideoInfo(idx=i, path=f"/videos/v{i}.mp4", output_name=f"v{i}", width=w,
+    return [VideoInfo(idx=i, path=f"/videos/v{i}.mp4", output_name=f"v{i}", width=w,
                                   height=h, fps=25.0, frame_count=100, duration_s=4.0,
                                   time_base=Fraction(1, 12800), origin_pts=0,
                                   video_start_offset_s=0.0, has_audio=False)
@@ -175,10 +181,9 @@ def test_the_ring_shrinks_to_the_memory_and_says_why(main_module, monkeypatch, c
                                                      budget_mb, expected_slots, says_workers_wait):
     """plan_ring lowers the slot count to what the memory budget holds, never below 2, and
     prints how many slots it uses and why."""
-    monkeypatch.setattr(main_module, "ring_memory_budget",
-                        lambda: (budget_mb * MB, f"{budget_mb} MB free in /dev/shm"))
+    monkeypatch.setattr("findpeople.ring.ring_memory_budget",                         lambda: (budget_mb * MB, f"{budget_mb} MB free in /dev/shm"))
     settings = main_module.load_settings(["--max-buffer-slots", "12"])
-    layout = main_module.plan_ring(infos_of_size(main_module, (640, 360), (7680, 4320)), settings, "t2")
+    layout = plan_ring(infos_of_size(main_module, (640, 360), (7680, 4320)), settings, "t2")
     assert (layout.slot_count, layout.width, layout.height) == (expected_slots, 7680, 4320), layout
     printed = capsys.readouterr().out
     if expected_slots == 12:
@@ -193,8 +198,8 @@ def test_a_video_too_large_for_the_memory_is_refused_by_name(main_module, monkey
     """probe_all refuses a video whose frames do not fit even 2 ring slots, saying why and what
     to do; the other videos are kept, numbered without a gap."""
     budget_bytes = 2 * 1920 * 1080 * 3 - 1  # the crowd clip is 1920x1080
-    monkeypatch.setattr(main_module, "ring_memory_budget", lambda: (budget_bytes, "a test limit"))
-    videos, problems = main_module.probe_all(VIDEOS, VIDEOS[0].parent)
+    monkeypatch.setattr("findpeople.run.ring_memory_budget", lambda: (budget_bytes, "a test limit"))
+    videos, problems = probe_all(VIDEOS, VIDEOS[0].parent)
     assert [Path(v.path).name for v in videos] == ["obama_whcd.mp4", "short_hamilton_clip.mp4"]
     assert [v.idx for v in videos] == [0, 1]
     crowd = TESTDATA / "videos" / "crowd_royal_opera_house.mp4"
@@ -215,13 +220,13 @@ def test_a_video_too_large_for_the_memory_is_refused_by_name(main_module, monkey
 def test_the_scale_hint_names_a_smaller_height_that_fits(main_module, size, budget_mb, height):
     """height_that_fits: the largest common height below the video's at which 2 slots fit."""
     info = infos_of_size(main_module, size)[0]
-    assert main_module.height_that_fits(info, int(budget_mb * MB)) == height
+    assert height_that_fits(info, int(budget_mb * MB)) == height
 
 
 def test_the_memory_budget_is_the_smaller_of_dev_shm_and_half_the_ram(main_module):
     """On Linux the budget is min(/dev/shm free, MemAvailable / 2), and it says which."""
     import shutil
-    budget_bytes, why = main_module.ring_memory_budget()
+    budget_bytes, why = ring_memory_budget()
     meminfo = Path("/proc/meminfo").read_text().splitlines()
     available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
     shm_free = shutil.disk_usage("/dev/shm").free
@@ -237,10 +242,10 @@ def test_a_landscape_and_a_portrait_video_share_slots_of_the_larger_pixel_count(
     videos = infos_of_size(main_module, (3840, 2160), (2160, 3840))
     budget_bytes = 2 * 3840 * 2160 * 3  # exactly the 2 slots a search needs
     for info in videos:
-        main_module.check_fits_ring(info, budget_bytes, "a test limit")  # each alone fits
-    monkeypatch.setattr(main_module, "ring_memory_budget", lambda: (budget_bytes, "a test limit"))
+        check_fits_ring(info, budget_bytes, "a test limit")  # each alone fits
+    monkeypatch.setattr("findpeople.ring.ring_memory_budget", lambda: (budget_bytes, "a test limit"))
     settings = main_module.load_settings(["--max-buffer-slots", "2"])
-    layout = main_module.plan_ring(videos, settings, "t3")
+    layout = plan_ring(videos, settings, "t3")
     assert layout.slot_bytes == 3840 * 2160 * 3, layout
     assert layout.slot_count * layout.slot_bytes <= budget_bytes, layout
     assert capsys.readouterr().out == "", "two slots fit: no shrinking, no message"
@@ -250,11 +255,11 @@ def test_a_landscape_and_a_portrait_video_share_slots_of_the_larger_pixel_count(
 def test_any_frame_with_at_most_a_slots_pixels_round_trips(main_module, shape):
     """write_slot and slot_image store and return a frame of any shape that has at most the
     slot's pixel count, exactly, without touching the other slots."""
-    layout = main_module.RingLayout("t4", 3, 4, 6)
+    layout = RingLayout("t4", 3, 4, 6)
     ring = np.zeros((layout.slot_count, layout.slot_bytes), np.uint8)
     image = np.random.default_rng(len(shape)).integers(0, 255, shape, dtype=np.uint8)
-    main_module.write_slot(ring, 1, image)
-    assert np.array_equal(main_module.slot_image(ring, 1, shape[0], shape[1]), image)
+    write_slot(ring, 1, image)
+    assert np.array_equal(slot_image(ring, 1, shape[0], shape[1]), image)
     assert not ring[0].any() and not ring[2].any(), "a neighbouring slot was written"
 
 
@@ -263,7 +268,7 @@ def test_a_ctrl_c_while_the_ring_is_created_leaves_no_block_behind(main_module, 
     inside os.ftruncate): the block is removed and the Ctrl-C still goes on up as
     KeyboardInterrupt; nothing is left in /dev/shm (issue #5)."""
     import signal
-    layout = main_module.RingLayout(f"sfv{os.getpid()}c", 2, 4, 6)
+    layout = RingLayout(f"sfv{os.getpid()}c", 2, 4, 6)
     real_ftruncate = os.ftruncate
 
     def interrupted_ftruncate(fd, size):
@@ -271,6 +276,6 @@ def test_a_ctrl_c_while_the_ring_is_created_leaves_no_block_behind(main_module, 
         return real_ftruncate(fd, size)
     monkeypatch.setattr(os, "ftruncate", interrupted_ftruncate)
     with pytest.raises(KeyboardInterrupt):
-        main_module.create_ring(layout)
+        create_ring(layout)
     monkeypatch.undo()
     assert layout.name not in shm_entries("sfv"), "the half-made ring was left in /dev/shm"

@@ -1,4 +1,5 @@
-"""Section 9, Check and demo: --check reports and changes nothing; --demo runs a full search."""
+"""Check and demo (findpeople/doctor.py): --check reports and changes nothing; --demo runs a
+full search."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ from pathlib import Path
 
 
 from conftest import MODEL_PACK, MODEL_ROOT, REPO, TEST_THRESHOLD, TESTDATA
+from findpeople.providers import working_providers
+from findpeople.doctor import check_lines
 
 MODEL_FLAGS = ["--model-root", str(MODEL_ROOT), "--model-pack", MODEL_PACK, "--providers", "cpu",
                "--custom-threshold", str(TEST_THRESHOLD)]
@@ -62,7 +65,7 @@ def test_a_provider_that_cannot_load_is_reported_with_the_reason(main_module, mo
     import onnxruntime as ort
     monkeypatch.setattr(ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    verdicts = main_module.working_providers(MODEL_ROOT / "models" / MODEL_PACK / "det_500m.onnx")
+    verdicts = working_providers(MODEL_ROOT / "models" / MODEL_PACK / "det_500m.onnx")
     assert verdicts["CPUExecutionProvider"] == "loads", verdicts
     assert verdicts["CUDAExecutionProvider"] != "loads", verdicts
     assert "libonnxruntime_providers_cuda.so is missing" in verdicts["CUDAExecutionProvider"], verdicts
@@ -118,9 +121,9 @@ def test_check_counts_a_cuda_that_does_not_load_but_not_a_missing_tensorrt(main_
     import onnxruntime as ort
     monkeypatch.setattr(ort, "get_available_providers", lambda: [
         "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(main_module, "tensorrt_version", lambda: None)
+    monkeypatch.setattr("findpeople.providers.tensorrt_version", lambda: None)
     settings = main_module.load_settings(MODEL_FLAGS[:4])
-    lines, problems = main_module.check_lines(settings)
+    lines, problems = check_lines(settings)
     text = "\n".join(lines)
     assert "[!!] provider CUDAExecutionProvider: cannot be loaded" in text, text
     assert "[--] provider TensorrtExecutionProvider" in text, text

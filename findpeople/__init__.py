@@ -1,0 +1,41 @@
+"""findpeople: the engine behind main.py, one module per pipeline stage.
+
+main.py holds the settings block and main(); it hands a frozen Settings record to this package,
+which never reads main.py's constants. Importing any module here does no work and loads no heavy
+library (onnxruntime, insightface, cv2, av are imported inside the functions that need them),
+because every `spawn` child re-imports the modules of its target.
+
+The modules, in import order: each imports only modules above it (tests/test_layout.py checks).
+
+    errors      the named exceptions the user sees (BadInput, ClipError, OutputError, PipelineBroken)
+    settings    the Settings record, one flag per setting, validation
+    outputs     snapshot names and pictures, person colours, atomic file writes
+    ring        the shared-memory ring, its plan, and the child-process frame (run_child)
+    decode      list and probe videos; decoder processes: PyAV/OpenCV, rotation, deinterlace
+    providers   ONNX Runtime providers that really load, sessions, TensorRT engine cache, GPUs
+    detect      letterbox, SCRFD decoding, NMS, alignment, ArcFace embeddings (CPU path)
+    device      frames on the models' device: letterbox/candidate/alignment graphs, IO binding
+    models      find the pack, detector vs recognizer, batch-capable detector, load for a worker
+    references  reference photos -> one Reference (embeddings) per person
+    tracks      face tracks, recognition schedule, matching and naming rules, snapshots
+    worker      worker processes and threads, FrameSequencer (frames to the tracker in order)
+    clips       sightings -> time ranges -> ffmpeg clips
+    reports     results.json, results.csv, index.html, the summary table
+    resume      video.json per finished video, fingerprints, what a rerun may reuse
+    runstate    the parent's record of a run, filled from the children's messages; clip thread
+    pipeline    start the processes and queues, read messages, notice dead children, shut down
+    run         one search from start to end: inputs, resume, pipeline, reports, exit code
+    doctor      --check and --demo
+
+Where a change goes:
+
+    a new execution provider, or a TensorRT option      providers.py (model wiring: models.py)
+    a new detector layout or NMS rule                   detect.py (the GPU path: device.py)
+    a new video container, codec workaround or decoder  decode.py
+    when a face is recognised, or how a track is named  tracks.py
+    a new clip mode or ffmpeg argument                  clips.py (its setting: main.py + settings.py)
+    a new field in results.json / results.csv / HTML    reports.py (saved per video: resume.py)
+    a new setting                                       main.py's block, then settings.py's limits
+    a new process, queue or message                     pipeline.py and runstate.py
+    a new line in --check                               doctor.py
+"""
