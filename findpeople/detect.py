@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # annotations only: importing these would make a cycle
 
 
 _NMS_IOU = 0.4  # SCRFD's own non-maximum-suppression overlap
+SURE_FACE_SCORE = 0.5  # SCRFD score from which a new track is recognised at once (insightface's default)
 DET_MEAN, DET_STD = 127.5, 128.0  # SCRFD input normalisation, RGB
 # ArcFace 5-point template for a 112x112 crop. Landmark order: the eye with smaller x, the other
 # eye, the nose tip, then the mouth corner with smaller x and the other mouth corner.

@@ -1,24 +1,34 @@
-"""Output files: snapshot names and pictures, person colours, and atomic file writes.
+"""Output files: one run per output folder, snapshot names and pictures, person colours, and
+atomic file writes.
 
-Runs in the workers (snapshots, debug images) and in the parent (reports, video.json, batched
-detector copies). Every file is written through a `.part` file renamed into place, so an
-interrupted run never leaves a half-written file that looks finished.
+Runs in the workers (snapshots, debug images) and in the parent (the output folder's lock,
+reports, video.json, batched detector copies). Every file is written through a `.part` file
+renamed into place, so an interrupted run never leaves a half-written file that looks finished.
+The parent holds OUTPUT_DIR's lock for the whole run (`output_folder_lock`), so two runs never
+write into the same files.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import socket
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .errors import BadInput
 from .settings import Settings
 
 if TYPE_CHECKING:  # annotations only: importing these would make a cycle
     from .decode import VideoInfo
 
 
+_LOCK_FILE = ".findpeople.lock"  # OUTPUT_DIR/.findpeople.lock: locked while a run uses the folder
+_HOLDER_FILE = ".findpeople.run.json"  # who holds the lock (pid, host, start time), for the message
 _PALETTE_BGR = [(0, 200, 255), (255, 120, 0), (80, 220, 80), (200, 60, 255), (255, 255, 0),
                 (60, 60, 255), (0, 255, 180), (255, 0, 160), (160, 160, 255), (0, 140, 255)]
 
@@ -94,3 +104,37 @@ def write_bytes_atomic(path: Path, data: bytes, flush: bool = True) -> None:
         if isinstance(error, OSError):
             raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
         raise
+
+
+@contextlib.contextmanager
+def output_folder_lock(folder: Path):
+    """Hold the output folder for this run; raise BadInput naming the run that holds it already.
+
+    The lock is the operating system's (filelock: flock on Linux, msvcrt on Windows): it goes
+    with the process that held it, so a run killed by kill -9 or a power cut never blocks the
+    next one. Who holds it is written beside it, for the message the next run gives.
+    """
+    import filelock
+    lock = filelock.FileLock(folder / _LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise BadInput(f"output folder {folder} is in use by another run ({lock_holder(folder)}): "
+                       f"wait for it to finish, or choose another folder with --output") from None
+    try:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_bytes_atomic(folder / _HOLDER_FILE, json.dumps(holder).encode(), flush=False)
+        yield
+    finally:
+        lock.release()
+
+
+def lock_holder(folder: Path) -> str:
+    """Return who holds an output folder's lock, as its holder file says ("pid 123 on host,
+    started 2026-12-02 10:00:00"), or that this is unknown."""
+    try:
+        holder = json.loads((folder / _HOLDER_FILE).read_text(encoding="utf-8"))
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its pid and start time are not known yet"

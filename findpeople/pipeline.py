@@ -206,7 +206,7 @@ def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) 
     elif kind == "track":
         state.record_track(*message[1:])
     elif kind == "video_tracked":
-        state.video_tracked(message[1])
+        state.video_tracked(*message[1:])
     elif kind == "stats":
         state.stages[message[1]] = message[2]
     elif kind == "video_done":

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import BadInput
 from .settings import Settings
-from .detect import align_face, detect_faces, embed_faces, face_size_px
+from .detect import SURE_FACE_SCORE, align_face, detect_faces, embed_faces, face_size_px
 
 
 _IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}  # what OpenCV reads
@@ -24,7 +24,6 @@ _REF_SMALL_FACE_PX = 56  # a reference face smaller than this (shorter side, hal
 _SAME_FACE_REF_SIMILARITY = 0.9  # cosine: photos of two labels this alike show the same face
 
 
-SURE_FACE_SCORE = 0.5  # SCRFD score from which a new track is recognised at once (insightface's default)
 
 
 @dataclass
@@ -109,12 +108,16 @@ def largest_face_index(boxes: np.ndarray) -> int:
 
 def load_references(folder: Path, models, settings: Settings) -> tuple:
     """Return ([Reference], [skipped photos], [notes]); embeds the largest face of each photo."""
+    from tqdm import tqdm
     photos, spellings, others = scan_reference_folder(folder)
     problems, notes = reference_folder_notes(spellings, others)
     references = []
+    bar = tqdm(total=sum(map(len, photos.values())), desc="reference photos", unit="photo",
+               leave=False)  # 150 photos take seconds on a CPU
     for label, paths in photos.items():
         embeddings, used = [], []
         for path in paths:
+            bar.update()
             try:
                 embedding, note = embed_reference_photo(path, models, settings)
             except BadInput as error:
@@ -125,6 +128,7 @@ def load_references(folder: Path, models, settings: Settings) -> tuple:
             used.append(str(path))
         if embeddings:
             references.append(Reference(label, used, np.stack(embeddings)))
+    bar.close()
     return drop_photos_of_the_same_face(references, problems), problems, notes
 
 

@@ -207,7 +207,8 @@ def html_video(video: dict, people: list, shots: dict) -> str:
                     f'{color_hex(idx)}"></span>{html.escape(name)}</div><div class="bar">'
                     f'{"".join(segments)}</div></div>')
     if not names:
-        rows.append('<div class="row"><div class="label">nobody found</div><div class="bar"></div></div>')
+        nobody = "nobody found" if video["status"] == "ok" else "nobody found so far"
+        rows.append(f'<div class="row"><div class="label">{nobody}</div><div class="bar"></div></div>')
     axis = "".join(f"<span>{format_hms(duration * k / 4)}</span>" for k in range(5))
     head = (f'<h3>{html.escape(Path(video["file"]).name)}</h3><div class="meta">'
             f'{format_hms(video["duration_s"])}, {video["processed_frame_count"]} frames processed, '
@@ -248,6 +249,25 @@ def write_html_report(report: dict, output_dir: Path, thumbnails: dict) -> None:
     write_bytes_atomic(output_dir / "index.html", page.encode("utf-8"))
 
 
+def nobody_found_hint(counts: dict, settings: Settings) -> str | None:
+    """Return why a searched video found nobody, when its tracker's counts (VideoTracker.counts)
+    show a reason the user can act on: no face at all, most faces below MIN_FACE_SIZE, or most
+    face tracks recognised fewer than MIN_TRACK_HITS times; else None."""
+    faces, small = counts["faces"], counts["small_faces"]
+    tracks, short = counts["tracks"], counts["short_tracks"]
+    if faces == 0:
+        return "no face was detected in it"
+    if small >= faces / 2:
+        return (f"{100 * small / faces:.0f} % of its {faces} faces were smaller than MIN_FACE_SIZE "
+                f"({settings.MIN_FACE_SIZE} px) and never recognised: try --pre-upscale-factor 2 "
+                f"(small faces in a large frame) or a lower --min-face-size")
+    if tracks and short >= tracks / 2:
+        return (f"{short} of its {tracks} face tracks were recognised fewer than MIN_TRACK_HITS "
+                f"({settings.MIN_TRACK_HITS}) times (a very short video, or faces that come and go): "
+                f"try --min-track-hits 1 or --recognition-interval 1")
+    return None
+
+
 def summary_table(videos: list, reused_files: set) -> str:
     """Return the end-of-run table from the results.json entries: one line per video and person
     found; a video reused from an earlier run says so."""
@@ -258,7 +278,8 @@ def summary_table(videos: list, reused_files: set) -> str:
         frames = video["processed_frame_count"]
         people = sorted({r["name"] for r in video["ranges"]})
         if not people:
-            lines.append(f"{name:<36} {frames:>7}  {'(nobody)':<24} {0:>6} {'':>7}  {status}")
+            nobody = "(nobody)" if video["status"] == "ok" else "(nobody so far)"
+            lines.append(f"{name:<36} {frames:>7}  {nobody:<24} {0:>6} {'':>7}  {status}")
         for person in people:
             mine = [r["best_distance"] for r in video["ranges"] if r["name"] == person]
             lines.append(f"{name:<36} {frames:>7}  {person:<24} {len(mine):>6} {min(mine):>7.3f}  {status}")

@@ -7,6 +7,7 @@ prints the summary. Returns the exit code: 0 all went well; 1 something was skip
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -14,13 +15,14 @@ from pathlib import Path
 
 from .errors import BadInput, OutputError, PipelineBroken
 from .settings import Settings
+from .outputs import output_folder_lock
 from .ring import check_fits_ring, ring_memory_budget
 from .decode import VideoInfo, list_videos, probe_video, unique_output_names
 from .providers import both_onnxruntime_builds_problem
 from .models import load_face_models
 from .references import list_reference_photos, load_references, scan_reference_folder
 from .clips import find_ffmpeg
-from .reports import summary_table, video_done, video_report
+from .reports import nobody_found_hint, summary_table, video_done, video_report
 from .resume import (
     read_saved_video, remove_unlisted_files, reuse_problem, run_fingerprint, saved_video_path,
     video_fingerprint)
@@ -121,9 +123,10 @@ def videos_outside_output(paths: list, output_dir: Path) -> list:
     return kept
 
 
-def prepare_search(settings: Settings) -> tuple:
-    """Return (video paths, references, problems, model files); raise BadInput for no videos,
-    an output folder that cannot be written, no usable reference photo or no usable models."""
+def prepare_search(settings: Settings, held: contextlib.ExitStack) -> tuple:
+    """Return (video paths, references, problems, model files), with the output folder's lock
+    entered into held; raise BadInput for no videos, an output folder that cannot be written or
+    that another run uses, no usable reference photo or no usable models."""
     output_dir = Path(settings.OUTPUT_DIR)
     video_paths = videos_outside_output(list_videos(Path(settings.VIDEO_DIR)), output_dir)
     if not video_paths:
@@ -131,6 +134,7 @@ def prepare_search(settings: Settings) -> tuple:
                        f"and one photo per person in {settings.REFERENCE_DIR} (Name.jpg); or "
                        f"see a complete example first with: python main.py --demo")
     check_output_dir(output_dir)
+    held.enter_context(output_folder_lock(output_dir))
     return (video_paths, *prepare_references(settings))
 
 
@@ -140,13 +144,14 @@ def start_run(settings: Settings, video_paths: list, references: list, problems:
     print(f"[*] people: {', '.join(f'{r.name} ({len(r.photos)} photo(s))' for r in references)}")
     ffmpeg = find_ffmpeg(settings.FFMPEG_DIR)
     print(f"[*] ffmpeg: {ffmpeg or 'NOT FOUND - clips will not be cut (pip install imageio-ffmpeg)'}")
-    if ffmpeg is None:
-        problems.append(f"no ffmpeg in {settings.FFMPEG_DIR}/, on PATH or from imageio-ffmpeg: "
-                        f"clips were not cut")
     videos, video_problems = probe_all(video_paths, Path(settings.VIDEO_DIR))
     report_problems("videos skipped", video_problems)
     state = RunState(videos, settings, ffmpeg, run_header(settings, references, ffmpeg))
-    state.failures.extend(problems + video_problems)
+    state.failures.extend(problems + video_problems)  # each printed once already, above
+    state.skipped_early = (len(problems), len(video_problems))
+    if ffmpeg is None:
+        state.failures.append(f"no ffmpeg in {settings.FFMPEG_DIR}/, on PATH or from "
+                              f"imageio-ffmpeg: clips were not cut")
     plan_resume(state, run_fingerprint(settings, references, model_paths))
     return state
 
@@ -245,11 +250,14 @@ def search_videos(state: RunState, references: list) -> int:
 
 def mark_unfinished(state: RunState, why: str) -> None:
     """Give every video that is not done (see video_done) and has no error yet the error 'not
-    finished: <why>', so that its entry says why it is not "ok"."""
+    finished: <why>', so that its entry says why it is not "ok"; one stopped midway gets the
+    ranges of what was found so far (without clips), so reports show them, marked incomplete."""
     with state.lock:
         for result in state.results:
             if not video_done(result) and not result.errors:
                 result.errors.append(f"{result.info.path}: not finished: {why}")
+            if not result.finished and result.reused is None and not result.ranges:
+                result.ranges = state.ranges_of(result)
 
 
 def report_broken(state: RunState, error: PipelineBroken) -> None:
@@ -273,10 +281,15 @@ def finish_run(state: RunState, exit_code: int) -> int:
     """Print the summary and the problems; return the final exit code (1 if anything failed)."""
     entries = [video_report(r, state.output_dir, state.settings.FRAME_INTERVAL) for r in state.results]
     print(summary_table(entries, {r.info.path for r in state.results if r.reused is not None}))
+    for result in state.results:
+        hint = None if result.ranges or result.face_counts is None else \
+            nobody_found_hint(result.face_counts, state.settings)
+        if hint:
+            print(f"[*] {Path(result.info.path).name}: nobody found: {hint}")
     stats = state.run["stats"]
     print(f"[*] {stats['processed_frames']} frames in {stats['wall_s']:.1f} s "
           f"({stats['frames_per_s'] or 0:.1f} frames/s; first frame after {stats['first_frame_s']} s)")
-    report_problems("problems", state.failures)
+    report_problems("problems", final_problems(state))
     if state.write_error:
         print(f"error: {state.write_error}. Free some space (or fix the permissions, or choose "
               f"another --output) and run again: the files saved before are whole, and the videos "
@@ -288,15 +301,30 @@ def finish_run(state: RunState, exit_code: int) -> int:
     return exit_code
 
 
+def final_problems(state: RunState) -> list:
+    """Return the run's problems for the closing list: the photos and videos skipped at the
+    start (printed then) as one line with their count, then each later problem."""
+    photos, videos = state.skipped_early
+    early = [f"{count} {what} skipped: listed at the start (and in results.json's failures)"
+             for count, what in ((photos, "reference photo(s)"), (videos, "video(s)")) if count]
+    return early + state.failures[photos + videos:]
+
+
 def run_search(settings: Settings, changed: dict) -> int:
     """Run the whole search, first printing the changed settings (by name); return the exit code
-    (see the module's docstring)."""
+    (see the module's docstring). The output folder stays locked until the end."""
+    with contextlib.ExitStack() as held:
+        return run_locked_search(settings, changed, held)
+
+
+def run_locked_search(settings: Settings, changed: dict, held: contextlib.ExitStack) -> int:
+    """Run the whole search; the output folder's lock goes into held (see run_search)."""
     try:
         for name, value in changed.items():
             print(f"[*] {name} = {value!r}")
         if both_onnxruntime_builds_problem():
             print(f"[!] {both_onnxruntime_builds_problem()}")
-        prepared = prepare_search(settings)
+        prepared = prepare_search(settings, held)
         state = start_run(settings, *prepared)
     except (BadInput, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

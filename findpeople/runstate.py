@@ -36,6 +36,7 @@ class VideoResult:
     errors: list = field(default_factory=list)
     finished: bool = False
     reused: dict | None = None  # its results.json entry, saved by an earlier run (see RESUME)
+    face_counts: dict | None = None  # what its tracker saw (VideoTracker.counts), when it ended
 
 
 class RunState:
@@ -47,6 +48,7 @@ class RunState:
         self.output_dir = Path(settings.OUTPUT_DIR)
         self.decoders_done = 0
         self.failures = []
+        self.skipped_early = (0, 0)  # the first failures: (photos, videos) skipped, printed at once
         self.debug_rec_file = None
         self.started = time.monotonic()
         self.lock = threading.RLock()  # the clip thread and the message loop share the results
@@ -125,9 +127,11 @@ class RunState:
             idxs = list(self.started_videos)
         return [self.results[i] for i in sorted(idxs) if not self.results[i].finished]
 
-    def video_tracked(self, video_idx: int) -> None:
-        """Note that the worker has ended every track of a video."""
+    def video_tracked(self, video_idx: int, face_counts: dict | None = None) -> None:
+        """Note that the worker has ended every track of a video (face_counts: what its tracker
+        saw, see VideoTracker.counts)."""
         self.results[video_idx].tracked = True
+        self.results[video_idx].face_counts = face_counts
         self.maybe_finish(video_idx)
 
     def video_decoded(self, video_idx: int, sent: int, error: str | None) -> None:
@@ -149,13 +153,17 @@ class RunState:
 
     def finish_video(self, result: VideoResult) -> None:
         """Compute the ranges of one finished video, save them, and queue its clips."""
+        result.ranges.extend(self.ranges_of(result))
+        self.save_reports()
+        self.clip_jobs.put(result)
+
+    def ranges_of(self, result: VideoResult) -> list:
+        """Return the TimeRanges of a video's detections so far, person by person."""
         by_person = {}
         for d in result.detections:
             by_person.setdefault(d["name"], []).append((d["time"], d["distance"]))
-        for name in sorted(by_person):
-            result.ranges.extend(person_ranges(name, by_person[name], result.info, self.settings))
-        self.save_reports()
-        self.clip_jobs.put(result)
+        return [time_range for name in sorted(by_person)
+                for time_range in person_ranges(name, by_person[name], result.info, self.settings)]
 
     def save_reports(self) -> None:
         """Rewrite results.json, results.csv and index.html with everything found so far."""

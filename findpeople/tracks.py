@@ -19,9 +19,8 @@ import numpy as np
 from .settings import Settings
 from .outputs import encode_snapshot, snapshot_path, write_bytes_atomic
 from .decode import VideoInfo
-from .detect import align_face, face_size_px
+from .detect import SURE_FACE_SCORE, align_face, face_size_px
 from .device import DeviceLook, embed_looks
-from .references import SURE_FACE_SCORE
 
 
 # Face tracks: why each value, in the comment.
@@ -277,6 +276,9 @@ class VideoTracker:
         self.max_interval = max(self.settings.RECOGNITION_INTERVAL,
                                 int(round(per_second * _MAX_UNVERIFIED_S)))
         self.active: list = []
+        # faces seen, those below MIN_FACE_SIZE, tracks ended, those recognised fewer than
+        # MIN_TRACK_HITS times: why a video found nobody (see nobody_found_hint)
+        self.counts = {"faces": 0, "small_faces": 0, "tracks": 0, "short_tracks": 0}
         self.previous_thumb = None
         self.next_id = 0
         self.frame_handle = None  # the current frame on the models' device (see step)
@@ -293,6 +295,7 @@ class VideoTracker:
         links, ambiguous = link_detections(np.array(expected).reshape(-1, 4), boxes[:, :4],
                                            _LINK_MIN_IOU)
         owners = {d: self.active[t] for d, t in links.items()}
+        self.count_faces(boxes)
         signatures = [face_signature(image, box) for box in boxes]
         # A face back after a gap at the same place, or one that changed abruptly, may be someone
         # else: check it like a crossing.
@@ -318,6 +321,11 @@ class VideoTracker:
             if rec is None and face_size_px(boxes[d]) >= self.settings.MIN_FACE_SIZE \
                     and track.agreed:
                 track.last_look = self.look(image, kps, d)
+
+    def count_faces(self, boxes: np.ndarray) -> None:
+        """Count a frame's faces, and those too small to be recognised."""
+        self.counts["faces"] += len(boxes)
+        self.counts["small_faces"] += sum(face_size_px(b) < self.settings.MIN_FACE_SIZE for b in boxes)
 
     def recognise(self, image: np.ndarray, kps: np.ndarray, due: list) -> tuple:
         """Return (embeddings, distances [faces, people]) of the faces due for recognition."""
@@ -441,6 +449,8 @@ class VideoTracker:
         for track in tracks:
             self.active.remove(track)
             self.last_recognition(track)
+            self.counts["tracks"] += 1
+            self.counts["short_tracks"] += len(track.rec_distances) < settings.MIN_TRACK_HITS
             person, best, hits = (None, math.inf, 0) if not track.rec_distances else evaluate_evidence(
                 np.array(track.rec_distances), settings.CUSTOM_THRESHOLD, settings.MATCH_MARGIN,
                 settings.MIN_TRACK_HITS)

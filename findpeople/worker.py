@@ -172,7 +172,7 @@ class FrameSequencer:
             if item is None:
                 self.tracker.finish()
                 self.context.forget(self.video_idx)
-                self.context.result_q.put(("video_tracked", self.video_idx))
+                self.context.result_q.put(("video_tracked", self.video_idx, self.tracker.counts))
                 return
             self.feed_frame(*item)
             self.context.result_q.put(("progress", self.video_idx, 1))

@@ -14,10 +14,10 @@ from conftest import make_info, make_range
 from findpeople.clips import TimeRange
 from findpeople.references import Reference
 from findpeople.reports import (
-    format_hms, range_report, video_report, write_json_atomic, write_reports)
-from findpeople.reports import color_hex
-from findpeople.run import run_header
-from findpeople.runstate import VideoResult
+    color_hex, format_hms, nobody_found_hint, range_report, summary_table, video_report,
+    write_json_atomic, write_reports)
+from findpeople.run import mark_unfinished, run_header
+from findpeople.runstate import RunState, VideoResult
 
 
 def make_run(main_module, settings, **extra):
@@ -276,3 +276,51 @@ def test_html_report_renders_timelines_in_a_browser(search, tmp_path, main_modul
             assert pixels > 20 * 0.2 * bar_width_px, f"{name}: only {pixels} pixels of its colour"
         else:
             assert pixels < 400, f"{name} was not found but its colour covers {pixels} pixels"
+
+
+# Why nobody was found (issue #11) ------------------------------------------------------------
+@pytest.mark.parametrize("counts, expected", [
+    ({"faces": 0, "small_faces": 0, "tracks": 0, "short_tracks": 0}, "no face was detected"),
+    ({"faces": 300, "small_faces": 291, "tracks": 12, "short_tracks": 12},
+     "97 % of its 300 faces were smaller than MIN_FACE_SIZE (32 px)"),
+    ({"faces": 100, "small_faces": 50, "tracks": 4, "short_tracks": 0}, "smaller than MIN_FACE_SIZE"),
+    ({"faces": 3, "small_faces": 0, "tracks": 3, "short_tracks": 3},
+     "3 of its 3 face tracks were recognised fewer than MIN_TRACK_HITS (2) times"),
+    ({"faces": 90, "small_faces": 10, "tracks": 6, "short_tracks": 2}, None),
+    ({"faces": 90, "small_faces": 44, "tracks": 6, "short_tracks": 2}, None),
+], ids=["no-face", "tiny-faces", "half-small", "short-tracks", "recognised", "some-small"])
+def test_nobody_found_hint_says_when_faces_were_too_small_or_tracks_too_short(main_module, counts,
+                                                                           expected):
+    """A video that found nobody says why when most of its faces were below MIN_FACE_SIZE (at
+    least half), most tracks were recognised fewer than MIN_TRACK_HITS times, or no face was
+    seen; faces that were recognised and matched nobody need no hint."""
+    hint = nobody_found_hint(counts, main_module.load_settings([]))
+    if expected is None:
+        assert hint is None, hint
+    else:
+        assert hint is not None and expected in hint, f"{counts}: {hint!r}"
+
+
+def test_an_interrupted_video_shows_what_was_found_marked_incomplete(main_module, tmp_path):
+    """A video stopped midway (Ctrl-C) keeps its detections as ranges without clips, and the
+    summary table and index.html show the person found, with the status 'incomplete', never
+    'nobody found' (issue #11)."""
+    settings = main_module.load_settings(["--output", str(tmp_path / "out")])
+    (tmp_path / "out").mkdir()
+    from conftest import TESTDATA
+    people = [Reference(n, [str(TESTDATA / "refs" / f"{n}.jpg")], np.zeros((1, 4), np.float32))
+              for n in ("Barack_Obama", "Michelle_Obama")]
+    state = RunState([make_info(main_module)], settings, None, run_header(settings, people, None))
+    result = state.results[0]
+    result.processed_frame_count = 30
+    result.detections = [{"frame": f, "time": f / 15, "name": "Barack_Obama", "distance": 0.45}
+                         for f in range(10, 25)]
+    mark_unfinished(state, "interrupted")
+    state.save_reports()
+    entry = video_report(result, state.output_dir, 1)
+    assert entry["status"] == "incomplete" and [r["name"] for r in entry["ranges"]] == ["Barack_Obama"], entry
+    assert entry["ranges"][0]["clip"] is None, entry["ranges"]
+    table = summary_table([entry], set())
+    assert "Barack_Obama" in table and "incomplete" in table and "nobody" not in table, table
+    page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    assert "Barack_Obama" in page and "nobody found" not in page, page[-2000:]

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_main, search_command, video_folder
-from conftest import MODEL_PACK, MODEL_ROOT, TESTDATA
+from conftest import MODEL_PACK, MODEL_ROOT, REPO, TESTDATA, run_main, search_command, video_folder
 from findpeople.decode import list_videos
 from findpeople.resume import reuse_problem
 from findpeople.run import videos_outside_output
@@ -349,3 +348,28 @@ def test_videos_inside_the_output_folder_are_not_searched(main_module, tmp_path,
     kept = videos_outside_output(list_videos(videos), videos / "out")
     assert kept == [(videos / "talk.mp4").resolve()], kept
     assert "1 video(s) inside the output folder" in capsys.readouterr().out
+
+
+def test_the_summary_says_why_nobody_was_found_and_each_refused_photo_once(tmp_path, ffmpeg_exe):
+    """A video of tiny faces and a one-frame video found nobody: the summary says so, naming
+    MIN_FACE_SIZE and MIN_TRACK_HITS; a photo refused as another label's face is printed once,
+    not once at the start and again in the closing list (issue #11)."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    obama = str(TESTDATA / "videos" / "obama_whcd.mp4")
+    for name, args in (("tiny faces.mp4", ["-vf", "scale=144:-2", "-t", "2"]),
+                       ("one frame.mp4", ["-frames:v", "1"])):
+        subprocess.run([ffmpeg_exe, "-v", "error", "-i", obama, *args, "-an", str(videos / name)],
+                       check=True, timeout=120)
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for name in ("Barack_Obama", "Barry", "POTUS"):  # one face under three names
+        os.symlink(TESTDATA / "refs" / "Barack_Obama.jpg", refs / f"{name}.jpg")
+    code, text = run_main(search_command(videos, refs, tmp_path / "out"), REPO)
+    assert code == 1, text[-3000:]  # photos were skipped
+    refused = [line for line in text.splitlines() if "shows the same face as" in line]
+    assert len(refused) == 2 and len(set(refused)) == 2, refused
+    assert "2 reference photo(s) skipped: listed at the start" in text, text[-3000:]
+    hints = {line.split(": nobody found: ")[0]: line for line in text.splitlines() if ": nobody found: " in line}
+    assert "smaller than MIN_FACE_SIZE (32 px)" in hints.get("[*] tiny faces.mp4", ""), hints
+    assert "fewer than MIN_TRACK_HITS (2) times" in hints.get("[*] one frame.mp4", ""), hints
