@@ -13,7 +13,7 @@ import pytest
 
 from conftest import run_main, search_command, video_folder
 from conftest import MODEL_PACK, MODEL_ROOT, TESTDATA
-from findpeople.decode import list_videos
+from findpeople.folders import list_videos
 from findpeople.resume import reuse_problem
 from findpeople.run import videos_outside_output
 
