@@ -83,7 +83,7 @@ CLIP_DURATION_AFTER = 2.0  # s, 0..600; clip ends this long after the last sight
 MERGE_GAP_TOLERANCE = 2.0  # s, 0..3600; sightings of one person closer than this form one range
 CLIP_MODE = "accurate"  # accurate: re-encoded, frame-exact start | fast: stream copy from the keyframe before
 # Folders
-VIDEO_DIR = "in_video"  # folder of videos to search (searched recursively)
+VIDEO_DIR = "in_video"  # folder of videos to search (searched recursively, links followed)
 REFERENCE_DIR = "samples_jpg"  # reference photos: Name.jpg, Name_2.jpg, or a subfolder Name/
 OUTPUT_DIR = "found_fragments_colored_"  # snapshots, clips, results.json, results.csv
 RESUME = True  # reuse the videos an earlier run finished in OUTPUT_DIR when nothing they depend on changed

@@ -11,7 +11,8 @@ The modules, in import order: each imports only modules above it (tests/test_lay
     settings    the Settings record, one flag per setting, validation
     outputs     snapshot names and pictures, person colours, atomic file writes
     ring        the shared-memory ring, its plan, and the child-process frame (run_child)
-    decode      list and probe videos; decoder processes: PyAV/OpenCV, rotation, deinterlace
+    folders     what the video and photo folders hold: links followed once, each file once
+    decode      probe videos; decoder processes: PyAV/OpenCV, rotation, deinterlace
     providers   ONNX Runtime providers that really load, sessions, TensorRT engine cache, GPUs
     detect      letterbox, SCRFD decoding, NMS, alignment, ArcFace embeddings (CPU path)
     device      frames on the models' device: letterbox/candidate/alignment graphs, IO binding
@@ -32,6 +33,7 @@ Where a change goes:
     a new execution provider, or a TensorRT option      providers.py (model wiring: models.py)
     a new detector layout or NMS rule                   detect.py (the GPU path: device.py)
     a new video container, codec workaround or decoder  decode.py
+    a new video extension, or how links are followed    folders.py
     when a face is recognised, or how a track is named  tracks.py
     a new clip mode or ffmpeg argument                  clips.py (its setting: main.py + settings.py)
     a new field in results.json / results.csv / HTML    reports.py (saved per video: resume.py)

@@ -51,11 +51,13 @@ def merge_sightings(times_s: list, gap_s: float) -> list:
 
 def widen_range(first_s: float, last_s: float, frame_s: float, before_s: float, after_s: float,
                 duration_s: float) -> tuple:
-    """Return [start_s, end_s): the sightings' span plus one frame, widened, clamped to the video."""
+    """Return [start_s, end_s): the sightings' span plus one frame, widened, clamped to
+    [0, duration_s]. A duration that ends at or before the last sighting is not trusted (the
+    range then ends one frame after it); 0 means unknown."""
     start_s = max(0.0, first_s - before_s)
     end_s = last_s + frame_s + after_s
-    if duration_s > 0:  # a header duration shorter than the frames seen is not trusted
-        end_s = min(max(duration_s, last_s + frame_s), end_s)
+    if duration_s > 0:
+        end_s = min(duration_s if duration_s > last_s else last_s + frame_s, end_s)
     return start_s, end_s
 
 

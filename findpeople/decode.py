@@ -1,31 +1,31 @@
-"""Decoding: find and probe videos, then decode frames into the ring (decoder processes).
+"""Decoding: probe videos, then decode frames into the ring (decoder processes).
 
-In the parent: `list_videos` and `probe_video` turn files into `VideoInfo` records (size,
-rotation, time base, first-frame offset) or name the bad file. In each decoder process
-(`decoder_main`, NUM_CPU_LOADERS of them): take a video from jobs_q, decode it with PyAV (OpenCV
-as fallback; rotation applied, interlaced frames deinterlaced), write every FRAME_INTERVAL-th
-frame into a free ring slot and put (video_idx, seq, frame_idx, time_s, height, width, slot) on
-the video's worker's filled queue, then an end marker. Times come from each frame's presentation
-timestamp, in seconds from the first frame; never frame_idx / fps.
+In the parent: `probe_video` turns each file `folders.list_videos` found into a `VideoInfo`
+record (size, rotation, time base, first-frame offset, the file's size and time when probed) or
+names the bad file. In each decoder process (`decoder_main`, NUM_CPU_LOADERS of them): take a
+video from jobs_q, decode it with PyAV (OpenCV as fallback; rotation applied, interlaced frames
+deinterlaced), write every FRAME_INTERVAL-th frame into a free ring slot and put (video_idx, seq,
+frame_idx, time_s, height, width, slot) on the video's worker's filled queue, then an end marker.
+Times come from each frame's presentation timestamp, in seconds from the first frame; never
+frame_idx / fps. At the end of a video, a file that changed since it was probed, or that held
+less or more than its header said, makes that video's error.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 from .errors import BadInput
+from .folders import listed_only_to_be_named
 from .ring import StageClock, get_with_stop, parent_gone, run_child, write_slot
-
-
-_VIDEO_EXTENSIONS = {".mp4", ".mkv", ".avi", ".mov", ".m4v", ".webm", ".wmv", ".flv", ".mpg",
-                     ".mpeg", ".ts", ".mts", ".m2ts", ".3gp"}
 
 
 _DECODER_CHECK_FRAMES = 8  # first kept frames checked for a decoder that returns blank/stale pictures
@@ -55,28 +55,8 @@ class VideoInfo:
     rotation_deg: int = 0  # 0/90/180/270: decoded frames are turned this far counter-clockwise
     frame_count_from_header: bool = False  # frame_count is the header's count, not an estimate
     video_stream_idx: int = 0  # which of the container's video streams (a cover picture is skipped)
-
-
-def list_videos(folder: Path) -> list:
-    """Return the video files under a folder, sorted, and any folders named like a video (probe_all
-    reports those by name; the videos inside them are listed too); raise BadInput if the folder is
-    missing."""
-    if not folder.is_dir():
-        raise BadInput(f"video folder {folder} does not exist: create it and put your videos in it "
-                       f"(or see a complete example first with: python main.py --demo)")
-    return sorted(p.resolve() for p in folder.rglob("*")
-                  if p.suffix.lower() in _VIDEO_EXTENSIONS and (p.is_file() or p.is_dir()))
-
-
-def unique_output_names(paths: list, root: Path) -> list:
-    """Return one output folder name per video: its stem, or where stems clash, its path under
-    root with the extension (a/x.mp4 -> a_x_mp4)."""
-    stems = [p.stem for p in paths]
-
-    def long_name(path: Path) -> str:
-        relative = path.relative_to(root) if path.is_relative_to(root) else Path(path.name)
-        return "_".join([*relative.parent.parts, relative.stem, relative.suffix.lstrip(".")])
-    return [p.stem if stems.count(p.stem) == 1 else long_name(p) for p in paths]
+    file_bytes: int | None = None  # the file's size when it was probed (None: not probed)
+    file_mtime_ns: int | None = None  # ... and its modification time, in ns
 
 
 def read_head(path: Path) -> bytes:
@@ -133,21 +113,26 @@ def unreadable_message(path: Path, head: bytes, error: Exception) -> str:
 
 
 def probe_video(path: Path, idx: int, output_name: str) -> VideoInfo:
-    """Return the video's facts from its headers and first frame; raise BadInput naming the file,
-    what is wrong and what to do."""
+    """Return the video's facts from its headers and first frame, and the file's size and time
+    then; raise BadInput naming the file, what is wrong and what to do."""
     import av
+    if problem := listed_only_to_be_named(path):
+        raise BadInput(problem)
     head = read_head(path)
+    status = path.stat()  # before it is opened: a change from here on is seen at its end
     try:
         with av.open(str(path)) as container:
             stream = video_stream_of(path, container)
-            rotation = first_frame_rotation(path, container, stream)
-            return video_info(path, idx, output_name, container, stream, rotation)
+            refuse_raw_stream(path, container, stream)
+            first = first_frame(path, container, stream)
+            info = video_info(path, idx, output_name, container, stream, first)
     except (av.error.FFmpegError, OSError, ValueError) as error:
         raise BadInput(unreadable_message(path, head, error)) from None
+    return replace(info, file_bytes=status.st_size, file_mtime_ns=status.st_mtime_ns)
 
 
-def first_frame_rotation(path: Path, container, stream) -> float:
-    """Return the display rotation (degrees counter-clockwise) of the first decodable frame;
+def first_frame(path: Path, container, stream):
+    """Return the first decodable frame (its pts is time 0, its rotation the display rotation);
     raise BadInput when no frame can be decoded."""
     damaged_pts = []
     first = next(decoded_frames(container, stream, damaged_pts), None)
@@ -155,7 +140,22 @@ def first_frame_rotation(path: Path, container, stream) -> float:
         reason = f" ({len(damaged_pts)} damaged packets)" if damaged_pts else ""
         raise BadInput(f"{path}: no frame can be decoded{reason}; the file is truncated or "
                        f"damaged: copy it again, or remove it from the folder")
-    return first.rotation
+    return first
+
+
+def refuse_raw_stream(path: Path, container, stream) -> None:
+    """Raise BadInput for a raw video stream (H.264, HEVC, MPEG video without a container, whatever
+    its name): it has no timestamps, so ffmpeg assumes 25 fps and every time would be a guess."""
+    import av
+    if not container.format.flags & av.format.Flags.no_timestamps.value:
+        return
+    rate = stream.codec_context.framerate  # what the stream's own header says, if anything
+    how = f", {float(rate):g} fps as the stream itself says: ffmpeg -framerate {float(rate):g} " \
+        f"-i IN -c copy OUT.mp4" if rate else \
+        ": ffmpeg -framerate 30 -i IN -c copy OUT.mp4 with its real frame rate for 30"
+    raise BadInput(f"{path}: is {container.format.long_name} without a container, not a video "
+                   f"file: it has no timestamps, so the times of what is found could not be "
+                   f"known; put it in a container at its frame rate{how}, and search that")
 
 
 def video_stream_of(path: Path, container):
@@ -180,27 +180,34 @@ def video_stream_of(path: Path, container):
     return stream
 
 
-def video_info(path: Path, idx: int, output_name: str, container, stream, rotation: float) -> VideoInfo:
-    """Return the VideoInfo of an open video; width and height are as displayed (rotated)."""
+def video_info(path: Path, idx: int, output_name: str, container, stream, first) -> VideoInfo:
+    """Return the VideoInfo of an open video whose first frame is `first`; width and height are as
+    displayed (rotated)."""
     time_base = Fraction(stream.time_base)
-    origin_pts = stream.start_time if stream.start_time is not None else 0
-    container_start_s = (container.start_time or 0) / 1_000_000
+    origin_pts = first.pts if first.pts is not None else (stream.start_time or 0)
     fps = float(stream.average_rate or stream.guessed_rate or 25)
-    if stream.duration:
-        duration_s = float(stream.duration * time_base)
-    else:
-        duration_s = (container.duration or 0) / 1_000_000
-    rotation_deg = display_rotation_deg(rotation)
+    duration_s = stream_duration_s(container, stream, float(origin_pts * time_base))
+    rotation_deg = display_rotation_deg(first.rotation)
     width, height = (stream.height, stream.width) if rotation_deg in (90, 270) else \
         (stream.width, stream.height)
     return VideoInfo(
         idx=idx, path=str(path), output_name=output_name, width=width, height=height, fps=fps,
         frame_count=stream.frames or int(round(duration_s * fps)), duration_s=duration_s,
         time_base=time_base, origin_pts=origin_pts,
-        video_start_offset_s=float(origin_pts * time_base) - container_start_s,
+        video_start_offset_s=float(origin_pts * time_base) - (container.start_time or 0) / 10**6,
         has_audio=bool(container.streams.audio), rotation_deg=rotation_deg,
         frame_count_from_header=bool(stream.frames),
         video_stream_idx=list(container.streams.video).index(stream))
+
+
+def stream_duration_s(container, stream, origin_s: float) -> float:
+    """Return the video's length in s: the video stream's duration, or, where the stream does not
+    say, from its first frame (at origin_s) to the container's end; 0 when neither says."""
+    if stream.duration:
+        return float(stream.duration * Fraction(stream.time_base))
+    if container.duration:
+        return max(0.0, ((container.start_time or 0) + container.duration) / 1_000_000 - origin_s)
+    return 0.0
 
 
 def display_rotation_deg(rotation: float) -> int:
@@ -290,17 +297,19 @@ def nearest_time_s(times_s: list, approx_s: float, tolerance_s: float) -> float:
 
 def opencv_frames(info: VideoInfo, frame_interval: int):
     """Yield what pyav_frames yields, decoded by OpenCV (the fallback decoder). Each time is the
-    packet timestamp (exact, read by PyAV's demuxer) nearest to OpenCV's position, which counts
-    from the first frame too; OpenCV's own where no packet is within half a frame."""
+    packet timestamp (exact, read by PyAV's demuxer) nearest to OpenCV's position counted from its
+    first frame (OpenCV counts from the stream's start, which can be a frame earlier); OpenCV's
+    own where no packet is within half a frame."""
     import cv2
     times_s = packet_times_s(info)
     capture = cv2.VideoCapture(info.path, cv2.CAP_FFMPEG)
     capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)  # rotated below, exactly as PyAV's frames
     try:
-        frame_idx = 0
+        frame_idx, first_s = 0, None
         while capture.grab():
-            time_s = nearest_time_s(times_s, capture.get(cv2.CAP_PROP_POS_MSEC) / 1000,
-                                    0.5 / info.fps)
+            position_s = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000
+            first_s = position_s if first_s is None else first_s
+            time_s = nearest_time_s(times_s, position_s - first_s, 0.5 / info.fps)
             image = None
             if frame_idx % frame_interval == 0:
                 ok, image = capture.retrieve()
@@ -417,15 +426,58 @@ def decoding_problem(info: VideoInfo, decoded_count: int, last_time_s: float,
             f"part (ffmpeg -i IN -c:v libx264 OUT.mp4) to silence this")
 
 
+def longer_than_probed(info: VideoInfo, decoded_count: int, last_time_s: float) -> str | None:
+    """Return the message for a video that held far more than its header said when it was probed:
+    more frames than its frame count (by more than 2 frames and 1 %), or, without a count, frames
+    past its duration (by more than 2 s and 10 %, as for one that ends early); None otherwise."""
+    if info.frame_count_from_header:
+        late = decoded_count > info.frame_count + max(2, info.frame_count // 100)
+    else:
+        late = info.duration_s > 0 and \
+            last_time_s > info.duration_s + max(2.0, 0.1 * info.duration_s)
+    if not late:
+        return None
+    return (f"{info.path}: holds more than it did when it was opened: decoding went on to "
+            f"{last_time_s:.2f} s, past the {info.duration_s:.2f} s its header said then "
+            f"({decoded_count} frames, {info.frame_count} expected), so the file grew while it was "
+            f"searched (a copy or recording still going on), or its header is wrong. Run again "
+            f"once the file is complete; if this stays, re-mux it (ffmpeg -i IN -c copy OUT.mkv) "
+            f"and search that")
+
+
+def file_change_problem(info: VideoInfo) -> str | None:
+    """Return the message for a video file whose size or modification time is not what they were
+    when it was probed (a copy or recording still going on, or a file replaced); None when they
+    are, or when it was not probed."""
+    if info.file_bytes is None:
+        return None
+    try:
+        status = os.stat(info.path)
+    except OSError as error:
+        now = f"it cannot be found any more ({error.strerror or error})"
+    else:
+        if (status.st_size, status.st_mtime_ns) == (info.file_bytes, info.file_mtime_ns):
+            return None
+        now = f"{status.st_size} bytes now" if status.st_size != info.file_bytes else \
+            "the same size, but written to since"
+    return (f"{info.path}: changed while it was searched ({info.file_bytes} bytes when it was "
+            f"opened, {now}): it is still being copied or recorded, or was replaced, so what was "
+            f"searched may not be all of it. Run again once the file is complete: it is then "
+            f"searched again")
+
+
 def decode_frames(info: VideoInfo, frame_interval: int):
     """Yield (frame_idx, time_s, BGR array as displayed) for every frame_interval-th decoded
-    frame; at the end, raise BadInput if the file turned out truncated or damaged."""
+    frame; at the end, raise BadInput if the file changed since it was probed, held more or less
+    than its header said, or was damaged."""
     decoded_count, last_time_s, damaged_pts = 0, 0.0, []
     for frame_idx, time_s, image in working_decoder_frames(info, frame_interval, damaged_pts):
         decoded_count, last_time_s = frame_idx + 1, time_s
         if image is not None:
             yield frame_idx, time_s, image
-    if problem := decoding_problem(info, decoded_count, last_time_s, damaged_pts):
+    problem = file_change_problem(info) or longer_than_probed(info, decoded_count, last_time_s) \
+        or decoding_problem(info, decoded_count, last_time_s, damaged_pts)
+    if problem:
         raise BadInput(problem)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import BadInput
 from .settings import Settings
-from .decode import list_videos
+from .folders import list_videos
 from .providers import (
     both_onnxruntime_builds_problem, optional_provider, package_version, visible_gpus,
     working_providers)

@@ -1,9 +1,10 @@
 """References: the people to look for, from the photos in REFERENCE_DIR.
 
 Runs in the parent before the pipeline starts. In: photos named Name.jpg, Name_2.jpg or kept in a
-subfolder Name/. Out: one `Reference` per person with the L2-normalised embeddings of the
-largest face of each usable photo. Bad photos (unreadable, no face, tiny face, the same face
-under two names) are named with the fix and left out; the run goes on with the rest.
+subfolder Name/ (links followed, each photo used once per person). Out: one `Reference` per
+person with the L2-normalised embeddings of the largest face of each usable photo. Bad photos
+(unreadable, no face, tiny face, the same face under two names, a dead link) are named with the
+fix and left out; the run goes on with the rest.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from .errors import BadInput
 from .settings import Settings
+from .folders import dead_link_message, file_identity, unreadable_folder_message, walk_folder
 from .detect import SURE_FACE_SCORE, align_face, detect_faces, embed_faces, face_size_px
 
 
@@ -48,30 +50,48 @@ def label_key(label: str) -> str:
     return re.sub(r"[\s_\-]+", "", label).casefold()
 
 
-def reference_files(folder: Path) -> list:
-    """Return the files in the folder and its first-level subfolders (system files left out);
-    raise BadInput if the folder does not exist."""
+def reference_files(folder: Path) -> tuple:
+    """Return ([the files in the folder and its first-level subfolders, sorted, system files left
+    out], [problems: dead links, subfolders that cannot be opened], [notes: links to folders not
+    followed]); links are followed (folders.walk_folder). Raise BadInput if the folder does not
+    exist."""
     if not folder.is_dir():
         raise BadInput(f"reference folder {folder} does not exist: create it and put one photo "
                        f"per person in it, named after the person (e.g. Barack_Obama.jpg)")
-    return [p for p in sorted(folder.rglob("*")) if p.is_file() and len(p.relative_to(folder).parts) <= 2
-            and p.name.lower() not in _IGNORED_FILES and not p.name.startswith("._")]
+    listing = walk_folder(folder, max_depth=1)
+    files = sorted(p for p in listing.files
+                   if p.name.lower() not in _IGNORED_FILES and not p.name.startswith("._"))
+    problems = [f"{dead_link_message(p)} (skipped)" for p in listing.dead_links] + \
+        [f"{unreadable_folder_message(p, error, 'the photos')} (skipped)"
+         for p, error in listing.unreadable]
+    return files, problems, listing.notes
 
 
 def scan_reference_folder(folder: Path) -> tuple:
     """Return ({label: [photo paths]}, {label: the spellings merged into it}, [files in other
-    formats]) for the folder and its first-level subfolders. Labels that differ only in case,
-    spaces, '_' or '-' are one person, named by the first spelling (files sorted)."""
-    photos, spellings, others, first = {}, {}, [], {}
-    for path in reference_files(folder):
+    formats], [problems], [notes]) for the folder and its first-level subfolders (problems and
+    notes: see reference_files; a file reached twice under one label is used once, with a note).
+    Labels that differ only in case, spaces, '_' or '-' are one person, named by the first
+    spelling (files sorted)."""
+    files, problems, notes = reference_files(folder)
+    photos, spellings, others, first, seen = {}, {}, [], {}, {}
+    for path in files:
         if path.suffix.lower() not in _IMAGE_EXTENSIONS:
             others.append(path)
             continue
         spelled = reference_label(path, folder)
         label = first.setdefault(label_key(spelled), spelled)
+        try:
+            identity = (label, file_identity(path))
+        except OSError:  # read_image says why
+            identity = (label, str(path))
+        if identity in seen:
+            notes.append(f"{path}: the same file as {seen[identity]}: used once for {label}")
+            continue
+        seen[identity] = path
         photos.setdefault(label, []).append(path)
         spellings.setdefault(label, set()).add(spelled)
-    return photos, spellings, others
+    return photos, spellings, others, problems, notes
 
 
 def list_reference_photos(folder: Path) -> dict:
@@ -109,8 +129,9 @@ def largest_face_index(boxes: np.ndarray) -> int:
 def load_references(folder: Path, models, settings: Settings) -> tuple:
     """Return ([Reference], [skipped photos], [notes]); embeds the largest face of each photo."""
     from tqdm import tqdm
-    photos, spellings, others = scan_reference_folder(folder)
-    problems, notes = reference_folder_notes(spellings, others)
+    photos, spellings, others, problems, notes = scan_reference_folder(folder)
+    skipped, merged = reference_folder_notes(spellings, others)
+    problems, notes = problems + skipped, notes + merged
     references = []
     bar = tqdm(total=sum(map(len, photos.values())), desc="reference photos", unit="photo",
                leave=False)  # 150 photos take seconds on a CPU

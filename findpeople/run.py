@@ -17,7 +17,8 @@ from .errors import BadInput, OutputError, PipelineBroken
 from .settings import Settings
 from .outputs import output_folder_lock
 from .ring import check_fits_ring, ring_memory_budget
-from .decode import VideoInfo, list_videos, probe_video, unique_output_names
+from .folders import list_videos, unique_output_names
+from .decode import VideoInfo, probe_video
 from .providers import both_onnxruntime_builds_problem
 from .models import load_face_models
 from .references import list_reference_photos, load_references, scan_reference_folder

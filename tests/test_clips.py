@@ -84,6 +84,8 @@ def test_merge_sightings_table(main_module, times_s, gap_s, expected):
     (0.0, 0.0, 0.04, 0.0, 0.0, 10.0, (0.0, 0.04)),  # one frame after the last sighting
     (9.96, 9.96, 0.04, 0.0, 0.0, 10.0, (9.96, 10.0)),  # the last frame reaches the end exactly
     (4.0, 4.0, 1 / 29.97, 0.0, 0.0, 9.0, (4.0, 4.0 + 1 / 29.97)),
+    (2.9333, 2.9333, 0.1, 0.0, 0.0, 3.0, (2.9333, 3.0)),  # VFR: 1 / average fps is past the end
+    (2.9333, 2.9333, 0.1, 0.0, 2.0, 3.0, (2.9333, 3.0)),
 ])
 def test_widen_range_adds_margins_and_one_frame_clamped_to_the_video(
         main_module, first_s, last_s, frame_s, before_s, after_s, duration_s, expected):
@@ -92,6 +94,14 @@ def test_widen_range_adds_margins_and_one_frame_clamped_to_the_video(
     assert got == pytest.approx(expected), \
         f"widen_range({first_s}, {last_s}, {frame_s}, {before_s}, {after_s}, {duration_s}) = {got}"
     assert 0.0 <= got[0] <= got[1] <= duration_s, f"{got} is outside [0, {duration_s}]"
+
+
+@pytest.mark.parametrize("duration_s", [4.0, 5.0])
+def test_a_duration_that_ends_before_the_last_sighting_is_not_trusted(main_module, duration_s):
+    """A header duration at or before the last sighting (a wrong header) does not cut the range:
+    it ends one frame after the last sighting."""
+    got = widen_range(5.0, 5.0, 0.04, 0.0, 2.0, duration_s)
+    assert got == pytest.approx((5.0, 5.04)), f"widen_range(..., {duration_s}) = {got}"
 
 
 def test_widened_range_includes_the_last_sighting_s_frame(main_module):

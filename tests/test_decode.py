@@ -16,10 +16,10 @@ from findpeople.ring import (
     StageClock, _MIN_RING_SLOTS, ring_layout_for, ring_memory_budget, slot_image)
 from findpeople.decode import (
     bob_deinterlace, decode_frames, decode_into_ring, describe_content, display_rotation_deg,
-    first_frame_rotation, frames_look_broken, nearest_time_s, opencv_frames,
-    probe_video, pyav_frames, unique_output_names)
+    first_frame, frames_look_broken, nearest_time_s, opencv_frames,
+    probe_video, pyav_frames)
 from findpeople.detect import detect_faces
-from findpeople.clips import TimeRange, cut_clip
+from findpeople.clips import TimeRange, cut_clip, person_ranges
 from findpeople.run import probe_all
 
 MEDIA_INFO = json.loads((TESTDATA / "media_info.json").read_text())
@@ -105,14 +105,6 @@ def test_variable_frame_rate_times_follow_timestamps_not_frame_rate(main_module,
     assert np.allclose(times, expected, atol=1.5e-3), f"times {np.round(times, 3).tolist()}"
 
 
-def test_output_names_stay_unique_when_stems_clash(main_module):
-    """a.mp4, a.mkv and sub/a.mp4 get different output folders; unique stems stay as they are."""
-    root = Path("/videos")
-    paths = [root / "a.mp4", root / "a.mkv", root / "sub" / "a.mp4", root / "b.mp4"]
-    names = unique_output_names(paths, root)
-    assert names == ["a_mp4", "a_mkv", "sub_a_mp4", "b"], names
-
-
 # ── Bad input (issue #5): every case is generated here, then probed, decoded and searched ─────
 OBAMA = TESTDATA / "videos" / "obama_whcd.mp4"
 X264 = ["-c:v", "libx264", "-preset", "ultrafast", "-crf", "18"]
@@ -158,6 +150,7 @@ def cut_in_half(source: Path, target: Path) -> Path:
 
 def make_bad_files(folder: Path, ffmpeg_exe: str) -> None:
     """Write every bad file of BAD_FILES and PARTLY_READABLE into folder."""
+    import os
     import random
     (folder / "empty.mp4").write_bytes(b"")
     (folder / "notes.mp4").write_text("my notes about the trip\n" * 20)
@@ -176,10 +169,18 @@ def make_bad_files(folder: Path, ffmpeg_exe: str) -> None:
     damaged[len(damaged) // 3: len(damaged) // 3 + len(noise)] = noise
     (folder / "damaged.mp4").write_bytes(bytes(damaged))
     (folder / "clip.mp4").mkdir()
+    run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-frames:v", "15", *X264, "-f", "h264", folder / "raw h264.mp4")
+    run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-frames:v", "15", *X264, "-f", "h264", folder / "stream.h264")
+    run_ffmpeg(ffmpeg_exe, "-f", "lavfi", "-i", "testsrc=size=64x48:rate=15", "-frames:v", "3",
+               "-pix_fmt", "yuv420p", folder / "tiny.y4m")
+    os.symlink(folder.parent / "nowhere.mp4", folder / "gone.mp4")
 
 
 def make_good_files(folder: Path, ffmpeg_exe: str) -> None:
-    """Write every video of GOOD_VIDEOS into folder: Obama's clip in many shapes and codecs."""
+    """Write every video of GOOD_VIDEOS into folder: Obama's clip in many shapes and codecs, one
+    of them in a folder outside reached through a link; a second link to mpeg4.avi and a loop of
+    links (clip.mp4/up -> ..)."""
+    import os
     run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-c", "copy", folder / UNICODE_NAME)
     sideways = folder.parent / "sideways.mp4"  # the face lies on its side in the raw frames
     run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-t", "2", "-vf", "transpose=1", *X264, "-an", sideways)
@@ -201,6 +202,15 @@ def make_good_files(folder: Path, ffmpeg_exe: str) -> None:
     (folder / "clip.mp4").mkdir(exist_ok=True)
     run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-frames:v", "15", "-c:v", "mpeg4", "-q:v", "3", "-an",
                folder / "clip.mp4" / "inside.mp4")
+    run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-t", "2", "-c:v", "mpeg4", "-bf", "2", "-q:v", "3",
+               folder / "bframes.avi")  # its container's timestamps start one frame late
+    elsewhere = folder.parent / "elsewhere"  # outside the folder, reached through a link
+    elsewhere.mkdir()
+    run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-frames:v", "15", "-c:v", "mpeg4", "-q:v", "3", "-an",
+               elsewhere / "elsewhere.mp4")
+    os.symlink(elsewhere, folder / "linked")
+    os.symlink("mpeg4.avi", folder / "again.avi")  # the same file twice: searched once
+    os.symlink("..", folder / "clip.mp4" / "up")  # a loop: reported once
 
 
 BAD_FILES = {  # file -> what its message must say (it always starts with the file's path)
@@ -214,6 +224,16 @@ BAD_FILES = {  # file -> what its message must say (it always starts with the fi
     "cut short.mp4": r"is an MP4/MOV file that ffmpeg cannot read .* truncated .*'moov'.* copy it again",
     "cut before the first frame.mp4": r"no frame can be decoded.*; the file is truncated or damaged",
     "clip.mp4": r"is a folder named like a video, not a video; the videos inside it are searched",
+    "raw h264.mp4": r"is raw H\.264 video without a container, not a video file: it has no "
+                    r"timestamps, so the times of what is found could not be known; put it in a "
+                    r"container at its frame rate, 15 fps as the stream itself says: ffmpeg "
+                    r"-framerate 15 -i IN -c copy OUT\.mp4, and search that",
+    "stream.h264": r"is not searched: \.h264 is a raw video stream, without the timestamps a video "
+                   r"file has, .*ffmpeg -framerate 30 -i IN -c copy OUT\.mp4",
+    "tiny.y4m": r"is not searched: \.y4m is not one of the video formats searched \(\.3gp, .*\); "
+                r"convert it \(ffmpeg -i IN -c:v libx264 OUT\.mp4\) and search that",
+    "gone.mp4": r"is a link to .*nowhere\.mp4, which does not exist \(moved, deleted, or on a disk "
+                r"that is not mounted\); fix the link or remove it",
 }
 PARTLY_READABLE = {  # file -> (frames decoded, what its message must say)
     "cut short faststart.mp4": (29, r"decoding stopped at 1\.87 s of 4\.00 s \(29 of 60 frames\): "
@@ -233,6 +253,8 @@ GOOD_VIDEOS = {  # file -> (frames, displayed width x height, share of frames Ob
     "interlaced.mp4": (30, (844, 612), 0.9),
     "vfr.mkv": (30, (844, 614), 0.9),
     "inside.mp4": (15, (844, 614), 0.9),  # in the folder clip.mp4/
+    "bframes.avi": (30, (844, 614), 0.9),  # MPEG-4 with B-frames in AVI
+    "elsewhere.mp4": (15, (844, 614), 0.9),  # in a folder outside, through the link linked/
 }
 
 
@@ -280,7 +302,7 @@ def probe_as_other_user(folder: Path) -> tuple:
     import sys
     from conftest import REPO
     code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
-            "from findpeople.decode import list_videos; from findpeople.run import probe_all; "
+            "from findpeople.folders import list_videos; from findpeople.run import probe_all; "
             "folder = Path(sys.argv[2]); videos, problems = probe_all(list_videos(folder), "
             "folder); print(json.dumps([[Path(v.path).name for v in videos], problems]))")
     cmd = [sys.executable, "-c", code, str(REPO), str(folder)]
@@ -293,10 +315,12 @@ def probe_as_other_user(folder: Path) -> tuple:
 
 def test_an_unreadable_video_is_reported_as_permission_denied(ffmpeg_exe):
     """A video this user may not read (chmod 000) is reported by name, with 'permission denied'
-    and how to fix it; a readable one beside it is probed as usual."""
+    and how to fix it, and so is a subfolder this user may not open (its videos are left out);
+    a readable one beside them is probed as usual."""
     import shutil
     import tempfile
     folder = Path(tempfile.mkdtemp(prefix="sfv_test_perm_"))  # not tmp_path: that is mode 0700
+    private = folder / "private"
     try:
         folder.chmod(0o755)
         run_ffmpeg(ffmpeg_exe, "-i", OBAMA, "-frames:v", "5", "-c:v", "mpeg4", folder / "readable.mp4")
@@ -304,12 +328,20 @@ def test_an_unreadable_video_is_reported_as_permission_denied(ffmpeg_exe):
         shutil.copy(folder / "readable.mp4", locked)
         locked.chmod(0)
         (folder / "readable.mp4").chmod(0o644)
+        private.mkdir()
+        shutil.copy(folder / "readable.mp4", private / "hidden.mp4")
+        private.chmod(0)
         usable, problems = probe_as_other_user(folder)
     finally:
+        if private.exists():
+            private.chmod(0o755)
         shutil.rmtree(folder)
     assert usable == ["readable.mp4"], (usable, problems)
-    assert len(problems) == 1 and problems[0].startswith(f"{locked}: permission denied"), problems
+    assert len(problems) == 2 and problems[0].startswith(f"{locked}: permission denied"), problems
     assert "make it readable (chmod a+r" in problems[0], problems
+    assert problems[1] == (f"{private}: this folder cannot be opened (Permission denied), so the "
+                           f"videos in it are left out; make it readable (chmod a+rx, or ask its "
+                           f"owner), or move them out"), problems
 
 
 @pytest.mark.parametrize("head, expected", [
@@ -503,16 +535,79 @@ def test_a_video_that_opens_on_black_or_a_still_stays_with_pyav(main_module, ffm
 
 # ── The whole search over the bad-input folder: one run, then one check per case ─────────────
 @pytest.fixture(scope="module")
-def matrix_run(matrix_dir, ffmpeg_exe):
-    """One search (in a subprocess) over every bad file and good variant, with every reference."""
+def growing_ts(tmp_path_factory, ffmpeg_exe) -> tuple:
+    """(the bytes of Obama's clip as MPEG-TS, 4 s without an index or a frame count, and where
+    its first half ends, on a TS packet boundary)."""
+    full = tmp_path_factory.mktemp("grow") / "full.ts"
+    run_ffmpeg(ffmpeg_exe, "-i", OBAMA, *X264, "-f", "mpegts", full)
+    data = full.read_bytes()
+    return data, len(data) // 2 // 188 * 188
+
+
+_GROW_SHIM = '''"""Test shim (issue #11): a copy still going on. In a decoder process, once the video
+SFV_TEST_GROW names has given some packets, the rest of the file is appended to it.
+
+SFV_TEST_GROW = "<file name>|<packets>|<file holding the rest>".
+"""
+import multiprocessing
+import os
+
+_NAME, _PACKETS, _REST = os.environ["SFV_TEST_GROW"].split("|")
+
+
+class _GrowingContainer:
+    def __init__(self, container, path):
+        self._container, self._path = container, path
+
+    def __getattr__(self, name):
+        return getattr(self._container, name)
+
+    def __enter__(self):
+        self._container.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._container.__exit__(*exc)
+
+    def demux(self, *args, **kwargs):
+        for count, packet in enumerate(self._container.demux(*args, **kwargs)):
+            if count == int(_PACKETS):
+                with open(self._path, "ab") as file, open(_REST, "rb") as rest:
+                    file.write(rest.read())
+            yield packet
+
+
+def _open(path, *args, **kwargs):
+    container = _real_open(path, *args, **kwargs)
+    growing = os.path.basename(str(path)) == _NAME
+    growing = growing and multiprocessing.current_process().name.startswith("decoder-")
+    return _GrowingContainer(container, path) if growing else container
+
+
+import av  # noqa: E402
+
+_real_open, av.open = av.open, _open
+'''
+
+
+@pytest.fixture(scope="module")
+def matrix_run(matrix_dir, ffmpeg_exe, growing_ts):
+    """One search (in a subprocess) over every bad file and good variant, with every reference,
+    and recording.ts, half copied: a shim appends the rest once its decoder has read 10 packets."""
     import os
     import time
     import uuid
     from conftest import link_all_refs, search_command
     base = matrix_dir.parent
     refs = link_all_refs(base / "refs")
+    data, half = growing_ts
+    (matrix_dir / "recording.ts").write_bytes(data[:half])
+    (base / "rest").write_bytes(data[half:])
+    (base / "grow_shim").mkdir()
+    (base / "grow_shim" / "sitecustomize.py").write_text(_GROW_SHIM)
     marker = f"SFV_TEST_{uuid.uuid4().hex}"
-    env = {**os.environ, marker: "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, marker: "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(base / "grow_shim"),
+           "SFV_TEST_GROW": f"recording.ts|10|{base / 'rest'}"}
     cmd = search_command(matrix_dir, refs, base / "out")
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           cwd=base) as process:
@@ -560,6 +655,27 @@ def test_a_partly_readable_video_is_searched_as_far_as_it_goes(matrix_run, name)
     assert entry["processed_frame_count"] == PARTLY_READABLE[name][0], entry["processed_frame_count"]
     assert len(frames) >= 0.75 * entry["processed_frame_count"], f"found on {len(frames)} frames"
     assert entry["status"] == "incomplete" and entry["errors"], entry["status"]
+
+
+def test_a_video_still_being_copied_is_incomplete_and_saves_nothing(matrix_run, matrix_dir,
+                                                                   growing_ts):
+    """recording.ts, whose copy goes on while it is searched (a shim appends the rest once its
+    decoder has read 10 packets), is searched as far as it then went, is "incomplete" with the
+    reason (one failure: the run exits with 1) and saves no video.json, so the next run searches
+    it again."""
+    data, half = growing_ts
+    path = matrix_dir / "recording.ts"
+    message = (f"{path}: changed while it was searched ({half} bytes when it was opened, "
+               f"{len(data)} bytes now): it is still being copied or recorded, or was replaced, so "
+               f"what was searched may not be all of it. Run again once the file is complete: it is "
+               f"then searched again")
+    entry = matrix_entry(matrix_run, "recording.ts")
+    assert (entry["status"], entry["errors"]) == ("incomplete", [message]), entry["errors"]
+    assert entry["processed_frame_count"] == 60, entry["processed_frame_count"]
+    mine = [f for f in matrix_run["results"]["failures"] if f.startswith(f"{path}: ")]
+    assert mine == [message] and f"    - {message}" in matrix_run["stdout"], mine
+    saved = matrix_run["out"] / entry["output_folder"] / "video.json"
+    assert not saved.exists(), "an incomplete video was saved for reuse"
 
 
 def fits_the_ring(main_module, width: int, height: int) -> bool:
@@ -645,6 +761,99 @@ def test_vfr_video_detections_are_at_its_frame_timestamps(main_module, matrix_ru
     assert not off, f"detections between frames: {off[:5]}"
 
 
+def test_a_file_reached_through_several_paths_is_searched_once_and_a_loop_noted_once(
+        matrix_run, matrix_dir):
+    """mpeg4.avi and the link again.avi to it are searched once, under its real path, with one
+    note; the loop of links clip.mp4/up -> .. is noted once; no two videos share an output
+    folder (the video in a folder reached through a link: [elsewhere.mp4] above)."""
+    videos = matrix_run["results"]["videos"]
+    folders = [v["output_folder"].casefold() for v in videos]
+    assert len(set(folders)) == len(folders), sorted(folders)
+    assert not [v for v in videos if Path(v["file"]).name == "again.avi"], "again.avi searched"
+    assert matrix_entry(matrix_run, "mpeg4.avi")["file"] == str((matrix_dir / "mpeg4.avi").resolve())
+    out = matrix_run["stdout"]
+    again = f"[*] {matrix_dir / 'again.avi'}: the same file as {matrix_dir / 'mpeg4.avi'}: searched once"
+    loop = f"[*] {matrix_dir / 'clip.mp4' / 'up'}: not followed: this link leads back to"
+    assert out.count(again) == 1 and out.count(loop) == 1, out[:3000]
+
+
+def test_every_range_lies_within_its_video(matrix_run):
+    """Every range of every video searched without error ("ok") starts at 0 or later and ends at
+    the video's duration or earlier (the AVI with B-frames used to end one frame past it, the VFR
+    file one average frame past it). A video that held more than its probed duration is not
+    "ok": see recording.ts."""
+    videos = [v for v in matrix_run["results"]["videos"] if v["status"] == "ok"]
+    outside = [(Path(v["file"]).name, r["start"], r["end"], v["duration_s"])
+               for v in videos for r in v["ranges"]
+               if r["start"] < 0 or r["end"] > v["duration_s"] + 6e-4]  # end: 3 decimals
+    ranges = sum(len(v["ranges"]) for v in videos)
+    assert ranges >= len(GOOD_VIDEOS) - 1 and not outside, (ranges, outside)
+
+
+def test_times_count_from_the_first_frames_own_timestamp(main_module, matrix_dir):
+    """In an AVI with B-frames, whose container timestamps start one frame late, the first frame
+    is time 0 and the frames are 1/15 s apart, so a range ending at its last frame ends at the
+    stream's duration (2 s), not a frame past it."""
+    info = probe(main_module, matrix_dir / "bframes.avi")
+    times = [t for _, t, _ in decode_frames(info, 1)]
+    assert np.allclose(times, [i / 15 for i in range(30)], atol=1e-6), np.round(times[:3], 4)
+    assert info.duration_s == pytest.approx(2.0, abs=1e-6), info.duration_s
+    settings = main_module.load_settings(["--clip-duration-after", "2"])
+    ranges = person_ranges("Barack_Obama", [(times[-1], 0.5)], info, settings)
+    assert [r.end_s for r in ranges] == pytest.approx([2.0], abs=1e-6), ranges
+
+
+@pytest.mark.parametrize("how", ["appended to", "written in place"])
+def test_a_video_that_changes_while_it_is_searched_is_reported_with_the_reason(
+        main_module, growing_ts, tmp_path, how):
+    """A TS still being copied (probed at half its length, the rest appended before it is
+    decoded), or written again in place (same size, a later modification time), is decoded as
+    far as it goes, then BadInput says it changed while it was searched, and how."""
+    import os
+    data, half = growing_ts
+    path = tmp_path / "recording.ts"
+    path.write_bytes(data[:half] if how == "appended to" else data)
+    info = probe(main_module, path)
+    if how == "appended to":
+        with open(path, "ab") as file:
+            file.write(data[half:])
+    else:
+        path.write_bytes(data)
+        os.utime(path, ns=(info.file_mtime_ns + 10**9, info.file_mtime_ns + 10**9))
+    frames = []
+    with pytest.raises(BadInput) as raised:
+        for frame in decode_frames(info, 1):
+            frames.append(frame)
+    now = f"{len(data)} bytes now" if how == "appended to" else "the same size, but written to since"
+    assert str(raised.value) == (
+        f"{path}: changed while it was searched ({info.file_bytes} bytes when it was opened, "
+        f"{now}): it is still being copied or recorded, or was replaced, so what was searched may "
+        f"not be all of it. Run again once the file is complete: it is then searched again"), \
+        str(raised.value)
+    assert len(frames) == 60, len(frames)
+
+
+def test_a_video_that_holds_far_more_than_its_probe_said_is_reported(main_module, growing_ts,
+                                                                      tmp_path):
+    """A TS probed at a quarter of its length (about 1 s) decodes on to 3.93 s, past its probed
+    duration by more than 2 s (and 10 %): BadInput says so, also where the file's size and time
+    are not compared (the rule's second witness of a file that grew)."""
+    import dataclasses
+    data, _ = growing_ts
+    path = tmp_path / "recording.ts"
+    path.write_bytes(data[:len(data) // 4 // 188 * 188])
+    info = dataclasses.replace(probe(main_module, path), file_bytes=None)
+    path.write_bytes(data)
+    with pytest.raises(BadInput) as raised:
+        list(decode_frames(info, 1))
+    assert re.fullmatch(
+        rf"{re.escape(str(path))}: holds more than it did when it was opened: decoding went on to "
+        rf"3\.93 s, past the 1\.[0-9]{{2}} s its header said then \(60 frames, 1[0-9] expected\), "
+        rf"so the file grew while it was searched \(a copy or recording still going on\), or its "
+        rf"header is wrong\. Run again once the file is complete; .*", str(raised.value)), \
+        str(raised.value)
+
+
 # ── Odd files and decoder faults stop only their own video (issue #5) ──────────────────────
 @pytest.mark.parametrize("suffix", [".m4a", ".mp4"])
 def test_a_song_with_a_cover_picture_is_refused_as_audio_only(main_module, ffmpeg_exe, tmp_path, suffix):
@@ -683,13 +892,13 @@ def test_an_unexpected_error_while_probing_skips_only_that_file(main_module, tmp
     """Any other failure while probing (here a ZeroDivisionError) skips the file by name."""
     odd = tmp_path / "odd.mp4"
     odd.symlink_to(OBAMA)
-    real = first_frame_rotation
+    real = first_frame
 
-    def rotation(path, container, stream):
+    def first(path, container, stream):
         if path == odd:
             raise ZeroDivisionError("float division by zero")
         return real(path, container, stream)
-    monkeypatch.setattr("findpeople.decode.first_frame_rotation", rotation)
+    monkeypatch.setattr("findpeople.decode.first_frame", first)
     videos, problems = probe_all([odd, OBAMA], tmp_path)
     assert [Path(v.path).name for v in videos] == ["obama_whcd.mp4"], problems
     assert len(problems) == 1 and problems[0].startswith(

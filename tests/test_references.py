@@ -215,3 +215,31 @@ def test_the_same_face_under_two_names_is_refused_for_the_second(main_module, tm
     assert [r.name for r in references] == ["Barack_Obama", "Michelle_Obama"], references
     assert len(problems) == 1 and "President.jpg" in problems[0] and "Barack_Obama.jpg" in problems[0], problems
     assert "same face" in problems[0], problems
+
+
+def test_links_are_followed_each_photo_used_once_a_loop_noted_once_and_dead_links_named(
+        main_module, tmp_path, cpu_models, test_settings):
+    """A link to a person's folder elsewhere is followed (its photos are that person's); the same
+    photo linked twice under one name is used once, with a note; a link back to the folder itself
+    (a loop) is noted once and not followed; a dead link is skipped, named, with where it pointed
+    (issue #11)."""
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    os.symlink(TESTDATA / "refs_alt" / "Barack_Obama", refs / "Barack_Obama")
+    os.symlink(TESTDATA / "refs" / "Michelle_Obama.jpg", refs / "Michelle_Obama.jpg")
+    os.symlink(TESTDATA / "refs" / "Michelle_Obama.jpg", refs / "Michelle_Obama_2.jpg")
+    os.symlink(".", refs / "everyone")
+    os.symlink(tmp_path / "moved.jpg", refs / "Kit_Harington.jpg")
+    references, problems, notes = load_references(refs, cpu_models, test_settings)
+    used = {r.name: [Path(p).relative_to(refs).as_posix() for p in r.photos] for r in references}
+    assert used == {"Barack_Obama": ["Barack_Obama/obama2.jpg"],
+                    "Michelle_Obama": ["Michelle_Obama.jpg"]}, used
+    assert problems == [f"{refs / 'Kit_Harington.jpg'}: is a link to {tmp_path / 'moved.jpg'}, "
+                        f"which does not exist (moved, deleted, or on a disk that is not mounted); "
+                        f"fix the link or remove it (skipped)"], problems
+    mine = [n for n in notes
+            if n.startswith((f"{refs / 'everyone'}: ", f"{refs / 'Michelle_Obama_2.jpg'}: "))]
+    assert mine == [f"{refs / 'everyone'}: not followed: this link leads back to {refs.resolve()}, "
+                    f"a folder above it (a loop of links)",
+                    f"{refs / 'Michelle_Obama_2.jpg'}: the same file as {refs / 'Michelle_Obama.jpg'}: "
+                    f"used once for Michelle_Obama"], notes

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import MODEL_PACK, MODEL_ROOT, REPO, TESTDATA, run_main, search_command, video_folder
-from findpeople.decode import list_videos
+from findpeople.folders import list_videos
 from findpeople.resume import reuse_problem
 from findpeople.run import videos_outside_output
 
