@@ -2,9 +2,11 @@
 
 Runs in the parent (a clip thread). In: a person's sighting times in one video. Out: half-open
 `TimeRange`s [start_s, end_s), clamped to the video, and one MP4 per range in
-OUTPUT_DIR/<video>/clips/, written to a .part file and renamed. Commands are argument lists
-built by pure functions; `run_checked` raises `ClipError` with ffmpeg's stderr. ffmpeg's -ss
-counts from the container start: `container_seek_s` is the one place that converts.
+OUTPUT_DIR/<video>/clips/, written to a .part file, read back (`clip_problem`: a video stream, a
+first frame that decodes, the range's length), cut again the safe way if it is wrong, and only
+then renamed. Commands are argument lists built by pure functions; `run_checked` raises
+`ClipError` with ffmpeg's stderr. ffmpeg's -ss counts from the container start:
+`container_seek_s` is the one place that converts.
 """
 from __future__ import annotations
 
@@ -20,10 +22,18 @@ from pathlib import Path
 from .errors import ClipError
 from .settings import Settings
 from .outputs import fsync_file, safe_file_name
-from .decode import VideoInfo
+from .decode import VideoInfo, decode_packet, frame_time_s
 
 
 _KEYFRAME_SEEK_PAST_S = 0.001  # fast clips: seek this far past the keyframe, so ffmpeg starts on it
+# libx264 in yuv420p needs an even width and height: an odd one loses its last column (right edge)
+# or row (bottom edge). Cropping, not padding: the clip shows only the video's own pixels, at the
+# same coordinates. ffmpeg applies it after its own rotation, so it sees the displayed size.
+_EVEN_SIZE_FILTER = "crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0"
+_CLIP_TOLERANCE_FRAMES = 2  # a clip's video may last this many frames more or less than expected
+_CLIP_TOLERANCE_S = 0.01  # ... plus this (-t is given in ms; some containers keep ms timestamps)
+_COPY_REORDER_FRAMES = 16  # a fast clip may hold this many frames more: H.264's deepest reordering
+_CLIP_TIMEOUT_S = 600  # ffmpeg's limit for one clip; decoding from the start adds 2 s per s skipped
 
 
 @dataclass(frozen=True)
@@ -90,10 +100,14 @@ def container_seek_s(time_s: float, info: VideoInfo) -> float:
 
 
 def build_clip_command(ffmpeg: str, info: VideoInfo, time_range: TimeRange, part_path: Path,
-                       mode: str = "accurate", clip_start_s: float | None = None) -> list:
+                       mode: str = "accurate", clip_start_s: float | None = None,
+                       seek: str = "input") -> list:
     """Return the ffmpeg argument list that cuts one range.
 
-    accurate: re-encoded (H.264/AAC), starting exactly at the range's first frame.
+    accurate: re-encoded (H.264/AAC), starting exactly at the range's first frame; an odd width
+    or height is cropped to even (_EVEN_SIZE_FILTER). seek "input" (-ss before -i) jumps to the
+    keyframe before the start; seek "output" (-ss after -i) decodes from the file's start and
+    drops the frames before it: slower, but it needs no index and no seekable timestamps.
     fast: stream copy from clip_start_s, the keyframe at or before the range's start (a copy can
     only start at a keyframe); seeking just past it makes ffmpeg start there.
     """
@@ -105,8 +119,10 @@ def build_clip_command(ffmpeg: str, info: VideoInfo, time_range: TimeRange, part
                 "-t", f"{time_range.end_s - clip_start_s - _KEYFRAME_SEEK_PAST_S:.3f}", *maps,
                 "-c", "copy", "-avoid_negative_ts", "make_zero", "-movflags", "+faststart",
                 "-f", "mp4", str(part_path)]
-    return [*common, "-ss", f"{container_seek_s(time_range.start_s, info):.3f}", "-i", info.path,
-            "-t", f"{time_range.end_s - time_range.start_s:.3f}", *maps,
+    position = ["-ss", f"{container_seek_s(time_range.start_s, info):.3f}"]
+    source = ["-i", info.path]
+    return [*common, *(position + source if seek == "input" else source + position),
+            "-t", f"{time_range.end_s - time_range.start_s:.3f}", *maps, "-vf", _EVEN_SIZE_FILTER,
             "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p",
             "-c:a", "aac", "-b:a", "160k", "-movflags", "+faststart", "-f", "mp4", str(part_path)]
 
@@ -153,16 +169,128 @@ def run_checked(cmd: list, what: str, timeout_s: float = 600, stop_event=None) -
             raise ClipError(f"{what}: ffmpeg exit code {process.returncode}\n{tail}")
 
 
+def frame_duration_s(info: VideoInfo) -> float:
+    """Return one frame's duration in s, from the average frame rate (25 fps when it has none)."""
+    return 1 / info.fps if info.fps > 0 else 0.04
+
+
+def source_video_s(info: VideoInfo, start_s: float, end_s: float) -> float | None:
+    """Return how long the source's video lasts within [start_s, end_s) (frame clock): from its
+    first frame there to the end of its last, read from the keyframe before start_s without
+    decoding; shorter than the range where the video ends early (a header that promised more).
+    None when that cannot be read: no timestamps in its packets, or an unreadable file."""
+    import av
+    try:
+        with av.open(info.path) as container:
+            stream = container.streams.video[info.video_stream_idx]
+            try:
+                container.seek(info.origin_pts + int(start_s / info.time_base), stream=stream)
+            except av.error.FFmpegError:
+                pass  # not seekable: read from the start
+            span = packet_span_s(container.demux(stream), info, start_s, end_s)
+    except (av.error.FFmpegError, OSError, IndexError):
+        return None
+    return None if span is None else span[1] - span[0]
+
+
+def packet_span_s(packets, info: VideoInfo, start_s: float, end_s: float) -> tuple | None:
+    """Return (first frame's time, last frame's end) in s of the packets whose time is in
+    [start_s, end_s), or None when none is; packets come in decoding order."""
+    first_s = last_end_s = None
+    for packet in packets:
+        if packet.pts is None:
+            continue
+        time_s = frame_time_s(packet.pts, info.origin_pts, info.time_base)
+        if time_s > end_s + 1.0:  # past any frame reordering
+            break
+        if start_s - 1e-6 <= time_s < end_s - 1e-6:
+            length_s = float(packet.duration * info.time_base) if packet.duration else \
+                frame_duration_s(info)
+            first_s = time_s if first_s is None else min(first_s, time_s)
+            last_end_s = max(last_end_s or time_s, time_s + length_s)
+    return None if first_s is None else (first_s, last_end_s)
+
+
+def read_clip(path: Path) -> tuple:
+    """Return (whether a clip has a video stream, whether a frame of it decodes, how long its video
+    lasts in s: from its first packet to the end of its last), read with PyAV."""
+    import av
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            return False, False, 0.0
+        stream = container.streams.video[0]
+        frame_s = 1 / float(stream.average_rate) if stream.average_rate else 0.0
+        decodes, first_s, end_s = False, None, None
+        for packet in container.demux(stream):
+            decodes = decodes or bool(decode_packet(packet, []))
+            if packet.pts is not None:
+                time_s = float(packet.pts * stream.time_base)
+                length_s = float(packet.duration * stream.time_base) if packet.duration else frame_s
+                first_s = time_s if first_s is None else min(first_s, time_s)
+                end_s = max(end_s or time_s, time_s + length_s)
+        return True, decodes, 0.0 if first_s is None else end_s - first_s
+
+
+def clip_problem(path: Path, expected_s: float | None, frame_s: float,
+                 mode: str = "accurate") -> str | None:
+    """Return what is wrong with a clip, as words that follow "the clip", or None when it plays:
+    it has a video stream, a frame of it decodes, and its video lasts expected_s (when known: see
+    source_video_s) within _CLIP_TOLERANCE_FRAMES frames of frame_s s and _CLIP_TOLERANCE_S. A
+    fast clip may also last up to _COPY_REORDER_FRAMES frames longer: a stream copy stops in
+    decoding order, so frames shown before the range's end that are decoded after it come too."""
+    import av
+    try:
+        has_video, decodes, lasts_s = read_clip(path)
+    except (av.error.FFmpegError, OSError) as error:
+        return f"cannot be read ({getattr(error, 'strerror', None) or error})"
+    if not has_video:
+        return "has no video stream"
+    if not decodes:
+        return "has no frame that decodes"
+    tolerance_s = _CLIP_TOLERANCE_FRAMES * frame_s + _CLIP_TOLERANCE_S
+    longer_s = tolerance_s + (_COPY_REORDER_FRAMES * frame_s if mode == "fast" else 0.0)
+    if expected_s is not None and not -tolerance_s <= lasts_s - expected_s <= longer_s:
+        return f"has {lasts_s:.3f} s of video where the video has {expected_s:.3f} s"
+    return None
+
+
+def cut_and_check(cmd: list, part: Path, what: str, check: tuple, timeout_s: float,
+                  stop_event) -> str | None:
+    """Run one cut into part; return what is wrong (ffmpeg's error, or clip_problem's with the
+    arguments in check), or None when the clip is good; raise ClipError "stopped" when the run is
+    stopping."""
+    try:
+        run_checked(cmd, what, timeout_s, stop_event)
+    except ClipError as error:
+        if stop_event is not None and stop_event.is_set():
+            raise
+        return str(error).removeprefix(f"{what}: ")
+    problem = clip_problem(part, *check)
+    return None if problem is None else f"ffmpeg exited 0, but the clip {problem}"
+
+
 def cut_clip(ffmpeg: str, info: VideoInfo, time_range: TimeRange, clip_dir: Path,
              mode: str = "accurate", clip_start_s: float | None = None, stop_event=None) -> Path:
-    """Write one clip via a .part file renamed into place; return its path."""
+    """Write one clip via a .part file, check it (clip_problem) and rename it into place; return
+    its path. An accurate clip that ffmpeg fails to cut, or that is wrong, is cut once more
+    decoding from the file's start (seek "output"); raise ClipError saying what is still wrong."""
     clip_dir.mkdir(parents=True, exist_ok=True)
     final = clip_dir / clip_file_name(time_range)
     part = final.with_name(final.name + ".part")
     what = f"{Path(info.path).name} {time_range.start_s:.2f}-{time_range.end_s:.2f}s"
+    start_s = clip_start_s if mode == "fast" else time_range.start_s
+    check = (source_video_s(info, start_s, time_range.end_s), frame_duration_s(info), mode)
     try:
-        run_checked(build_clip_command(ffmpeg, info, time_range, part, mode, clip_start_s), what,
-                    stop_event=stop_event)
+        problem = cut_and_check(build_clip_command(ffmpeg, info, time_range, part, mode, start_s),
+                                part, what, check, _CLIP_TIMEOUT_S, stop_event)
+        if problem is not None and mode != "fast":
+            retry = cut_and_check(
+                build_clip_command(ffmpeg, info, time_range, part, mode, start_s, seek="output"),
+                part, what, check, _CLIP_TIMEOUT_S + 2 * time_range.start_s, stop_event)
+            problem = None if retry is None else \
+                f"{problem.splitlines()[0]}; cut again decoding from the start: {retry}"
+        if problem is not None:
+            raise ClipError(f"{what}: {problem}")
         fsync_file(part)  # on the disk before its name says it is finished
         os.replace(part, final)
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 from .errors import BadInput
 from .settings import Settings
 from .decode import VideoInfo
+from .clips import clip_problem, frame_duration_s, source_video_s
 from .providers import file_sha256, provider_chain, provider_library_error, visible_gpu_names
 from .reports import write_json_atomic
 
@@ -205,3 +206,16 @@ def entry_problem(saved: dict, folder: Path, output_dir: Path) -> str | None:
     changed = [f for f in files if (output_dir / f).stat().st_size != saved["file_bytes"][f]]
     return (f"{len(changed)} of its files changed since it was saved (another size), e.g. "
             f"{changed[0]}") if changed else None
+
+
+def saved_clips_problem(entry: dict, info: VideoInfo, output_dir: Path, mode: str) -> str | None:
+    """Return what is wrong with the first of a saved video's clips that fails the check a new
+    clip passes before it is renamed (clip_problem: a video stream, a frame that decodes, as long
+    as the video it was cut from, in CLIP_MODE mode), or None when every one passes."""
+    for saved_range in entry["ranges"]:
+        start_s, end_s = saved_range["clip_start"], saved_range["end"]
+        problem = clip_problem(output_dir / saved_range["clip"], source_video_s(info, start_s, end_s),
+                               frame_duration_s(info), mode)
+        if problem is not None:
+            return f"its clip {saved_range['clip']} does not play as cut: the clip {problem}"
+    return None

@@ -25,8 +25,8 @@ from .references import list_reference_photos, load_references, scan_reference_f
 from .clips import find_ffmpeg
 from .reports import nobody_found_hint, summary_table, video_done, video_report
 from .resume import (
-    read_saved_video, remove_unlisted_files, reuse_problem, run_fingerprint, saved_video_path,
-    video_fingerprint)
+    read_saved_video, remove_unlisted_files, reuse_problem, run_fingerprint, saved_clips_problem,
+    saved_video_path, video_fingerprint)
 from .runstate import RunState, VideoResult
 from .pipeline import run_pipeline
 
@@ -210,7 +210,8 @@ def reusable_video(state: RunState, info: VideoInfo) -> dict | None:
         return None
     if saved is None:
         return None
-    problem = reuse_problem(saved, state.fingerprints[info.idx], path.parent, state.output_dir)
+    problem = reuse_problem(saved, state.fingerprints[info.idx], path.parent, state.output_dir) \
+        or saved_clips_problem(saved["entry"], info, state.output_dir, state.settings.CLIP_MODE)
     if problem is not None:
         print(f"[*] {Path(info.path).name}: searched again: {problem} (since {path})")
         return None

@@ -254,7 +254,8 @@ class RunState:
             except ClipError as error:
                 if self.settings.CLIP_MODE != "fast" or self.stop_clips.is_set():
                     raise
-                # MP4 cannot hold every codec as it is (PCM audio, VP8, WMV): re-encode this one.
+                # MP4 cannot hold every codec as it is (PCM audio, VP8, WMV), and a copy of a
+                # stream without timestamps has no video (clip_problem): re-encode this one.
                 print(f"[!] fast clip failed, re-encoding instead: {str(error).splitlines()[0]}")
                 clip = cut_clip(self.ffmpeg, result.info, time_range, clip_dir, "accurate",
                                 time_range.start_s, self.stop_clips)

@@ -240,3 +240,16 @@ def run_main(cmd: list, cwd: Path, env: dict | None = None, timeout: int = 600) 
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     return done.returncode, done.stdout + done.stderr
+
+
+def make_video(ffmpeg_exe: str, path: Path, size: str, *codec: str, seconds: float = 3,
+               audio: bool = True) -> Path:
+    """Write a test video with ffmpeg: its test pattern (a moving picture with a frame counter) at
+    size ('WxH') and 25 fps, with a 440 Hz tone unless audio is False, encoded with the codec
+    arguments given; return its path."""
+    tone = ["-f", "lavfi", "-i", "sine=frequency=440"] if audio else []
+    done = subprocess.run([ffmpeg_exe, "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
+                           f"testsrc=size={size}:rate=25", *tone, "-t", str(seconds), *codec,
+                           str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"ffmpeg could not make {path.name}: {done.stderr[-2000:]}"
+    return path

@@ -3,6 +3,7 @@ lists -> clips."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -12,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TESTDATA
+from conftest import TESTDATA, make_video
 from findpeople.errors import ClipError
 from findpeople.decode import VideoInfo, decode_frames, packet_times_s, probe_video
 from findpeople.tracks import sighting_flags
 from findpeople.clips import (
-    TimeRange, build_clip_command, clip_file_name, container_seek_s, cut_clip, find_ffmpeg,
-    keyframe_before, merge_sightings, person_ranges, run_checked, widen_range)
+    TimeRange, build_clip_command, clip_file_name, clip_problem, container_seek_s, cut_clip,
+    find_ffmpeg, keyframe_before, merge_sightings, person_ranges, read_clip, run_checked,
+    source_video_s, widen_range)
 from findpeople.runstate import RunState
 from findpeople.run import run_header
 
@@ -486,3 +488,261 @@ def test_fast_mode_re_encodes_a_clip_mp4_cannot_hold_as_it_is(main_module, ffmpe
     assert clip is not None and Path(clip).is_file(), result.errors
     assert start_s == 1.5, f"a re-encoded clip starts at the range start, not {start_s}"
     assert stream_types(clip) == ["audio", "video"]
+
+
+# Clips are checked before they are called done; any frame size is cut (issue #11) ------------
+MPEG4 = ["-c:v", "mpeg4", "-q:v", "3"]  # MPEG-4 Part 2 takes odd sizes in 4:2:0; libx264 does not
+H264_444 = ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv444p"]
+ONE_AND_A_HALF = TimeRange("Alice", 1.0, 2.5, 0.4, 1.0, 2.0)  # frames 25..62 at 25 fps: 1.52 s
+
+
+def clip_facts(path: Path) -> dict:
+    """Return what a clip shows: its stream types (ffprobe), its first frame's size and rotation,
+    and how long its video lasts (read_clip)."""
+    import av
+    with av.open(str(path)) as container:
+        first = next(container.decode(video=0))
+    return {"streams": stream_types(path), "size": (first.width, first.height),
+            "rotation": first.rotation, "video_s": read_clip(path)[2]}
+
+
+def starting_frame(clip: Path, source: Path) -> int:
+    """Return the index of the source frame (as displayed, cropped to the clip's size) that the
+    clip's first frame is most like."""
+    import av
+    with av.open(str(clip)) as container:
+        first = next(container.decode(video=0)).to_ndarray(format="bgr24").astype(np.int16)
+    height, width = first.shape[:2]
+    frames = [img[:height, :width].astype(np.int16)
+              for _, _, img in decode_frames(probe_video(source, 0, "source"), 1)]
+    return int(np.argmin([np.abs(first - img).mean() for img in frames]))
+
+
+def assert_plays_from(clip: Path, source: Path, size: tuple, streams: list, first_frame: int,
+                      video_s: float = 1.52) -> None:
+    """Assert a clip has the given streams, an upright first frame of the given size, video
+    lasting video_s within two frames (25 fps), and starts on the given source frame (+-1)."""
+    facts = clip_facts(clip)
+    assert (facts["streams"], facts["size"], facts["rotation"]) == (streams, size, 0), facts
+    assert abs(facts["video_s"] - video_s) <= 0.08, f"{clip.name}: {facts}, expected {video_s} s"
+    shown = starting_frame(clip, source)
+    assert abs(shown - first_frame) <= 1, f"{clip.name} starts at frame {shown}, not {first_frame}"
+
+
+def set_rotation(ffmpeg_exe: str, source: Path, target: Path, degrees: int) -> Path:
+    """Copy a video with a display matrix that turns it degrees counter-clockwise: with
+    -display_rotation on ffmpeg >= 6.1, else with the 'rotate' tag ffmpeg 5.1 turns into one."""
+    for how in (["-display_rotation", str(degrees), "-i", source],
+                ["-i", source, "-metadata:s:v:0", f"rotate={degrees}"]):
+        done = subprocess.run([ffmpeg_exe, "-nostdin", "-v", "error", "-y", *map(str, how),
+                               "-c", "copy", str(target)], capture_output=True, text=True)
+        if done.returncode == 0 and probe_video(target, 0, "x").rotation_deg == degrees:
+            return target
+    raise AssertionError(f"{ffmpeg_exe} cannot write a display rotation of {degrees} degrees")
+
+
+@pytest.mark.parametrize("size, degrees, codec, even_size", [
+    ("845x613", 0, MPEG4, (844, 612)),  # both odd: the last column and row are cropped
+    ("845x614", 0, H264_444, (844, 614)),  # odd width only
+    ("844x613", 0, MPEG4, (844, 612)),  # odd height only
+    ("613x845", 90, MPEG4, (844, 612)),  # stored on its side: the displayed size is cropped
+], ids=["845x613", "845x614", "844x613", "613x845 turned"])
+def test_an_accurate_clip_of_any_frame_size_is_cropped_to_even_and_plays(
+        main_module, ffmpeg_exe, tmp_path, size, degrees, codec, even_size):
+    """libx264 in yuv420p needs even sizes: an odd displayed width or height loses its last column
+    or row, after the rotation; the clip plays upright, with audio, from the range's first frame."""
+    source = make_video(ffmpeg_exe, tmp_path / "odd.mp4", size, *codec, "-c:a", "aac")
+    if degrees:
+        source = set_rotation(ffmpeg_exe, source, tmp_path / "turned.mp4", degrees)
+    info = probe_video(source, 0, "odd")
+    clip = cut_clip(ffmpeg_exe, info, ONE_AND_A_HALF, tmp_path / "clips")
+    assert_plays_from(clip, source, even_size, ["audio", "video"], 25)
+
+
+def test_build_clip_command_crops_accurate_clips_to_an_even_size_and_copies_fast_ones(clip_command):
+    """The accurate command crops to even sizes (a no-op for even ones); the fast one filters nothing."""
+    cmd, info, part = clip_command
+    assert option_value(cmd, "-vf") == "crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0", cmd
+    fast = build_clip_command("/opt/ffmpeg", info, ONE_AND_A_HALF, part, "fast", 0.96)
+    assert "-vf" not in fast and option_value(fast, "-c") == "copy", fast
+
+
+def test_the_safe_clip_command_seeks_after_the_input(clip_command):
+    """seek="output" puts -ss after -i (decode from the start, drop frames before it), same times."""
+    cmd, info, part = clip_command
+    safe = build_clip_command("/opt/ffmpeg", info, time_range(None, 5.04, 8.5), part, seek="output")
+    assert safe.index("-i") < safe.index("-ss") < safe.index("-t"), safe
+    assert [option_value(safe, o) for o in ("-ss", "-t")] == ["5.884", "3.460"], safe
+    assert sorted(safe) == sorted(cmd), f"{safe} is not {cmd} reordered"
+
+
+def fast_state(main_module, ffmpeg_exe: str, source: Path, tmp_path: Path):
+    """Return (RunState, its VideoResult) for one video with CLIP_MODE fast."""
+    settings = main_module.load_settings(["--clip-mode", "fast", "--output", str(tmp_path / "out")])
+    state = RunState([probe_video(source, 0, source.stem)], settings, ffmpeg_exe,
+                     run_header(settings, [], ffmpeg_exe))
+    return state, state.results[0]
+
+
+def test_fast_mode_re_encodes_an_odd_sized_clip_mp4_cannot_hold_as_it_is(main_module, ffmpeg_exe,
+                                                                         tmp_path):
+    """An odd-sized MJPEG AVI with PCM audio cannot be copied into MP4: its clip is re-encoded,
+    cropped to an even size, and starts at the range's start, as the report says."""
+    source = make_video(ffmpeg_exe, tmp_path / "odd pcm.avi", "845x613", "-c:v", "mjpeg",
+                        "-q:v", "3", "-c:a", "pcm_s16le")
+    state, result = fast_state(main_module, ffmpeg_exe, source, tmp_path)
+    clip, start_s = state.cut_one(result, ONE_AND_A_HALF, tmp_path / "clips", 0.96)
+    assert clip is not None and result.errors == [], result.errors
+    assert start_s == 1.0, f"a re-encoded clip starts at the range start, not {start_s}"
+    assert_plays_from(Path(clip), source, (844, 612), ["audio", "video"], 25)
+
+
+def raw_h264(ffmpeg_exe: str, path: Path) -> Path:
+    """Write an H.264 elementary stream (no container: no index, no timestamps) named path."""
+    return make_video(ffmpeg_exe, path, "320x240", "-c:v", "libx264", "-preset", "ultrafast",
+                      "-pix_fmt", "yuv420p", "-g", "25", "-f", "h264", audio=False)
+
+
+@pytest.mark.parametrize("mode", ["accurate", "fast"])
+def test_a_raw_h264_stream_named_mp4_gives_a_clip_that_plays(main_module, ffmpeg_exe, tmp_path,
+                                                             mode):
+    """ffmpeg exits 0 but writes an MP4 without video when it seeks in a raw H.264 stream: the
+    clip is checked, cut again decoding from the start, and plays from the range's first frame
+    (a fast clip too: it is re-encoded, and its start is the range's)."""
+    source = raw_h264(ffmpeg_exe, tmp_path / "camera.mp4")
+    state, result = fast_state(main_module, ffmpeg_exe, source, tmp_path)
+    if mode == "fast":
+        clip, start_s = state.cut_one(result, ONE_AND_A_HALF, tmp_path / "clips", 0.0)
+        assert clip is not None and start_s == 1.0, (clip, start_s, result.errors)
+        clip = Path(clip)
+    else:
+        clip = cut_clip(ffmpeg_exe, result.info, ONE_AND_A_HALF, tmp_path / "clips")
+    assert_plays_from(clip, source, (320, 240), ["video"], 25)
+    assert sorted(p.name for p in clip.parent.iterdir()) == [clip.name], "a .part was left"
+
+
+def test_an_mpeg_ts_with_one_keyframe_gives_an_accurate_clip_that_plays(main_module, ffmpeg_exe,
+                                                                         tmp_path):
+    """An MPEG-TS recording whose only keyframe is its first frame (no index; a long GOP or
+    intra refresh): seeking before the input finds no keyframe, and ffmpeg exits 0 with an MP4
+    without video; cut again decoding from the start, the clip plays from the range's first frame."""
+    source = make_video(ffmpeg_exe, tmp_path / "recording.ts", "320x240", "-c:v", "libx264",
+                        "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-g", "1000", "-c:a", "aac")
+    info = probe_video(source, 0, "recording")
+    assert packet_times_s(info, keyframes_only=True) == [0.0], "not the case tested"
+    clip = cut_clip(ffmpeg_exe, info, ONE_AND_A_HALF, tmp_path / "clips")
+    assert_plays_from(clip, source, (320, 240), ["audio", "video"], 25)
+
+
+FAKE_FFMPEG = """#!{python}
+import subprocess, sys
+args = sys.argv[1:]
+with open({log!r}, "a") as log:
+    print(" ".join(args), file=log)
+first_try = args.index("-ss") < args.index("-i")
+if {always} or first_try:
+    if {how!r} == "no video":  # a valid MP4 holding the audio alone
+        args = [a for a in args if not a.startswith("0:v")]
+        args[args.index("-map")] = "-vn"
+    elif {how!r} == "one frame":
+        args[-1:-1] = ["-frames:v", "1"]
+    else:  # a few bytes that are no MP4 at all
+        open(args[-1], "wb").write(bytes(262))
+        sys.exit(0)
+sys.exit(subprocess.call([{ffmpeg!r}] + args))
+"""
+BROKEN = {"no video": "has no video stream", "262 bytes": "cannot be read",
+          "one frame": "has 0.040 s of video where the video has 1.520 s"}
+
+
+def fake_ffmpeg(folder: Path, ffmpeg_exe: str, how: str, always: bool) -> tuple:
+    """Return (an ffmpeg that exits 0 after writing a broken clip, the first time or always, as
+    `how` says, else runs the real one; the file that logs its calls)."""
+    log, program = folder / "calls.log", folder / "ffmpeg"
+    program.write_text(FAKE_FFMPEG.format(python=sys.executable, log=str(log), always=always,
+                                          how=how, ffmpeg=ffmpeg_exe))
+    program.chmod(0o755)
+    return str(program), log
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_a_clip_ffmpeg_wrote_wrong_is_cut_again_decoding_from_the_start(main_module, ffmpeg_exe,
+                                                                       tmp_path, how):
+    """ffmpeg exits 0 with a clip that has no video, one frame or no MP4 in it: the clip is read
+    back, found wrong, cut a second time with -ss after -i, and that one is kept."""
+    source = make_video(ffmpeg_exe, tmp_path / "tone.mp4", "320x240", *H264_444, "-c:a", "aac")
+    ffmpeg, log = fake_ffmpeg(tmp_path, ffmpeg_exe, how, always=False)
+    clip = cut_clip(ffmpeg, probe_video(source, 0, "tone"), ONE_AND_A_HALF, tmp_path / "clips")
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and calls[1].index("-i ") < calls[1].index("-ss "), calls
+    assert_plays_from(clip, source, (320, 240), ["audio", "video"], 25)
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_a_clip_that_stays_wrong_is_a_clip_error_saying_what_is_wrong(main_module, ffmpeg_exe,
+                                                                      tmp_path, how):
+    """A clip still wrong when cut again is not renamed into place: ClipError names the video,
+    the range and what is wrong with both tries, and no clip or .part file is left."""
+    source = make_video(ffmpeg_exe, tmp_path / "tone.mp4", "320x240", *H264_444, "-c:a", "aac")
+    ffmpeg, log = fake_ffmpeg(tmp_path, ffmpeg_exe, how, always=True)
+    with pytest.raises(ClipError) as caught:
+        cut_clip(ffmpeg, probe_video(source, 0, "tone"), ONE_AND_A_HALF, tmp_path / "clips")
+    message = str(caught.value)
+    assert message.startswith("tone.mp4 1.00-2.50s: ffmpeg exited 0, but the clip "), message
+    assert message.count(BROKEN[how]) == 2 and "cut again decoding from the start" in message, \
+        message
+    assert len(log.read_text().splitlines()) == 2 and os.listdir(tmp_path / "clips") == [], \
+        os.listdir(tmp_path / "clips")
+
+
+def test_a_range_past_the_last_frame_is_not_a_broken_clip(main_module, ffmpeg_exe, tmp_path):
+    """A Matroska file whose audio outlasts its video says 3.02 s: a range to 3 s gets a clip
+    with the 1 s of video there is, and that is not called wrong."""
+    source = make_video(ffmpeg_exe, tmp_path / "long tone.mkv", "320x240", "-c:v", "libx264",
+                        "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac",
+                        "-vf", "trim=duration=2")  # video 2 s, audio 3 s
+    info = probe_video(source, 0, "long tone")
+    assert info.duration_s > 2.9, f"the header says {info.duration_s} s: not the case tested"
+    span = TimeRange("Alice", 1.0, 3.0, 0.4, 1.0, 1.5)
+    clip = cut_clip(ffmpeg_exe, info, span, tmp_path / "clips")
+    assert abs(clip_facts(clip)["video_s"] - 1.0) <= 0.08, clip_facts(clip)
+
+
+def test_a_fast_clip_may_end_some_frames_late_an_accurate_one_may_not(main_module, ffmpeg_exe,
+                                                                      tmp_path):
+    """A stream copy stops in decoding order: the crowd video's fast clip [0.964, 1.348) from the
+    keyframe at 0 holds 3 frames more than [0, 1.348) and is fine for a fast clip, not for an
+    accurate one."""
+    source = TESTDATA / "videos" / "crowd_royal_opera_house.mp4"
+    info = probe_video(source, 0, "crowd")
+    span = TimeRange("Nobody", 0.964, 1.348, 0.5, 0.964, 1.3)
+    clip = cut_clip(ffmpeg_exe, info, span, tmp_path, "fast", 0.0)
+    expected_s, frame_s = source_video_s(info, 0.0, 1.348), 1 / info.fps
+    extra = round((clip_facts(clip)["video_s"] - expected_s) / frame_s)
+    assert extra > 2, f"{extra} extra frames: not the case tested"
+    assert clip_problem(clip, expected_s, frame_s, "fast") is None
+    assert "s of video" in (clip_problem(clip, expected_s, frame_s, "accurate") or ""), extra
+
+
+def test_an_odd_sized_video_finishes_and_a_rerun_reuses_it(main_module, ffmpeg_exe, tmp_path):
+    """End to end: Obama's clip cropped to 843x613 is searched, its clip cut (842x612, with audio),
+    the video ends "ok", and a rerun reuses it instead of failing the same clip again."""
+    from conftest import run_main, search_command
+    videos, refs = tmp_path / "videos", tmp_path / "refs"
+    videos.mkdir(), refs.mkdir()
+    source = videos / "odd.mp4"
+    done = subprocess.run([ffmpeg_exe, "-nostdin", "-v", "error", "-i",
+                           str(TESTDATA / "videos" / "obama_whcd.mp4"), "-vf",
+                           "crop=843:613:0:0:exact=1", *MPEG4, "-c:a", "copy", str(source)],
+                          capture_output=True, text=True)
+    info = probe_video(source, 0, "odd")
+    assert done.returncode == 0 and (info.width, info.height) == (843, 613), (done.stderr, info)
+    os.symlink(TESTDATA / "refs" / "Barack_Obama.jpg", refs / "Barack_Obama.jpg")
+    for run in ("first", "rerun"):
+        code, text = run_main(search_command(videos, refs, tmp_path / "out"), tmp_path)
+        entry = json.loads((tmp_path / "out" / "results.json").read_text())["videos"][0]
+        assert code == 0 and entry["status"] == "ok" and entry["ranges"], f"{run}: {text[-3000:]}"
+    assert "[*] reused: odd.mp4" in text, text[-3000:]
+    for r in entry["ranges"]:
+        facts = clip_facts(tmp_path / "out" / r["clip"])
+        assert (facts["streams"], facts["size"]) == (["audio", "video"], (842, 612)), facts

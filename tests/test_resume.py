@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 
 from conftest import make_info, make_range, processes_with_marker, run_main, search_command, shm_names, start_logged, video_folder, worker_pid
-from conftest import TESTDATA, link_all_refs
+from conftest import TESTDATA, link_all_refs, make_video
+from findpeople.clips import TimeRange, cut_clip
+from findpeople.decode import probe_video
 from findpeople.errors import BadInput
 from findpeople.reports import video_report
 from findpeople.resume import (
     _NEUTRAL_SETTINGS, _RESULT_SETTINGS, read_saved_video, replace_saved_video, reuse_problem,
-    run_fingerprint, save_video_results, tool_output_files, video_fingerprint)
+    run_fingerprint, save_video_results, saved_clips_problem, tool_output_files, video_fingerprint)
 from findpeople.runstate import VideoResult
 
 
@@ -561,3 +563,71 @@ def test_a_worse_rerun_does_not_replace_good_results(obama_run, tmp_path, ffmpeg
             or (after[name] != before[name] and name not in rewritten)]
     assert gone == [], f"the earlier, good results lost or changed: {gone}"
     assert after["obama_whcd/video.json"] == before["obama_whcd/video.json"]
+
+
+# A reused clip is checked as a new one is (issue #11) ---------------------------------------
+def without_video(ffmpeg_exe: str, clip: Path) -> None:
+    """Replace a clip by its audio alone, in a valid MP4 (what ffmpeg wrote for a raw stream)."""
+    audio_only = clip.with_name("audio only.mp4")
+    subprocess.run([ffmpeg_exe, "-nostdin", "-v", "error", "-i", str(clip), "-vn", "-c", "copy",
+                    str(audio_only)], check=True, timeout=60)
+    audio_only.replace(clip)
+
+
+def one_frame(ffmpeg_exe: str, clip: Path) -> None:
+    """Replace a clip by its first frame."""
+    short = clip.with_name("short.mp4")
+    subprocess.run([ffmpeg_exe, "-nostdin", "-v", "error", "-i", str(clip), "-frames:v", "1",
+                    "-c", "copy", str(short)], check=True, timeout=60)
+    short.replace(clip)
+
+
+def truncated(ffmpeg_exe: str, clip: Path) -> None:
+    """Cut a clip off 100 bytes into its frames (its index is before them: +faststart)."""
+    data = clip.read_bytes()
+    clip.write_bytes(data[:data.index(b"mdat") + 100])
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (None, None),
+    (without_video, "the clip has no video stream"),
+    (one_frame, "the clip has 0.040 s of video where the video has 1.520 s"),
+    (truncated, "the clip has no frame that decodes"),
+])
+def test_a_saved_clip_is_checked_as_a_new_clip_is(main_module, ffmpeg_exe, tmp_path, damage, reason):
+    """A saved clip is reused only if it passes the check a new clip passes before it is renamed:
+    a video stream, a frame that decodes, as long as the video it was cut from."""
+    source = make_video(ffmpeg_exe, tmp_path / "tone.mp4", "320x240", "-c:v", "libx264", "-preset",
+                        "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac")
+    info = probe_video(source, 0, "tone")
+    out = tmp_path / "out"
+    span = TimeRange("Alice", 1.0, 2.5, 0.4, 1.0, 2.0)
+    result = VideoResult(info, processed_frame_count=75, sent_frame_count=75, finished=True)
+    result.ranges = [span]
+    result.clips = [(str(cut_clip(ffmpeg_exe, info, span, out / "tone" / "clips")), 1.0)]
+    if damage is not None:
+        damage(ffmpeg_exe, Path(result.clips[0][0]))
+    problem = saved_clips_problem(video_report(result, out, 1), info, out, "accurate")
+    expected = reason and f"its clip tone/clips/1.00s_Alice_d0.400.mp4 does not play as cut: {reason}"
+    assert problem == expected, f"{damage and damage.__name__}: {problem!r}"
+
+
+def test_a_saved_clip_without_video_is_cut_again_not_reused(obama_run, tmp_path, ffmpeg_exe):
+    """A clip an earlier version saved although it had no video (its size recorded in
+    video.json): the rerun says so, searches the video again, and its new clip plays."""
+    def break_clip(out):
+        path = out / "obama_whcd" / "video.json"
+        saved = json.loads(path.read_text())
+        clip = saved["entry"]["ranges"][0]["clip"]
+        without_video(ffmpeg_exe, out / clip)
+        saved["file_bytes"][clip] = (out / clip).stat().st_size
+        path.write_text(json.dumps(saved))
+    code, text, results, saved = rerun(obama_run, tmp_path, prepare=break_clip)
+    assert code == 0, text[-3000:]
+    assert "searched again: its clip obama_whcd/clips/" in text \
+        and "does not play as cut: the clip has no video stream" in text, text[-3000:]
+    assert results["stats"]["processed_frames"] == 60, results["stats"]
+    new = results["videos"][0]["ranges"][0]
+    frames, _ = clip_facts(tmp_path / "out" / new["clip"])
+    expected = round((new["end"] - new["clip_start"]) * 15)  # obama_whcd.mp4: 15 fps
+    assert abs(frames - expected) <= 1, f"{new['clip']}: {frames} frames, expected {expected}"
