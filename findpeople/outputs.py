@@ -112,7 +112,8 @@ def output_folder_lock(folder: Path):
 
     The lock is the operating system's (filelock: flock on Linux, msvcrt on Windows): it goes
     with the process that held it, so a run killed by kill -9 or a power cut never blocks the
-    next one. Who holds it is written beside it, for the message the next run gives.
+    next one. Who holds it is written beside it while the run lasts, for the message the next
+    run gives; a full disk only leaves that unsaid.
     """
     import filelock
     lock = filelock.FileLock(folder / _LOCK_FILE, timeout=0)
@@ -121,12 +122,15 @@ def output_folder_lock(folder: Path):
     except filelock.Timeout:
         raise BadInput(f"output folder {folder} is in use by another run ({lock_holder(folder)}): "
                        f"wait for it to finish, or choose another folder with --output") from None
+    holder = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        write_bytes_atomic(folder / _HOLDER_FILE, json.dumps(holder).encode(), flush=False)
+        with contextlib.suppress(OSError):  # the lock holds without it (a full disk, say)
+            write_bytes_atomic(folder / _HOLDER_FILE, json.dumps(holder).encode(), flush=False)
         yield
     finally:
+        with contextlib.suppress(OSError):
+            (folder / _HOLDER_FILE).unlink(missing_ok=True)
         lock.release()
 
 

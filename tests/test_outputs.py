@@ -96,3 +96,4 @@ def test_a_lock_left_by_a_run_killed_with_sigkill_does_not_block_the_next(tmp_pa
     with output_folder_lock(tmp_path):
         saved = json.loads((tmp_path / ".findpeople.run.json").read_text())
         assert saved["pid"] == os.getpid(), saved
+    assert not (tmp_path / ".findpeople.run.json").exists(), "the holder file outlived the run"
