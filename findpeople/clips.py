@@ -26,13 +26,18 @@ from .decode import VideoInfo, decode_packet, frame_time_s
 
 
 _KEYFRAME_SEEK_PAST_S = 0.001  # fast clips: seek this far past the keyframe, so ffmpeg starts on it
+# ffmpeg's input -ss lands 3/23 s earlier in formats that seek by decoding time (Matroska, AVI; not
+# MP4/MOV, which seek to presentation times) when a stream has B-frames (ffmpeg_demux.c's
+# dts_heuristic): a fast clip's seek adds it, or the copy would start a keyframe too early.
+_FFMPEG_DTS_SEEK_LEAD_S = 3 / 23
+_AVFMT_SEEK_TO_PTS = 0x4000000  # libavformat's flag of the formats that seek to presentation times
 # libx264 in yuv420p needs an even width and height: an odd one loses its last column (right edge)
 # or row (bottom edge). Cropping, not padding: the clip shows only the video's own pixels, at the
 # same coordinates. ffmpeg applies it after its own rotation, so it sees the displayed size.
 _EVEN_SIZE_FILTER = "crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0"
 _CLIP_TOLERANCE_FRAMES = 2  # a clip's video may last this many frames more or less than expected
 _CLIP_TOLERANCE_S = 0.01  # ... plus this (-t is given in ms; some containers keep ms timestamps)
-_COPY_REORDER_FRAMES = 16  # a fast clip may hold this many frames more: H.264's deepest reordering
+_COPY_REORDER_FRAMES = 5  # a fast clip may hold this many frames more (reordering; +3 seen)
 _CLIP_TIMEOUT_S = 600  # ffmpeg's limit for one clip; decoding from the start adds 2 s per s skipped
 
 
@@ -101,7 +106,7 @@ def container_seek_s(time_s: float, info: VideoInfo) -> float:
 
 def build_clip_command(ffmpeg: str, info: VideoInfo, time_range: TimeRange, part_path: Path,
                        mode: str = "accurate", clip_start_s: float | None = None,
-                       seek: str = "input") -> list:
+                       seek: str = "input", seek_lead_s: float = 0.0) -> list:
     """Return the ffmpeg argument list that cuts one range.
 
     accurate: re-encoded (H.264/AAC), starting exactly at the range's first frame; an odd width
@@ -109,14 +114,15 @@ def build_clip_command(ffmpeg: str, info: VideoInfo, time_range: TimeRange, part
     keyframe before the start; seek "output" (-ss after -i) decodes from the file's start and
     drops the frames before it: slower, but it needs no index and no seekable timestamps.
     fast: stream copy from clip_start_s, the keyframe at or before the range's start (a copy can
-    only start at a keyframe); seeking just past it makes ffmpeg start there.
+    only start at a keyframe); seeking just past it (plus seek_lead_s, see input_seek_lead_s)
+    makes ffmpeg start there.
     """
     common = [ffmpeg, "-nostdin", "-y", "-v", "error"]
     maps = ["-map", f"0:v:{info.video_stream_idx}", "-map", "0:a:0?"]
     if mode == "fast":
-        seek_s = container_seek_s(clip_start_s, info) + _KEYFRAME_SEEK_PAST_S
-        return [*common, "-ss", f"{seek_s:.3f}", "-i", info.path,
-                "-t", f"{time_range.end_s - clip_start_s - _KEYFRAME_SEEK_PAST_S:.3f}", *maps,
+        past_s = _KEYFRAME_SEEK_PAST_S + seek_lead_s
+        return [*common, "-ss", f"{container_seek_s(clip_start_s, info) + past_s:.3f}", "-i", info.path,
+                "-t", f"{time_range.end_s - clip_start_s - past_s:.3f}", *maps,
                 "-c", "copy", "-avoid_negative_ts", "make_zero", "-movflags", "+faststart",
                 "-f", "mp4", str(part_path)]
     position = ["-ss", f"{container_seek_s(time_range.start_s, info):.3f}"]
@@ -125,6 +131,17 @@ def build_clip_command(ffmpeg: str, info: VideoInfo, time_range: TimeRange, part
             "-t", f"{time_range.end_s - time_range.start_s:.3f}", *maps, "-vf", _EVEN_SIZE_FILTER,
             "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p",
             "-c:a", "aac", "-b:a", "160k", "-movflags", "+faststart", "-f", "mp4", str(part_path)]
+
+
+def input_seek_lead_s(path: str) -> float:
+    """Return how much earlier than asked ffmpeg's input -ss lands in this file, in s: 3/23 when
+    its format seeks by decoding time and a video stream has B-frames, else 0."""
+    import av
+    with av.open(path) as container:
+        if container.format.flags & _AVFMT_SEEK_TO_PTS:
+            return 0.0
+        reorders = any(stream.codec_context.has_b_frames for stream in container.streams.video)
+    return _FFMPEG_DTS_SEEK_LEAD_S if reorders else 0.0
 
 
 def keyframe_before(keyframes_s: list, time_s: float) -> float:
@@ -281,7 +298,9 @@ def cut_clip(ffmpeg: str, info: VideoInfo, time_range: TimeRange, clip_dir: Path
     start_s = clip_start_s if mode == "fast" else time_range.start_s
     check = (source_video_s(info, start_s, time_range.end_s), frame_duration_s(info), mode)
     try:
-        problem = cut_and_check(build_clip_command(ffmpeg, info, time_range, part, mode, start_s),
+        lead_s = input_seek_lead_s(info.path) if mode == "fast" else 0.0
+        problem = cut_and_check(build_clip_command(ffmpeg, info, time_range, part, mode, start_s,
+                                                   seek_lead_s=lead_s),
                                 part, what, check, _CLIP_TIMEOUT_S, stop_event)
         if problem is not None and mode != "fast":
             retry = cut_and_check(

@@ -21,14 +21,17 @@ from pathlib import Path
 from .errors import BadInput
 
 
+# Containers with timestamps that PyAV (ffmpeg) reads: searched.
 _VIDEO_EXTENSIONS = {".mp4", ".mkv", ".avi", ".mov", ".m4v", ".webm", ".wmv", ".flv", ".mpg",
-                     ".mpeg", ".ts", ".mts", ".m2ts", ".3gp"}
-# Raw video streams: no container, so no timestamps (ffmpeg assumes 25 fps). Named as skipped.
+                     ".mpeg", ".ts", ".mts", ".m2ts", ".3gp", ".vob", ".ogv", ".mxf", ".asf",
+                     ".f4v", ".qt", ".divx", ".dv", ".nut", ".mod", ".tod", ".lrv", ".insv", ".ivf",
+                     ".rm", ".rmvb"}
+# Raw video streams: no container, so no timestamps. Listed, so that the probe names each with
+# the stream's own frame rate (decode.refuse_raw_stream), whatever its name.
 _RAW_STREAM_EXTENSIONS = {".h264", ".264", ".h265", ".265", ".hevc", ".m2v"}
-# Other video formats that are not searched: named as skipped, with how to convert them.
-_OTHER_VIDEO_EXTENSIONS = _RAW_STREAM_EXTENSIONS | {
-    ".y4m", ".yuv", ".vob", ".ogv", ".mxf", ".asf", ".rm", ".rmvb", ".divx", ".f4v", ".dv", ".qt",
-    ".ivf", ".mjpeg", ".mod", ".tod", ".nut", ".dav", ".lrv", ".insv"}
+# Raw pictures without a container's timestamps, and formats ffmpeg reads badly: named as
+# skipped, with how to convert them.
+_OTHER_VIDEO_EXTENSIONS = {".y4m", ".yuv", ".mjpeg", ".dav"}
 
 
 @dataclass
@@ -149,13 +152,15 @@ def list_videos(folder: Path) -> list:
         raise BadInput(f"video folder {folder} does not exist: create it and put your videos in it "
                        f"(or see a complete example first with: python main.py --demo)")
     listing = walk_folder(folder)
-    named = [p for p in listing.files
-             if p.suffix.lower() in _VIDEO_EXTENSIONS | _OTHER_VIDEO_EXTENSIONS]
+    named = [p for p in listing.files if p.suffix.lower() in
+             _VIDEO_EXTENSIONS | _RAW_STREAM_EXTENSIONS | _OTHER_VIDEO_EXTENSIONS]
     files, notes = first_path_of_each_file(named)
     for note in listing.notes + notes:
         print(f"[*] {note}")
     folders = [p.resolve() for p in listing.folders if p.suffix.lower() in _VIDEO_EXTENSIONS]
-    return sorted({*files, *folders, *listing.dead_links, *(p for p, _ in listing.unreadable)})
+    dead = [p for p in listing.dead_links  # a link to a video or to a folder, not to notes.txt
+            if p.suffix.lower() in _VIDEO_EXTENSIONS | _RAW_STREAM_EXTENSIONS or not p.suffix]
+    return sorted({*files, *folders, *dead, *(p for p, _ in listing.unreadable)})
 
 
 def first_path_of_each_file(paths: list) -> tuple:
@@ -208,11 +213,6 @@ def listed_only_to_be_named(path: Path) -> str | None:
             return unreadable_folder_message(path, error, "the videos")
         return None
     suffix = path.suffix.lower()
-    if suffix in _RAW_STREAM_EXTENSIONS:
-        return (f"{path}: is not searched: {suffix} is a raw video stream, without the timestamps "
-                f"a video file has, so the times of what is found could not be known; put it in a "
-                f"container at its frame rate (ffmpeg -framerate 30 -i IN -c copy OUT.mp4, with its "
-                f"real frame rate for 30) and search that")
     if suffix in _OTHER_VIDEO_EXTENSIONS:
         known = ", ".join(sorted(_VIDEO_EXTENSIONS))
         return (f"{path}: is not searched: {suffix} is not one of the video formats searched "

@@ -122,10 +122,14 @@ def output_folder_lock(folder: Path):
     except filelock.Timeout:
         raise BadInput(f"output folder {folder} is in use by another run ({lock_holder(folder)}): "
                        f"wait for it to finish, or choose another folder with --output") from None
+    except (OSError, NotImplementedError) as error:  # a file system that cannot lock
+        raise BadInput(f"output folder {folder} cannot be locked for this run ({error}): choose "
+                       f"another folder with --output") from None
     holder = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         with contextlib.suppress(OSError):  # the lock holds without it (a full disk, say)
+            (folder / _HOLDER_FILE).unlink(missing_ok=True)  # a killed run's: never name it
             write_bytes_atomic(folder / _HOLDER_FILE, json.dumps(holder).encode(), flush=False)
         yield
     finally:

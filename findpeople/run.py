@@ -8,6 +8,7 @@ prints the summary. Returns the exit code: 0 all went well; 1 something was skip
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -63,12 +64,10 @@ def probe_all(paths: list, video_dir: Path) -> tuple:
     """Return ([VideoInfo] for the usable videos, [problems]): each problem names the file, what
     is wrong and what to do (see read_head, probe_video, check_fits_ring)."""
     videos, problems = [], []
-    files = [p for p in paths if not p.is_dir()]  # a folder named like a video is reported below
-    names = dict(zip(files, unique_output_names(files, video_dir.resolve())))
     budget_bytes, why = ring_memory_budget()
     for path in paths:
         try:
-            info = probe_video(path, len(videos), names.get(path, path.name))
+            info = probe_video(path, len(videos), path.stem)
             check_fits_ring(info, budget_bytes, why)
             videos.append(info)
         except BadInput as error:
@@ -76,7 +75,10 @@ def probe_all(paths: list, video_dir: Path) -> tuple:
         except Exception as error:  # an odd file must not stop the run: it is skipped by name
             problems.append(f"{path}: cannot be probed ({type(error).__name__}: {error}); check "
                             f"that it plays in a video player, or remove it from the folder")
-    return videos, problems
+    # Output folders are named among the videos searched: a file refused above (a dead link, a
+    # raw stream) must not rename a video's folder, and so lose its saved results.
+    names = unique_output_names([Path(v.path) for v in videos], video_dir.resolve())
+    return [dataclasses.replace(v, output_name=name) for v, name in zip(videos, names)], problems
 
 
 def run_header(settings: Settings, references: list, ffmpeg: str | None) -> dict:
@@ -149,7 +151,7 @@ def start_run(settings: Settings, video_paths: list, references: list, problems:
     report_problems("videos skipped", video_problems)
     state = RunState(videos, settings, ffmpeg, run_header(settings, references, ffmpeg))
     state.failures.extend(problems + video_problems)  # each printed once already, above
-    state.skipped_early = (len(problems), len(video_problems))
+    state.skipped_early = len(problems)
     if ffmpeg is None:
         state.failures.append(f"no ffmpeg in {settings.FFMPEG_DIR}/, on PATH or from "
                               f"imageio-ffmpeg: clips were not cut")
@@ -304,12 +306,13 @@ def finish_run(state: RunState, exit_code: int) -> int:
 
 
 def final_problems(state: RunState) -> list:
-    """Return the run's problems for the closing list: the photos and videos skipped at the
-    start (printed then) as one line with their count, then each later problem."""
-    photos, videos = state.skipped_early
-    early = [f"{count} {what} skipped: listed at the start (and in results.json's failures)"
-             for count, what in ((photos, "reference photo(s)"), (videos, "video(s)")) if count]
-    return early + state.failures[photos + videos:]
+    """Return the run's problems for the closing list: the reference photos skipped (printed at
+    the start, possibly hundreds) as one line with their count, then every other problem, the
+    videos skipped included (named again: the start has scrolled away after a long run)."""
+    photos = state.skipped_early
+    early = [f"{photos} reference photo(s) skipped: listed at the start (and in results.json's "
+             f"failures)"] if photos else []
+    return early + state.failures[photos:]
 
 
 def run_search(settings: Settings, changed: dict) -> int:

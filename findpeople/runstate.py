@@ -48,7 +48,7 @@ class RunState:
         self.output_dir = Path(settings.OUTPUT_DIR)
         self.decoders_done = 0
         self.failures = []
-        self.skipped_early = (0, 0)  # the first failures: (photos, videos) skipped, printed at once
+        self.skipped_early = 0  # the first failures: the reference photos skipped, printed at once
         self.debug_rec_file = None
         self.started = time.monotonic()
         self.lock = threading.RLock()  # the clip thread and the message loop share the results

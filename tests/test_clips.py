@@ -605,10 +605,12 @@ def raw_h264(ffmpeg_exe: str, path: Path) -> Path:
 
 @pytest.mark.parametrize("mode", ["accurate", "fast"])
 def test_a_raw_h264_stream_named_mp4_gives_a_clip_that_plays(main_module, ffmpeg_exe, tmp_path,
-                                                             mode):
+                                                             monkeypatch, mode):
     """ffmpeg exits 0 but writes an MP4 without video when it seeks in a raw H.264 stream: the
     clip is checked, cut again decoding from the start, and plays from the range's first frame
-    (a fast clip too: it is re-encoded, and its start is the range's)."""
+    (a fast clip too: it is re-encoded, and its start is the range's). The probe refuses such a
+    stream (test_decode.py); here it is let through, to test the clip's own safety net."""
+    monkeypatch.setattr("findpeople.decode.refuse_raw_stream", lambda *args, **kwargs: None)
     source = raw_h264(ffmpeg_exe, tmp_path / "camera.mp4")
     state, result = fast_state(main_module, ffmpeg_exe, source, tmp_path)
     if mode == "fast":
@@ -722,6 +724,26 @@ def test_a_fast_clip_may_end_some_frames_late_an_accurate_one_may_not(main_modul
     assert extra > 2, f"{extra} extra frames: not the case tested"
     assert clip_problem(clip, expected_s, frame_s, "fast") is None
     assert "s of video" in (clip_problem(clip, expected_s, frame_s, "accurate") or ""), extra
+
+
+@pytest.mark.parametrize("container", ["mkv", "avi", "mp4"])
+def test_a_fast_clip_of_a_video_with_b_frames_starts_on_the_keyframe_it_reports(
+        main_module, ffmpeg_exe, tmp_path, container):
+    """With B-frames, ffmpeg's -ss lands 3/23 s early in formats that seek by decoding time
+    (Matroska, AVI): the fast clip of [2.2, 3.2) must still start on the keyframe at 2.0 that
+    clip_start reports (not on the one at 1.0) and pass its check without a re-encode."""
+    from conftest import make_video
+    source = make_video(ffmpeg_exe, tmp_path / f"b_frames.{container}", "320x240", "-c:v",
+                        "libx264", "-preset", "veryfast", "-bf", "2", "-g", "25",
+                        "-sc_threshold", "0", seconds=5, audio=False)
+    info = probe_video(source, 0, "b_frames")
+    keyframes = packet_times_s(info, keyframes_only=True)
+    span = TimeRange("Nobody", 2.2, 3.2, 0.5, 2.2, 3.1)
+    clip_start_s = keyframe_before(keyframes, span.start_s)
+    assert clip_start_s == pytest.approx(2.0, abs=1e-3), keyframes
+    clip = cut_clip(ffmpeg_exe, info, span, tmp_path / "clips", "fast", clip_start_s)
+    shown, expected = first_frames_match(main_module, clip, source, clip_start_s)
+    assert abs(shown - expected) <= 1, f"the clip starts at frame {shown}, not {expected}"
 
 
 def test_an_odd_sized_video_finishes_and_a_rerun_reuses_it(main_module, ffmpeg_exe, tmp_path):

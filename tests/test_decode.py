@@ -228,8 +228,8 @@ BAD_FILES = {  # file -> what its message must say (it always starts with the fi
                     r"timestamps, so the times of what is found could not be known; put it in a "
                     r"container at its frame rate, 15 fps as the stream itself says: ffmpeg "
                     r"-framerate 15 -i IN -c copy OUT\.mp4, and search that",
-    "stream.h264": r"is not searched: \.h264 is a raw video stream, without the timestamps a video "
-                   r"file has, .*ffmpeg -framerate 30 -i IN -c copy OUT\.mp4",
+    "stream.h264": r"is raw H\.264 video without a container, not a video file: it has no "
+                   r"timestamps, .*ffmpeg -framerate 15 -i IN -c copy OUT\.mp4, and search that",
     "tiny.y4m": r"is not searched: \.y4m is not one of the video formats searched \(\.3gp, .*\); "
                 r"convert it \(ffmpeg -i IN -c:v libx264 OUT\.mp4\) and search that",
     "gone.mp4": r"is a link to .*nowhere\.mp4, which does not exist \(moved, deleted, or on a disk "

@@ -97,3 +97,19 @@ def test_a_lock_left_by_a_run_killed_with_sigkill_does_not_block_the_next(tmp_pa
         saved = json.loads((tmp_path / ".findpeople.run.json").read_text())
         assert saved["pid"] == os.getpid(), saved
     assert not (tmp_path / ".findpeople.run.json").exists(), "the holder file outlived the run"
+
+
+def test_a_killed_runs_holder_file_is_never_named_even_when_the_disk_is_full(tmp_path, monkeypatch):
+    """A holder file left by a killed run goes as soon as the next run takes the lock, even when
+    that run cannot write its own (a full disk): a refused third run never names a dead run."""
+    import errno
+    import json
+    from findpeople.outputs import lock_holder, output_folder_lock
+    (tmp_path / ".findpeople.run.json").write_text(json.dumps(
+        {"pid": 99999, "host": "gone", "started": "2020-01-01 00:00:00"}))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("findpeople.outputs.write_bytes_atomic", disk_full)
+    with output_folder_lock(tmp_path):
+        assert "99999" not in lock_holder(tmp_path), lock_holder(tmp_path)

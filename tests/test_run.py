@@ -373,3 +373,21 @@ def test_the_summary_says_why_nobody_was_found_and_each_refused_photo_once(tmp_p
     hints = {line.split(": nobody found: ")[0]: line for line in text.splitlines() if ": nobody found: " in line}
     assert "smaller than MIN_FACE_SIZE (32 px)" in hints.get("[*] tiny faces.mp4", ""), hints
     assert "fewer than MIN_TRACK_HITS (2) times" in hints.get("[*] one frame.mp4", ""), hints
+
+
+def test_files_that_are_not_searched_do_not_rename_a_videos_output_folder(tmp_path, ffmpeg_exe):
+    """A dead link, a raw stream and a skipped format named like a video (talk.mkv, talk.h264,
+    talk.y4m beside talk.mp4) are named as problems, and the video keeps the folder 'talk', where
+    its earlier results are (issue #11)."""
+    from findpeople.run import probe_all
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(TESTDATA / "videos" / "obama_whcd.mp4", videos / "talk.mp4")
+    os.symlink(tmp_path / "nowhere.mkv", videos / "talk.mkv")
+    obama = str(TESTDATA / "videos" / "obama_whcd.mp4")
+    subprocess.run([ffmpeg_exe, "-v", "error", "-i", obama, "-frames:v", "3", "-f", "h264",
+                    str(videos / "talk.h264")], check=True, timeout=60)
+    (videos / "talk.y4m").write_bytes(b"YUV4MPEG2 W2 H2 F25:1\n")
+    infos, problems = probe_all(list_videos(videos), videos)
+    assert [(Path(i.path).name, i.output_name) for i in infos] == [("talk.mp4", "talk")], infos
+    assert len(problems) == 3, problems
