@@ -76,8 +76,10 @@ def requirement_lines(path: Path) -> list:
 
 
 def requirement_name(line: str) -> str:
-    """Return the canonical distribution name a requirement line names ('onnxruntime-gpu')."""
-    return canonical_name(re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line).group(0))
+    """Return the canonical distribution name a requirement line names ('onnxruntime-gpu'), or ''
+    for a line that names none (a pip option)."""
+    match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line)
+    return canonical_name(match.group(0)) if match else ""
 
 
 def split_gpu_set(lines: list, system_libs: bool) -> tuple:
@@ -153,7 +155,12 @@ def unsupported_here() -> str | None:
 def ensure_pip() -> None:
     """Upgrade this environment's pip when it is older than the dry-run report needs."""
     from importlib import metadata
-    version = tuple(int(part) for part in re.findall(r"\d+", metadata.version("pip"))[:2])
+    try:
+        version = tuple(int(part) for part in re.findall(r"\d+", metadata.version("pip"))[:2])
+    except metadata.PackageNotFoundError:
+        print(f"[!] this environment has no pip ({sys.executable}): add it with "
+              f"{Path(sys.executable).name} -m ensurepip --upgrade, then run this script again")
+        raise SystemExit(2) from None
     if version < MIN_PIP:
         print(f"[*] pip {metadata.version('pip')} is too old for a dry run with a report: upgrading it")
         pip(["install", "--upgrade", "pip"])

@@ -94,7 +94,9 @@ def provider_library_error(provider: str) -> str | None:
     try:
         ctypes.CDLL(str(library))
     except OSError as error:
-        return f"{library.name} cannot be loaded: {error} ({onnxruntime_gpu_build()})"
+        driver = any(name in str(error) for name in ("libcuda.so", "nvcuda.dll"))
+        return (f"{library.name} cannot be loaded: {error} ({onnxruntime_gpu_build()}"
+                f"{'; libcuda is the NVIDIA driver: no driver is installed' if driver else ''})")
     return None
 
 

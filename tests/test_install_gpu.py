@@ -5,14 +5,15 @@ versions belong together and resolve from PyPI; a GPU install without a GPU says
 Without a GPU and without gigabytes of CUDA wheels: the GPU sets are resolved by pip's dry run
 (with fast-deps, which reads each wheel's metadata by HTTP range requests instead of downloading
 it), and the documented install runs in a fresh virtual environment with --system-libs, which
-leaves the CUDA, cuDNN and TensorRT wheels out. These tests need PyPI (CI has it); pip's cache
-makes their second run faster. TensorRT's PyPI packages cannot be resolved here: they download
-their wheels from NVIDIA's own index, which this machine cannot reach (docs/gpu.md)."""
+leaves the CUDA, cuDNN and TensorRT wheels out. These tests need PyPI (CI has it) and take about
+three minutes. TensorRT's PyPI packages cannot be resolved here: they download their wheels from
+NVIDIA's own index, which this machine cannot reach (docs/gpu.md)."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,8 @@ def run(command: list, timeout: int = 900, **kwargs) -> subprocess.CompletedProc
 
 
 @pytest.mark.parametrize("system_libs, resolved, tensorrt", [
-    (False, ["onnxruntime-gpu[cuda,cudnn]==1.31.1", "nvidia-cuda-runtime>=13,<14", "nvidia-cudnn-cu13>=9,<10"],
+    (False, ["onnxruntime-gpu[cuda,cudnn]==1.31.1", "nvidia-cuda-runtime>=13,<14",
+             "nvidia-cudnn-cu13>=9,<10"],
      ["tensorrt-cu13-libs==10.16.1.11"]),
     (True, ["onnxruntime-gpu==1.31.1"], []),
 ], ids=["pip-libraries", "system-libraries"])
@@ -69,6 +71,23 @@ def test_everything_pip_chose_is_installed_except_the_cpu_onnxruntime():
     assert installer.pins_to_install(report) == ["onnxruntime-gpu==1.31.1", "insightface==2.1",
                                                  "nvidia-cudnn-cu13==9.28.1.4"]
     assert installer.pins_to_install({"install": []}) == []
+
+
+@pytest.mark.parametrize("platform, min_python, expected", [
+    ("darwin", (3, 11), "built for Linux and Windows, not darwin: install the CPU build with "
+                        "pip install -r requirements.txt"),
+    ("linux", (99, 0), "need Python 99.0 or newer"),
+    ("win32", (99, 0), "py -3.12 -m venv .venv"),
+], ids=["macos", "old-python-linux", "old-python-windows"])
+def test_where_no_gpu_build_exists_the_script_says_so_and_installs_nothing(
+        monkeypatch, capsys, platform, min_python, expected):
+    """macOS, or a Python older than the pinned builds need: exit code 2 with the fix, before
+    pip is run at all."""
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(installer, "MIN_PYTHON", min_python)
+    monkeypatch.setattr(installer, "pip", lambda *args, **kwargs: pytest.fail("pip was run"))
+    assert installer.main([]) == 2
+    assert expected in capsys.readouterr().out
 
 
 GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -166,7 +185,8 @@ def gpu_venv(tmp_path_factory):
     made = run([sys.executable, "-m", "venv", venv], timeout=300)
     assert made.returncode == 0, made.stderr
     first = run([venv_python(venv), REPO / "install_gpu.py", "--system-libs"], timeout=1800)
-    return venv_python(venv), first
+    yield venv_python(venv), first
+    shutil.rmtree(venv, ignore_errors=True)  # about 1.5 GB
 
 
 def test_the_install_leaves_onnxruntime_gpu_alone_with_its_gpu_providers(gpu_venv):
@@ -212,7 +232,8 @@ def test_the_tensorrt_and_cuda_pins_fit_what_the_installed_build_links(gpu_venv)
     """The pinned onnxruntime-gpu's TensorRT provider links the CUDA runtime of the set's CUDA
     major, cuDNN 9, and libnvinfer of the pinned TensorRT's major (read from the library itself)."""
     python, _ = gpu_venv
-    folder = Path(run([python, "-c", "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))"]).stdout.strip())
+    code = "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))"
+    folder = Path(run([python, "-c", code]).stdout.strip())
     library = folder / "capi" / ("onnxruntime_providers_tensorrt.dll" if sys.platform == "win32"
                                  else "libonnxruntime_providers_tensorrt.so")
     majors = {name: re.search(r"(\d+)(?:\.dll)?$", file).group(1)
