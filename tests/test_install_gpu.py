@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,8 +184,7 @@ def gpu_venv(tmp_path_factory):
     made = run([sys.executable, "-m", "venv", venv], timeout=300)
     assert made.returncode == 0, made.stderr
     first = run([venv_python(venv), REPO / "install_gpu.py", "--system-libs"], timeout=1800)
-    yield venv_python(venv), first
-    shutil.rmtree(venv, ignore_errors=True)  # about 1.5 GB
+    return venv_python(venv), first  # about 1.5 GB: left to pytest, which keeps its last 3 runs
 
 
 def test_the_install_leaves_onnxruntime_gpu_alone_with_its_gpu_providers(gpu_venv):
