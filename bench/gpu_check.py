@@ -5,6 +5,9 @@ then reused, and how fast the detector runs at batch 1 / 8 / 32 (and the recogni
     bash bench/gpu_check.sh --model-root ~/.insightface --model-pack buffalo_l
     bash bench/gpu_check.sh --quick              # fewer timed repeats
 
+On a GPU machine, install first, the documented way (docs/gpu.md):
+python3 -m venv .venv && .venv/bin/python install_gpu.py
+
 It runs anywhere: on a machine without a GPU, onnxruntime-gpu, TensorRT or ffmpeg it says what it
 could not check ("[--]" lines) and measures what it can (the CPU at least). Exit code 0 unless a
 check that could run failed ("[!!]": a provider listed but not loading, an engine rebuilt on the
@@ -42,9 +45,10 @@ REC_CHUNKS = (1, 8, 32)  # recognizer faces per call timed
 sys.path.insert(0, str(REPO))
 import main  # noqa: E402  (importing main does nothing)
 from findpeople.decode import decode_frames, probe_video  # noqa: E402
+from findpeople.gpulibs import library_lines, load_nvidia_libraries  # noqa: E402
 from findpeople.providers import (
-    both_onnxruntime_builds_problem, gpu_slots, optional_provider, package_version,
-    tensorrt_version, visible_gpus, working_providers)  # noqa: E402
+    both_onnxruntime_builds_problem, gpu_slots, onnxruntime_gpu_build, optional_provider,
+    package_version, provider_library, tensorrt_version, visible_gpus, working_providers)  # noqa: E402
 from findpeople.detect import detect_faces, detector_input_size, embed_faces, letterbox  # noqa: E402
 from findpeople.device import detect_on_device  # noqa: E402
 from findpeople.models import classify_pack_models, load_face_models  # noqa: E402
@@ -78,12 +82,14 @@ def environment(report: Report) -> None:
     import onnxruntime as ort
     print(f"Python {platform.python_version()} on {platform.system()} {platform.machine()}")
     for name in ("onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "opencv-python",
-                 "opencv-python-headless", "insightface", "av", "tensorrt"):
+                 "opencv-python-headless", "insightface", "av", "tensorrt", "tensorrt-cu13-libs",
+                 "tensorrt-cu12-libs"):
         print(f"  {name}: {package_version(name) or 'not installed'}")
     print(f"  onnxruntime providers: {', '.join(ort.get_available_providers())}")
     both = both_onnxruntime_builds_problem()
     if both:
         report.line("!!", both)
+    libraries(report)
     gpus = visible_gpus()
     report.line("ok" if gpus else "--", f"GPUs: {', '.join(gpus) or 'none (no nvidia-smi or no GPU)'}")
     trt = tensorrt_version()
@@ -95,6 +101,18 @@ def environment(report: Report) -> None:
             __import__(module)
         except ImportError as error:
             report.line("--", f"{module} cannot be imported ({error}): main.py's full run not possible here")
+
+
+def libraries(report: Report) -> None:
+    """Report each CUDA, cuBLAS, cuDNN and TensorRT library the onnxruntime-gpu build links: its
+    version, from pip or the system, or not found ([--]); nothing for the CPU build."""
+    library = provider_library("TensorrtExecutionProvider")
+    if not package_version("onnxruntime-gpu") or not library.is_file():
+        return
+    load_nvidia_libraries(["CUDAExecutionProvider", "TensorrtExecutionProvider"])
+    print(f"  NVIDIA libraries ({onnxruntime_gpu_build()}):")
+    for found, text in library_lines(library):
+        report.line("ok" if found else "--", text)
 
 
 def providers(report: Report, detector: Path) -> list:

@@ -13,6 +13,7 @@ The modules, in import order: each imports only modules above it (tests/test_lay
     ring        the shared-memory ring, its plan, and the child-process frame (run_child)
     folders     what the video and photo folders hold: links followed once, each file once
     decode      probe videos; decoder processes: PyAV/OpenCV, rotation, deinterlace
+    gpulibs     CUDA, cuDNN, TensorRT libraries: loaded from pip wheels or the system, reported
     providers   ONNX Runtime providers that really load, sessions, TensorRT engine cache, GPUs
     detect      letterbox, SCRFD decoding, NMS, alignment, ArcFace embeddings (CPU path)
     device      frames on the models' device: letterbox/candidate/alignment graphs, IO binding
@@ -40,4 +41,6 @@ Where a change goes:
     a new setting                                       main.py's block, then settings.py's limits
     a new process, queue or message                     pipeline.py and runstate.py
     a new line in --check                               doctor.py
+    a new onnxruntime-gpu, CUDA or TensorRT version       requirements-gpu*.txt + docs/gpu.md's table
+    how CUDA/cuDNN/TensorRT libraries are found/loaded   gpulibs.py
 """

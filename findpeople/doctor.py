@@ -13,9 +13,10 @@ import numpy as np
 from .errors import BadInput
 from .settings import Settings
 from .folders import list_videos
+from .gpulibs import library_lines, load_nvidia_libraries
 from .providers import (
-    both_onnxruntime_builds_problem, optional_provider, package_version, visible_gpus,
-    working_providers)
+    both_onnxruntime_builds_problem, onnxruntime_gpu_build, optional_provider, package_version,
+    provider_library, visible_gpus, working_providers)
 from .models import classify_pack_models
 from .references import list_reference_photos, read_image
 from .clips import find_ffmpeg
@@ -45,33 +46,77 @@ def check_lines(settings: Settings) -> tuple:
     for name in ("insightface", "onnxruntime", "onnxruntime-gpu", "av", "opencv-python",
                  "numpy", "tensorrt", "imageio-ffmpeg"):
         lines.append(f"  {name}: {package_version(name) or 'not installed'}")
-    if both_onnxruntime_builds_problem():
-        say(False, both_onnxruntime_builds_problem())
     gpus = visible_gpus()
     where = "nvidia-smi lists none" if shutil.which("nvidia-smi") else "no nvidia-smi on PATH"
     lines.append(f"GPUs: {', '.join(gpus) if gpus else f'none found ({where})'}")
+    gpu_install_lines(settings, gpus, lines, say)
     pack = local_model_pack(settings.MODEL_ROOT, settings.MODEL_PACK_NAME)
     if pack is None:
         say(False, f"model pack {settings.MODEL_PACK_NAME} not on disk: a run downloads it into "
                    f"{Path(settings.MODEL_ROOT).expanduser() / 'models' / settings.MODEL_PACK_NAME} "
                    f"(needs internet), or put its .onnx files there")
     else:
-        try:
-            detector, recognizer = classify_pack_models(pack)
-            say(True, f"model pack: {pack} (detector {detector.name}, recognizer {recognizer.name})")
-            for provider, verdict in working_providers(detector).items():
-                if optional_provider(provider, verdict) and settings.PROVIDERS in ("auto", "cpu"):
-                    lines.append(f"  [--] provider {provider}: {verdict}")  # optional here
-                else:
-                    say(verdict == "loads", f"provider {provider}: {verdict}")
-        except BadInput as error:
-            say(False, str(error))
-        except Exception as error:  # a broken install is what --check is for: say it, go on
-            say(False, f"the models cannot be opened ({type(error).__name__}: {error}); "
-                       f"reinstall: pip install -r requirements.txt")
+        provider_lines(settings, pack, lines, say)
     ffmpeg = find_ffmpeg(settings.FFMPEG_DIR)
     say(ffmpeg is not None, f"ffmpeg: {ffmpeg or 'not found (clips cannot be cut)'}")
     return lines, problems
+
+
+def onnxruntime_distributions() -> list:
+    """Return the installed ONNX Runtime distributions as "name version" (the CPU and GPU builds)."""
+    return [f"{name} {package_version(name)}" for name in ("onnxruntime", "onnxruntime-gpu")
+            if package_version(name)]
+
+
+def gpu_install_lines(settings: Settings, gpus: list, lines: list, say) -> None:
+    """Add what --check says of a GPU install: the ONNX Runtime distributions (exactly one is
+    right), a GPU build on a machine where no GPU is found (unless --providers cpu), and, for
+    onnxruntime-gpu, each CUDA, cuDNN and TensorRT library it links: from pip or the system, its
+    version, or not found ([--]: the providers' lines below count what that breaks)."""
+    installed = onnxruntime_distributions()
+    both = both_onnxruntime_builds_problem()
+    if both:
+        say(False, both)
+    else:
+        lines.append(f"ONNX Runtime distributions: {', '.join(installed) or 'none'}")
+    if not package_version("onnxruntime-gpu") or settings.PROVIDERS == "cpu":
+        return
+    if not gpus:
+        say(False, "onnxruntime-gpu is installed, but no NVIDIA GPU was found: runs fall back to the "
+                   "CPU. Install the NVIDIA driver (docs/gpu.md, Versions), or run with --providers cpu")
+    try:
+        import onnxruntime  # noqa: F401  (load_nvidia_libraries needs it; a broken one is said below)
+    except Exception:  # a broken install is reported by provider_lines
+        return
+    load_nvidia_libraries(["CUDAExecutionProvider", "TensorrtExecutionProvider"])
+    trt_library = provider_library("TensorrtExecutionProvider")
+    lines.append(f"NVIDIA libraries ({onnxruntime_gpu_build()}; TensorRT is optional):")
+    found_all = True
+    for found, text in library_lines(trt_library):
+        lines.append(f"  [{'ok' if found else '--'}] {text}")
+        found_all = found_all and found
+    if not found_all:
+        lines.append("  (libraries not found: python install_gpu.py installs them from pip; docs/gpu.md)")
+
+
+def provider_lines(settings: Settings, pack: Path, lines: list, say) -> None:
+    """Add the model pack and each provider opened alone on its detector: [ok] loads, [!!] a
+    problem, [--] optional here (not in this build; TensorRT not installed; any GPU provider with
+    --providers cpu)."""
+    try:
+        detector, recognizer = classify_pack_models(pack)
+        say(True, f"model pack: {pack} (detector {detector.name}, recognizer {recognizer.name})")
+        for provider, verdict in working_providers(detector).items():
+            unused = settings.PROVIDERS == "cpu" and provider != "CPUExecutionProvider"
+            if unused or (optional_provider(provider, verdict) and settings.PROVIDERS == "auto"):
+                lines.append(f"  [--] provider {provider}: {verdict}")  # optional here
+            else:
+                say(verdict == "loads", f"provider {provider}: {verdict}")
+    except BadInput as error:
+        say(False, str(error))
+    except Exception as error:  # a broken install is what --check is for: say it, go on
+        say(False, f"the models cannot be opened ({type(error).__name__}: {error}); "
+                   f"reinstall: pip install -r requirements.txt (GPU: python install_gpu.py)")
 
 
 def check_inputs(settings: Settings) -> tuple:

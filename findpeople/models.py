@@ -16,6 +16,7 @@ import numpy as np
 from .errors import BadInput
 from .settings import PROVIDER_ORDER, Settings
 from .outputs import write_bytes_atomic
+from .gpulibs import load_nvidia_libraries
 from .providers import (
     GpuSlot, detector_profile, file_sha256, model_input, model_op_types, open_model, ort_log_level,
     provider_chain, provider_load_problem, recognizer_profile, tensorrt_unsupported_ops,
@@ -263,8 +264,8 @@ def load_face_models(settings: Settings, provider_choice: str, threads: int,
                                                               settings.MODEL_PACK_NAME))
     chain = provider_chain(provider_choice, ort.get_available_providers())
     say_missing_providers(provider_choice, ort.get_available_providers(), say)
-    if "CUDAExecutionProvider" in chain and hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip packages, when they are installed
+    for problem in load_nvidia_libraries(chain):  # CUDA, cuDNN, TensorRT from pip wheels (gpulibs.py)
+        say(problem)
     gpu = gpu or GpuSlot(0, "GPU 0", None)
     det_file, batched = det_path, False
     if settings.FRAMES_ON_DEVICE == "on" or (settings.FRAMES_ON_DEVICE == "auto" and chain[0] != "CPUExecutionProvider"):

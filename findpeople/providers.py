@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .errors import BadInput
 from .settings import PROVIDER_ORDER, Settings
+from .gpulibs import load_nvidia_libraries
 
 
 _TRT_UNSUPPORTED_OPS = {"ConvInteger", "DynamicQuantizeLinear", "MatMulInteger"}  # int8 graphs
@@ -75,8 +76,8 @@ def both_onnxruntime_builds_problem() -> str | None:
     """Return the explanation when onnxruntime and onnxruntime-gpu are both installed, else None."""
     if package_version("onnxruntime") and package_version("onnxruntime-gpu"):
         return ("onnxruntime and onnxruntime-gpu are both installed: they share one module folder "
-                "and the CPU build can win. Fix: pip uninstall -y onnxruntime onnxruntime-gpu && "
-                "pip install onnxruntime-gpu")
+                "and the CPU build can win. Fix: python install_gpu.py (docs/gpu.md), or by hand: "
+                "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
     return None
 
 
@@ -93,7 +94,9 @@ def provider_library_error(provider: str) -> str | None:
     try:
         ctypes.CDLL(str(library))
     except OSError as error:
-        return f"{library.name} cannot be loaded: {error} ({onnxruntime_gpu_build()})"
+        driver = any(name in str(error) for name in ("libcuda.so", "nvcuda.dll"))
+        return (f"{library.name} cannot be loaded: {error} ({onnxruntime_gpu_build()}"
+                f"{'; libcuda is the NVIDIA driver: no driver is installed' if driver else ''})")
     return None
 
 
@@ -105,7 +108,8 @@ def provider_load_problem(provider: str) -> str:
     if provider not in ort.get_available_providers():
         build = "onnxruntime-gpu" if package_version("onnxruntime-gpu") else "onnxruntime"
         return both or (f"this onnxruntime build ({build} {ort.__version__}) has no {provider}: "
-                        f"pip install onnxruntime-gpu (see README, GPU setup)")
+                        f"install the GPU build with python install_gpu.py (docs/gpu.md; a plain "
+                        f"pip install onnxruntime-gpu leaves the CPU build beside it)")
     return provider_library_error(provider) or (
         f"its library loads, but the session did not use it; run with ORT_LOG_LEVEL=0 to see "
         f"ONNX Runtime's reason ({onnxruntime_gpu_build()})")
@@ -261,7 +265,8 @@ def tensorrt_options(folder: Path, profile: dict, gpu_id: int, fp16: bool) -> di
 def tensorrt_version() -> str | None:
     """Return the installed TensorRT version (pip package, else the library's own number), or None."""
     import ctypes
-    for name in ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt-libs"):
+    for name in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu13-libs", "tensorrt-cu12-libs",
+                 "tensorrt-libs"):
         if package_version(name):
             return package_version(name)
     for library in ("libnvinfer.so.10", "libnvinfer.so.8", "nvinfer_10.dll", "nvinfer.dll"):
@@ -424,13 +429,15 @@ def working_providers(model_path: Path) -> dict:
     import onnxruntime as ort
     ort.set_default_logger_severity(ort_log_level())
     available = ort.get_available_providers()
-    if "CUDAExecutionProvider" in available and hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()  # as the workers do: CUDA/cuDNN from the nvidia-* pip packages
+    trt_problems = load_nvidia_libraries(available)  # as the workers do (gpulibs.py)
     verdicts = {}
     for provider in PROVIDER_ORDER["auto"]:
         if provider not in available:
             if provider != "CPUExecutionProvider":
                 verdicts[provider] = f"not in this build: {provider_load_problem(provider)}"
+            continue
+        if provider == "TensorrtExecutionProvider" and trt_problems:
+            verdicts[provider] = f"cannot be loaded: {trt_problems[0]}"
             continue
         if provider_library_error(provider):
             verdicts[provider] = f"cannot be loaded: {provider_library_error(provider)}"

@@ -128,3 +128,46 @@ def test_check_counts_a_cuda_that_does_not_load_but_not_a_missing_tensorrt(main_
     assert "[!!] provider CUDAExecutionProvider: cannot be loaded" in text, text
     assert "[--] provider TensorrtExecutionProvider" in text, text
     assert problems == 1, text
+
+
+def test_check_with_providers_cpu_counts_no_gpu_provider(main_module, monkeypatch):
+    """--check --providers cpu: a GPU provider that does not load is listed ([--]), not counted,
+    since the run will not use it (issue #15: a GPU install on a machine without a GPU)."""
+    import onnxruntime as ort
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    settings = main_module.load_settings([*MODEL_FLAGS[:4], "--providers", "cpu"])
+    lines, problems = check_lines(settings)
+    text = "\n".join(lines)
+    assert "[--] provider CUDAExecutionProvider: cannot be loaded" in text, text
+    assert "[ok] provider CPUExecutionProvider: loads" in text, text
+    assert problems == 0, text
+
+
+def test_check_of_a_gpu_install_without_a_gpu_names_the_build_the_missing_gpu_and_each_library(
+        main_module, monkeypatch):
+    """With onnxruntime-gpu alone installed and no GPU found, --check names the one ONNX Runtime
+    distribution, counts the missing GPU as a problem (with the fix), and lists each NVIDIA library
+    the build links as found ([ok], from pip or the system) or not ([--]: the provider lines count
+    what that breaks); with --providers cpu the GPU is no problem. Issue #15."""
+    versions = {"onnxruntime-gpu": "1.31.1", "insightface": "2.1"}
+    monkeypatch.setattr("findpeople.doctor.package_version", versions.get)
+    monkeypatch.setattr("findpeople.providers.package_version", versions.get)
+    monkeypatch.setattr("findpeople.doctor.visible_gpus", lambda: [])
+    monkeypatch.setattr("findpeople.doctor.working_providers", lambda detector: {
+        "CPUExecutionProvider": "loads"})
+    loaded = []
+    monkeypatch.setattr("findpeople.doctor.load_nvidia_libraries", loaded.append)
+    monkeypatch.setattr("findpeople.doctor.library_lines", lambda library: [
+        (True, "CUDA runtime 13.0 (libcudart.so.13) from pip (nvidia-cuda-runtime 13.0.96): /x"),
+        (False, "cuDNN (libcudnn.so.9): not found (libcudnn.so.9: cannot open shared object file)")])
+    lines, problems = check_lines(main_module.load_settings(MODEL_FLAGS[:4]))
+    text = "\n".join(lines)
+    assert "ONNX Runtime distributions: onnxruntime-gpu 1.31.1" in text, text
+    assert "[!!] onnxruntime-gpu is installed, but no NVIDIA GPU was found" in text, text
+    assert "--providers cpu" in text and "docs/gpu.md" in text, text
+    assert "  [ok] CUDA runtime 13.0 (libcudart.so.13) from pip (nvidia-cuda-runtime 13.0.96)" in text, text
+    assert "  [--] cuDNN (libcudnn.so.9): not found" in text and "python install_gpu.py" in text, text
+    assert problems == 1 and loaded, text
+    cpu_lines, cpu_problems = check_lines(main_module.load_settings([*MODEL_FLAGS[:4], "--providers", "cpu"]))
+    assert cpu_problems == 0 and "no NVIDIA GPU" not in "\n".join(cpu_lines), cpu_lines

@@ -13,9 +13,9 @@ from conftest import REPO
 
 # Each module may import only modules before it. The orchestration (runstate, pipeline, run) and
 # doctor come last, so no stage module can import them; nothing in the package imports main.
-LAYERS = ("errors", "settings", "outputs", "ring", "folders", "decode", "providers", "detect",
-          "device", "models", "references", "tracks", "worker", "clips", "reports", "resume",
-          "runstate", "pipeline", "run", "doctor")
+LAYERS = ("errors", "settings", "outputs", "ring", "folders", "decode", "gpulibs", "providers",
+          "detect", "device", "models", "references", "tracks", "worker", "clips", "reports",
+          "resume", "runstate", "pipeline", "run", "doctor")
 HEAVY_MODULES = ("onnxruntime", "insightface", "tensorrt", "av", "cv2", "onnx")
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 45

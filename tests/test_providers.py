@@ -13,8 +13,8 @@ from findpeople.errors import BadInput
 from findpeople.providers import (
     GpuSlot, both_onnxruntime_builds_problem, detector_profile, engine_cache_key, engine_folder,
     needs_engine_build, open_model, open_session, ort_log_level, profile_text, provider_chain,
-    provider_load_problem, recognizer_profile, session_options, tensorrt_options,
-    tensorrt_unsupported_ops, usable_chain, visible_gpu_names, worker_gpu_ids)
+    provider_library_error, provider_load_problem, recognizer_profile, session_options,
+    tensorrt_options, tensorrt_unsupported_ops, usable_chain, visible_gpu_names, worker_gpu_ids)
 
 
 @pytest.mark.parametrize("choice, available, expected", [
@@ -52,16 +52,41 @@ def test_a_provider_that_does_not_load_is_skipped_with_its_reason(main_module, m
 
 
 def test_a_provider_missing_from_the_build_says_which_package_to_install(main_module):
-    """On a CPU build, CUDA's problem names onnxruntime-gpu as the fix."""
+    """On a CPU build, CUDA's problem names onnxruntime-gpu and the GPU install as the fix."""
     problem = provider_load_problem("CUDAExecutionProvider")
     assert "has no CUDAExecutionProvider" in problem and "onnxruntime-gpu" in problem, problem
+    assert "python install_gpu.py" in problem, problem
 
 
 def test_both_onnxruntime_builds_installed_is_detected(main_module, monkeypatch):
     """onnxruntime and onnxruntime-gpu together are reported with the commands that fix it."""
     monkeypatch.setattr("findpeople.providers.package_version", lambda name: "1.20.0")
     problem = both_onnxruntime_builds_problem()
-    assert problem and "pip uninstall -y onnxruntime onnxruntime-gpu" in problem, problem
+    assert problem and "python install_gpu.py" in problem, problem
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu" in problem, problem
+
+
+@pytest.mark.parametrize("loader_error, driver_hint", [
+    ("libcuda.so.1: cannot open shared object file: No such file or directory", True),
+    ("nvcuda.dll: The specified module could not be found", True),
+    ("libcudnn.so.9: cannot open shared object file: No such file or directory", False),
+])
+def test_a_missing_nvidia_driver_library_is_named_as_the_driver(main_module, monkeypatch, tmp_path,
+                                                               loader_error, driver_hint):
+    """The CUDA provider's library needs libcuda (nvcuda.dll), which only the NVIDIA driver
+    installs: its load error says so (issue #15: a GPU install on a machine without a GPU)."""
+    import ctypes
+    library = tmp_path / "libonnxruntime_providers_cuda.so"
+    library.write_bytes(b"")
+    monkeypatch.setattr("findpeople.providers.provider_library", lambda provider: library)
+
+    def refuse(path, *args, **kwargs):
+        raise OSError(loader_error)
+
+    monkeypatch.setattr(ctypes, "CDLL", refuse)
+    problem = provider_library_error("CUDAExecutionProvider")
+    assert loader_error in problem, problem
+    assert ("no driver is installed" in problem) == driver_hint, problem
 
 
 BASE_KEY = dict(model_sha256="a" * 64, profile={"input.1": ((1, 3, 32, 32), (8, 3, 640, 640),
