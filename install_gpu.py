@@ -15,6 +15,9 @@ removing one deletes files of the other. So pip resolves requirements.txt and th
 (a dry run), and this script installs what pip chose except the CPU onnxruntime, with --no-deps so
 that pip does not add it back. TensorRT's PyPI packages download their wheels from NVIDIA's own
 package index while they install, so they cannot take part in a dry run: they are installed last.
+Nothing is uninstalled before everything is resolved and the GPU build's wheel is on the disk:
+a network failure before that changes nothing, and after it the GPU build is installed from that
+file, so an environment is never left without an ONNX Runtime.
 Exit code: 0 installed and checked, 1 installed but the check found a problem (or TensorRT could
 not be installed), 2 nothing could be installed (this Python or platform, or pip failed).
 """
@@ -113,12 +116,42 @@ def pins_to_install(report: dict) -> list:
 def pip(args: list, capture: bool = False) -> subprocess.CompletedProcess:
     """Run this Python's pip with args; raise SystemExit(2) naming the command when it fails."""
     command = [sys.executable, "-m", "pip", *args]
-    done = subprocess.run(command, capture_output=capture, text=True)
+    done = subprocess.run(command, capture_output=capture, text=True, timeout=3600)
     if done.returncode != 0:
         detail = (done.stderr or "").strip()[-3000:] if capture else "(pip's error is above)"
         print(f"[!] failed (exit code {done.returncode}): {' '.join(command)}\n{detail}")
         raise SystemExit(2)
     return done
+
+
+def installed_builds() -> dict:
+    """Return {distribution: version} of the ONNX Runtime builds installed, read from their
+    metadata in this process (a broken onnxruntime cannot hide them)."""
+    import importlib
+    from importlib import metadata
+    importlib.invalidate_caches()
+    builds = {}
+    for name in ONNXRUNTIME_BUILDS:
+        try:
+            builds[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return builds
+
+
+def gpu_build_pin(pins: list, resolved: list) -> str:
+    """Return the 'onnxruntime-gpu==X' to install: from pip's plan, or from the GPU set's own line
+    when pip plans nothing for it (it is installed already, but is about to be uninstalled)."""
+    for pin in pins + [re.sub(r"\[[^\]]*\]", "", line) for line in resolved]:
+        if requirement_name(pin) == "onnxruntime-gpu" and "==" in pin:
+            return pin
+    raise SystemExit("[!] the GPU set pins no onnxruntime-gpu==<version>: see requirements-gpu.txt")
+
+
+def fetch_gpu_build(pin: str, folder: str) -> None:
+    """Download the GPU build's wheel (only it) into folder, before anything is uninstalled."""
+    print(f"[*] downloading {pin} first, so that it can be installed without the network")
+    pip(["download", "--quiet", "--no-deps", "--dest", folder, pin])
 
 
 def installed_state() -> dict:
@@ -195,6 +228,19 @@ def check_result(state: dict) -> list:
     return problems
 
 
+def swap_builds(remove: list, gpu_pin: str) -> None:
+    """Replace the installed builds (remove) by the GPU build alone: its wheel is downloaded first,
+    then both builds are uninstalled and the GPU one installed from that file, offline."""
+    with tempfile.TemporaryDirectory(prefix="install-gpu-") as folder:
+        fetch_gpu_build(gpu_pin, folder)
+        print(f"[*] uninstalling {' and '.join(remove)}: the CPU build is installed, and both "
+              f"builds share one onnxruntime folder")
+        try:
+            pip(["uninstall", "--yes", "--quiet", *remove])
+        finally:  # also after a failed uninstall: whatever it removed, the GPU build is back
+            pip(["install", "--quiet", "--no-deps", "--no-index", "--find-links", folder, gpu_pin])
+
+
 def main(argv=None) -> int:
     """Install the GPU set into this Python's environment; return the exit code (docstring)."""
     args = parse_args(argv)
@@ -204,16 +250,15 @@ def main(argv=None) -> int:
         return 2
     ensure_pip()
     resolved, tensorrt = split_gpu_set(requirement_lines(GPU_REQUIREMENTS[args.cuda]), args.system_libs)
-    remove = builds_to_remove(installed_state()["builds"])
-    if remove:
-        print(f"[*] uninstalling {' and '.join(remove)} first: the CPU build is installed, and "
-              f"both builds share one onnxruntime folder")
-        pip(["uninstall", "--yes", "--quiet", *remove])
     pins = pins_to_install(resolve(["-r", str(CPU_REQUIREMENTS), *resolved]))
+    remove = builds_to_remove(installed_builds())
+    if remove:
+        swap_builds(remove, gpu_build_pin(pins, resolved))
+        pins = [pin for pin in pins if requirement_name(pin) != "onnxruntime-gpu"]
     if pins:
         print(f"[*] installing {len(pins)} package(s) without the CPU onnxruntime: {' '.join(pins)}")
         pip(["install", "--no-deps", *pins])
-    else:
+    elif not remove:
         print(f"[*] {CPU_REQUIREMENTS.name} and {' '.join(resolved)}: already installed")
     tensorrt_ok = install_tensorrt(tensorrt)
     state = installed_state()

@@ -68,9 +68,10 @@ def test_tensorrt_libraries_load_libnvinfer_first_then_its_plugin_and_parser(pla
 
 def test_the_tensorrt_wheel_folder_is_found_on_sys_path_without_importing_it(tmp_path, monkeypatch):
     """tensorrt_libs is found where pip put it (any sys.path entry), and not imported."""
+    if tensorrt_wheel_folder() is not None:
+        pytest.skip("a real TensorRT wheel is installed here (a GPU install): CI has none")
     package = fake_tensorrt_wheel(tmp_path / "site")
     (package / "__init__.py").write_text("raise ImportError('importing it is not needed')\n")
-    assert tensorrt_wheel_folder() is None
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     assert tensorrt_wheel_folder() == package
     assert "tensorrt_libs" not in sys.modules
@@ -79,7 +80,8 @@ def test_the_tensorrt_wheel_folder_is_found_on_sys_path_without_importing_it(tmp
 def test_without_the_tensorrt_wheel_nothing_is_loaded_and_nothing_is_wrong(tmp_path):
     """No wheel installed (as in CI), or an empty folder: nothing to load and no problem (the
     TensorRT provider's own check says that TensorRT is missing)."""
-    assert tensorrt_wheel_folder() is None, "this test expects no TensorRT wheel installed"
+    if tensorrt_wheel_folder() is not None:
+        pytest.skip("a real TensorRT wheel is installed here (a GPU install): CI has none")
     assert preload_tensorrt() == ([], None)
     (tmp_path / "tensorrt_libs").mkdir()
     assert preload_tensorrt(tmp_path / "tensorrt_libs") == ([], None)
