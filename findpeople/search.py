@@ -1,0 +1,405 @@
+"""Search: match the reference photos against the looks stored in many videos' indexes, fast.
+
+Runs in the parent at search time. In: the references (reference_matrix: L2-normalised photo
+embeddings and the person of each photo) and INDEX_DIR's index files (index.py). Out: per video
+and track that can possibly be named (one of its looks within CUSTOM_THRESHOLD of a person), the
+distance row of every look of the track [looks, people] (tracks.person_distances: 1 - similarity
+to each person's closest photo), with the looks' frames, times and embeddings, for the naming
+rules (tracks.evaluate_evidence, vouching_recognitions, sighting_flags).
+
+How: a cache in INDEX_DIR/search_cache/, derived from the index files and rebuilt for those that
+change: per index file its looks as a memory-mappable Arrow file (<name>.looks.arrow), and for all
+files one template per track, the normalised mean of its looks in int8 (templates.arrow). A search
+multiplies every template with the photos; a track is a candidate when its template's similarity
+plus a slack (for how far its looks spread around the template, and for the int8 rounding)
+reaches the threshold, and only candidates' looks are matched exactly. The spread slack is
+measured on real tracks (SLACK_PER_SPREAD; docs/benchmark.md, "Index search"). This module owns
+the cache (every file written atomically; any of it may be deleted); it only reads the indexes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .outputs import fsync_file
+from .index import INDEX_SUFFIX, IndexProblem, open_index, read_look_rows
+from .tracks import person_distances
+
+
+CACHE_DIR_NAME = "search_cache"  # INDEX_DIR/search_cache/: derived from the index files
+TEMPLATE_CACHE_NAME = "templates.arrow"
+LOOKS_CACHE_SUFFIX = ".looks.arrow"
+CACHE_FORMAT = 1
+CACHE_KEY = b"findpeople.search_cache"
+# A look's similarity to a photo exceeds its track template's by at most SLACK_PER_SPREAD times
+# the track's spread (the largest Euclidean distance of a look from the template). Measured on
+# the shared clips' real tracks against every reference photo and, harder, every look of every
+# other track as if it were a photo: the largest ratio seen was 0.283 (bench/index_real_tracks.py,
+# docs/benchmark.md); 0.35 leaves a quarter more. (Cauchy-Schwarz proves a factor of 1 for any
+# data, but lets nearly every track through in 512 dimensions.)
+SLACK_PER_SPREAD = 0.35
+ROUNDING_SLACK = 1e-4  # float32 sums of float16 looks: far above their rounding
+TEMPLATE_BLOCK_ROWS = 65536  # tracks per record batch of templates.arrow
+FILTER_STEP_ROWS = 16384  # templates converted to float32 at once (32 MiB)
+FILTER_THREADS = 2  # threads of the filter and of the cache build (NumPy and pyarrow let go of the GIL)
+
+
+@dataclass
+class Templates:
+    """The track templates of many index files, memory-mapped from the cache (read-only)."""
+
+    files: list  # index file paths, in cache order
+    stamps: list  # per file, [size, mtime_ns] its cache was built from
+    file_idx: np.ndarray  # [tracks] int32: position in files
+    track_id: np.ndarray  # [tracks] int32
+    look_start: np.ndarray  # [tracks] int64: first look row of the track in its file
+    look_count: np.ndarray  # [tracks] int32
+    spread: np.ndarray  # [tracks] float32: largest Euclidean distance of a look from the template
+    scale: np.ndarray  # [tracks] float32: template = scale * codes
+    blocks: list  # [rows, dim] int8 template codes, TEMPLATE_BLOCK_ROWS tracks each
+    skipped: dict  # index file name -> why it is not in the cache (damaged, foreign, ...)
+
+
+@dataclass
+class TrackLooks:
+    """One track that may be named: its looks and their exact distances to every person."""
+
+    index_file: Path
+    track_id: int
+    frame_idx: np.ndarray  # [looks] int64
+    time_s: np.ndarray  # [looks] float64, from the first video frame
+    embeddings: np.ndarray  # [looks, dim] float32 (the float16 values stored)
+    distances: np.ndarray  # [looks, people] cosine distance, tracks.person_distances
+
+
+def list_index_files(index_dir: Path) -> list:
+    """Return the index files (*.parquet, not temporary files) in index_dir, sorted."""
+    return sorted(p for p in Path(index_dir).glob(f"*{INDEX_SUFFIX}")
+                  if p.is_file() and not p.name.startswith("."))
+
+
+def file_stamp(path: Path) -> list:
+    """Return [size in bytes, modification time in ns] of a file: a rewritten index (a new file
+    renamed into place) changes it."""
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns]
+
+
+def looks_cache_path(index_file: Path) -> Path:
+    """Return where an index file's looks are cached: search_cache/<name>.looks.arrow beside it."""
+    return index_file.parent / CACHE_DIR_NAME / (index_file.stem + LOOKS_CACHE_SUFFIX)
+
+
+def track_templates(track_id: np.ndarray, embeddings: np.ndarray) -> dict:
+    """Return per track (its looks contiguous, as index files store them): track_id,
+    look_start, look_count, spread (largest Euclidean distance of a look from the template),
+    scale and int8 codes of the template (the normalised mean of its looks)."""
+    if len(track_id) == 0:
+        return {"track_id": np.zeros(0, np.int32), "look_start": np.zeros(0, np.int64),
+                "look_count": np.zeros(0, np.int32), "spread": np.zeros(0, np.float32),
+                "scale": np.zeros(0, np.float32), "codes": np.zeros((0, embeddings.shape[1]), np.int8)}
+    starts = np.flatnonzero(np.r_[True, track_id[1:] != track_id[:-1]])
+    counts = np.diff(np.r_[starts, len(track_id)])
+    sums = np.add.reduceat(embeddings.astype(np.float32), starts, axis=0)
+    templates = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    deviation = np.linalg.norm(embeddings - np.repeat(templates, counts, axis=0), axis=1)
+    scale = np.maximum(np.abs(templates).max(axis=1), 1e-12) / 127
+    return {"track_id": track_id[starts].astype(np.int32), "look_start": starts.astype(np.int64),
+            "look_count": counts.astype(np.int32),
+            "spread": np.maximum.reduceat(deviation, starts).astype(np.float32),
+            "scale": scale.astype(np.float32),
+            "codes": np.rint(templates / scale[:, None]).astype(np.int8)}
+
+
+def read_index_looks(path: Path) -> dict:
+    """Return every look of an index file (track_id, frame_idx, time_s, embedding float32);
+    raise IndexProblem naming the file when it cannot be read or its looks are out of order."""
+    import pyarrow as pa
+    parquet, metadata = open_index(path)
+    try:
+        with closing(parquet):
+            looks = read_look_rows(parquet, 0, metadata["look_count"],
+                                   ("track_id", "frame_idx", "time_s", "embedding"))
+    except (pa.ArrowException, OSError) as error:
+        raise IndexProblem(f"{path}: damaged ({error}); the video is indexed again") from None
+    if len(looks["track_id"]) and np.any(np.diff(looks["track_id"]) < 0):
+        raise IndexProblem(f"{path}: its looks are not sorted by track; the video is indexed again")
+    return looks
+
+
+def write_arrow_atomic(path: Path, schema, batches: list) -> None:
+    """Write an Arrow IPC file through a uniquely named temporary file, flushed and renamed into
+    place (a killed writer leaves the previous file; two writers end with one whole)."""
+    import pyarrow as pa
+    part = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with pa.OSFile(str(part), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+        fsync_file(part)
+        os.replace(part, path)
+    except BaseException as error:
+        part.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
+        raise
+
+
+def cache_file_looks(path: Path, stamp: list) -> dict:
+    """Cache one index file's looks (looks_cache_path, float16 as stored, with the index's stamp)
+    and return its track templates (track_templates)."""
+    import pyarrow as pa
+    looks = read_index_looks(path)
+    dim = looks["embedding"].shape[1]
+    schema = pa.schema([("track_id", pa.int32()), ("frame_idx", pa.int64()), ("time_s", pa.float64()),
+                        ("embedding", pa.list_(pa.float16(), dim))],
+                       metadata={CACHE_KEY: json.dumps({"format": CACHE_FORMAT, "stamp": stamp}).encode()})
+    values = pa.array(looks["embedding"].astype(np.float16).reshape(-1), pa.float16())
+    batch = pa.RecordBatch.from_arrays(
+        [pa.array(looks["track_id"], pa.int32()), pa.array(looks["frame_idx"], pa.int64()),
+         pa.array(looks["time_s"], pa.float64()), pa.FixedSizeListArray.from_arrays(values, dim)],
+        schema=schema)
+    write_arrow_atomic(looks_cache_path(path), schema, [batch])
+    return track_templates(looks["track_id"], looks["embedding"])
+
+
+def open_file_looks(path: Path, stamp: list) -> dict:
+    """Return an index file's cached looks, memory-mapped (track_id, frame_idx, time_s,
+    embedding [looks, dim] float16); raise IndexProblem when the cache is missing or was built
+    from another version of the index file."""
+    import pyarrow as pa
+    cached = looks_cache_path(path)
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(str(cached)))
+        manifest = json.loads(reader.schema.metadata[CACHE_KEY])
+        batch = reader.get_batch(0)
+    except (OSError, pa.ArrowException, KeyError, TypeError, ValueError) as error:
+        raise IndexProblem(f"{cached}: cannot be read ({error}); search again to rebuild it") from None
+    if manifest.get("stamp") != stamp:
+        raise IndexProblem(f"{path}: changed since its search cache was built; search again")
+    embedding = batch.column("embedding")
+    return {"track_id": batch.column("track_id").to_numpy(), "frame_idx": batch.column("frame_idx").to_numpy(),
+            "time_s": batch.column("time_s").to_numpy(),
+            "embedding": embedding.flatten().to_numpy().reshape(len(batch), embedding.type.list_size)}
+
+
+def cache_schema(dim: int, manifest: dict):
+    """Return the Arrow schema of templates.arrow (manifest: its JSON metadata)."""
+    import pyarrow as pa
+    return pa.schema([("file_idx", pa.int32()), ("track_id", pa.int32()), ("look_start", pa.int64()),
+                      ("look_count", pa.int32()), ("spread", pa.float32()), ("scale", pa.float32()),
+                      ("codes", pa.list_(pa.int8(), dim))],
+                     metadata={CACHE_KEY: json.dumps(manifest).encode()})
+
+
+def template_batches(parts: list, dim: int, schema) -> list:
+    """Return templates.arrow's record batches (TEMPLATE_BLOCK_ROWS tracks each) from per-file
+    templates [(file position, track_templates dict)]."""
+    import pyarrow as pa
+    names = ("track_id", "look_start", "look_count", "spread", "scale")
+    joined = {name: np.concatenate([part[name] for _, part in parts] or [np.zeros(0)]) for name in names}
+    joined["file_idx"] = np.concatenate([np.full(len(part["track_id"]), i, np.int32)
+                                         for i, part in parts] or [np.zeros(0, np.int32)])
+    codes = np.concatenate([part["codes"] for _, part in parts] or [np.zeros((0, dim), np.int8)])
+    batches = []
+    for start in range(0, max(len(codes), 1), TEMPLATE_BLOCK_ROWS):
+        rows = slice(start, start + TEMPLATE_BLOCK_ROWS)
+        arrays = [pa.array(joined[f.name][rows], f.type) for f in schema if f.name != "codes"]
+        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(codes[rows].reshape(-1), pa.int8()), dim))
+        batches.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
+    return batches
+
+
+def read_cache_manifest(path: Path) -> dict | None:
+    """Return templates.arrow's manifest, or None when there is none or it is unreadable."""
+    import pyarrow as pa
+    try:
+        with pa.memory_map(str(path)) as source:
+            manifest = json.loads(pa.ipc.open_file(source).schema.metadata[CACHE_KEY])
+    except (OSError, pa.ArrowException, KeyError, TypeError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == CACHE_FORMAT else None
+
+
+def cache_is_current(manifest: dict | None, paths: list) -> bool:
+    """Return True when the cache lists exactly these index files with their current stamps, and
+    each listed file's looks are cached."""
+    if manifest is None:
+        return False
+    listed = {**manifest.get("skipped", {}), **{f["name"]: f for f in manifest.get("files", [])}}
+    return sorted(listed) == sorted(p.name for p in paths) and \
+        all(listed[p.name]["stamp"] == file_stamp(p) for p in paths) and \
+        all(looks_cache_path(p).is_file() for p in paths if p.name not in manifest.get("skipped", {}))
+
+
+def update_templates(index_dir: Path) -> dict:
+    """Bring INDEX_DIR's search cache up to date with its index files (added, rewritten or
+    removed), reusing what is cached for the unchanged ones; return {index file name: problem}
+    for the files left out (damaged, foreign, another format: each names the file and the fix)."""
+    index_dir = Path(index_dir)
+    cache = index_dir / CACHE_DIR_NAME / TEMPLATE_CACHE_NAME
+    paths = list_index_files(index_dir)
+    manifest = read_cache_manifest(cache)
+    if cache_is_current(manifest, paths):
+        return {name: entry["problem"] for name, entry in manifest.get("skipped", {}).items()}
+    old = load_cache(cache, index_dir) if manifest is not None else None
+    reusable = {f["name"]: (i, f["stamp"]) for i, f in enumerate(manifest["files"])} if manifest else {}
+    parts, files, skipped = [], [], {}
+    with ThreadPoolExecutor(FILTER_THREADS) as pool:  # pyarrow and NumPy let go of the GIL
+        for path, stamp, part in pool.map(lambda p: file_part(p, old, reusable), paths):
+            if isinstance(part, str):
+                skipped[path.name] = {"stamp": stamp, "problem": part}
+                continue
+            parts.append((len(files), part))
+            files.append({"name": path.name, "stamp": stamp})
+    dim = next((part["codes"].shape[1] for _, part in parts if part["codes"].size), 512)
+    manifest = {"format": CACHE_FORMAT, "dim": dim, "files": files, "skipped": skipped}
+    schema = cache_schema(dim, manifest)
+    write_arrow_atomic(cache, schema, template_batches(parts, dim, schema))
+    remove_stale_looks(index_dir, {looks_cache_path(index_dir / f["name"]).name for f in files})
+    return {name: entry["problem"] for name, entry in skipped.items()}
+
+
+def file_part(path: Path, old: Templates | None, reusable: dict) -> tuple:
+    """Return (path, stamp, its track templates or why it is left out), from the open cache when
+    the file is unchanged and its looks are cached, else caching it (cache_file_looks)."""
+    stamp, (position, old_stamp) = file_stamp(path), reusable.get(path.name, (None, None))
+    try:
+        if old_stamp == stamp and looks_cache_path(path).is_file():
+            return path, stamp, cached_part(old, position)
+        return path, stamp, cache_file_looks(path, stamp)
+    except IndexProblem as error:
+        return path, stamp, str(error)
+
+
+def remove_stale_looks(index_dir: Path, kept: set) -> None:
+    """Remove cached looks whose index file is gone or left out (only this cache's files)."""
+    for path in (Path(index_dir) / CACHE_DIR_NAME).glob(f"*{LOOKS_CACHE_SUFFIX}"):
+        if path.name not in kept:
+            path.unlink(missing_ok=True)
+
+
+def cached_part(templates: Templates, file_position: int) -> dict:
+    """Return one file's templates as they are in an open cache (a copy; its rows are contiguous)."""
+    start, stop = np.searchsorted(templates.file_idx, [file_position, file_position + 1])
+    return {"track_id": templates.track_id[start:stop].copy(),
+            "look_start": templates.look_start[start:stop].copy(),
+            "look_count": templates.look_count[start:stop].copy(),
+            "spread": templates.spread[start:stop].copy(), "scale": templates.scale[start:stop].copy(),
+            "codes": template_codes(templates, start, stop)}
+
+
+def template_codes(templates: Templates, start: int, stop: int) -> np.ndarray:
+    """Return the int8 template codes of cache rows [start, stop) (a copy)."""
+    dim = templates.blocks[0].shape[1] if templates.blocks else 512
+    pieces = [templates.blocks[b][max(start - b * TEMPLATE_BLOCK_ROWS, 0):stop - b * TEMPLATE_BLOCK_ROWS]
+              for b in range(start // TEMPLATE_BLOCK_ROWS, -(-stop // TEMPLATE_BLOCK_ROWS))]
+    return np.concatenate(pieces) if pieces else np.zeros((0, dim), np.int8)
+
+
+def load_cache(path: Path, index_dir: Path) -> Templates:
+    """Return templates.arrow, memory-mapped (its codes are read from the disk when used)."""
+    import pyarrow as pa
+    reader = pa.ipc.open_file(pa.memory_map(str(path)))
+    manifest = json.loads(reader.schema.metadata[CACHE_KEY])
+    batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+
+    def column(name, kind):
+        return np.concatenate([b.column(name).to_numpy() for b in batches]).astype(kind, copy=False)
+    blocks = [b.column("codes").flatten().to_numpy().reshape(-1, manifest["dim"]) for b in batches]
+    return Templates([index_dir / f["name"] for f in manifest["files"]],
+                     [f["stamp"] for f in manifest["files"]], column("file_idx", np.int32),
+                     column("track_id", np.int32), column("look_start", np.int64),
+                     column("look_count", np.int32), column("spread", np.float32),
+                     column("scale", np.float32), [b for b in blocks if len(b)],
+                     {name: e["problem"] for name, e in manifest.get("skipped", {}).items()})
+
+
+def open_templates(index_dir: Path, warm: bool = True) -> Templates:
+    """Return INDEX_DIR's track templates, updating the search cache first (update_templates);
+    warm: read every page of the templates once, so the first search does not wait for the disk."""
+    update_templates(index_dir)
+    templates = load_cache(Path(index_dir) / CACHE_DIR_NAME / TEMPLATE_CACHE_NAME, Path(index_dir))
+    if warm:
+        for block in templates.blocks:
+            np.bitwise_or.reduce(block.reshape(-1)[::4096])  # one byte per 4 KiB page
+    return templates
+
+
+def candidate_rows(templates: Templates, ref_embeddings: np.ndarray, threshold: float) -> np.ndarray:
+    """Return the cache rows of the tracks that may have a look within threshold (cosine
+    distance) of some photo: template similarity + slack >= 1 - threshold (FILTER_STEP_ROWS
+    templates at a time, on FILTER_THREADS threads)."""
+    refs = np.ascontiguousarray(ref_embeddings, np.float32)
+    refs_t = np.ascontiguousarray(refs.T)
+    half_l1 = np.abs(refs).sum(axis=1) / 2  # int8 rounding: |r.T - scale r.q| <= scale |r|_1 / 2
+    needed = 1.0 - threshold - ROUNDING_SLACK
+    steps = [(b, lo) for b, block in enumerate(templates.blocks) for lo in range(0, len(block), FILTER_STEP_ROWS)]
+
+    def step_candidates(step):
+        b, lo = step
+        codes = templates.blocks[b][lo:lo + FILTER_STEP_ROWS]
+        first = b * TEMPLATE_BLOCK_ROWS + lo
+        rows = slice(first, first + len(codes))
+        upper = (codes.astype(np.float32) @ refs_t + half_l1) * templates.scale[rows, None]
+        upper += SLACK_PER_SPREAD * templates.spread[rows, None]
+        return first + np.flatnonzero((upper >= needed).any(axis=1))
+    with ThreadPoolExecutor(FILTER_THREADS) as pool:
+        found = list(pool.map(step_candidates, steps))
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+
+def exact_looks(templates: Templates, rows: np.ndarray, ref_embeddings: np.ndarray,
+                ref_owners: np.ndarray, person_count: int, threshold: float) -> list:
+    """Return a TrackLooks for each candidate row with a look within threshold of a person,
+    matching its cached looks exactly, file by file (see file_track_looks)."""
+    found = []
+    for file_position in np.unique(templates.file_idx[rows]):
+        mine = rows[templates.file_idx[rows] == file_position]
+        found += file_track_looks(templates, int(file_position), mine, ref_embeddings, ref_owners,
+                                  person_count, threshold)
+    return found
+
+
+def file_track_looks(templates: Templates, file_position: int, rows: np.ndarray,
+                     ref_embeddings: np.ndarray, ref_owners: np.ndarray, person_count: int,
+                     threshold: float) -> list:
+    """Return the TrackLooks of one file's candidate rows that have a look within threshold (all
+    their looks matched in one product first; distances then as tracks.person_distances gives
+    them); raise IndexProblem naming a file changed since the cache was built."""
+    path = templates.files[file_position]
+    looks = open_file_looks(path, templates.stamps[file_position])
+    counts = templates.look_count[rows].astype(np.int64)
+    offsets = np.r_[0, np.cumsum(counts)[:-1]]
+    at = np.repeat(templates.look_start[rows] - offsets, counts) + np.arange(counts.sum())
+    if not np.array_equal(looks["track_id"][at], np.repeat(templates.track_id[rows], counts)):
+        raise IndexProblem(f"{path}: changed since its search cache was built; search again")
+    best = (looks["embedding"][at].astype(np.float32) @ np.asarray(ref_embeddings, np.float32).T).max(axis=1)
+    close = np.maximum.reduceat(best, offsets) >= 1.0 - threshold - ROUNDING_SLACK
+    mine = np.concatenate([at[o:o + c] for o, c in zip(offsets[close], counts[close])] or [at[:0]])
+    embeddings = looks["embedding"][mine].astype(np.float32)
+    distances = person_distances(embeddings, ref_embeddings, ref_owners, person_count)
+    found, start = [], 0
+    for row, count in zip(rows[close], counts[close]):
+        part = slice(start, start + count)
+        if distances[part].min() <= threshold:
+            found.append(TrackLooks(path, int(templates.track_id[row]), looks["frame_idx"][mine[part]],
+                                    looks["time_s"][mine[part]], embeddings[part], distances[part]))
+        start += count
+    return found
+
+
+def search_templates(templates: Templates, ref_embeddings: np.ndarray, ref_owners: np.ndarray,
+                     person_count: int, threshold: float) -> list:
+    """Return the TrackLooks of every track with a look within threshold (cosine distance) of a
+    person, in cache order (by index file, then track)."""
+    rows = candidate_rows(templates, ref_embeddings, threshold)
+    return exact_looks(templates, rows, ref_embeddings, ref_owners, person_count, threshold)
