@@ -9,12 +9,13 @@ rules (tracks.evaluate_evidence, vouching_recognitions, sighting_flags).
 
 How: a cache in INDEX_DIR/search_cache/, derived from the index files and rebuilt for those that
 change: per index file its looks as a memory-mappable Arrow file (<name>.looks.arrow), and for all
-files one template per track, the normalised mean of its looks in int8 (templates.arrow). A search
-multiplies every template with the photos; a track is a candidate when its template's similarity
-plus a slack (for how far its looks spread around the template, and for the int8 rounding)
-reaches the threshold, and only candidates' looks are matched exactly. The spread slack is
-measured on real tracks (SLACK_PER_SPREAD; docs/benchmark.md, "Index search"). This module owns
-the cache (every file written atomically; any of it may be deleted); it only reads the indexes.
+files one template per track, the normalised mean of its looks in 8 bits (templates.arrow). A
+search multiplies every template with the photos (8 bits too, integer products); a track is a
+candidate when its template's similarity plus a slack (for how far its looks spread around the
+template, and for the rounding) reaches the threshold, and only candidates' looks are matched
+exactly. The rounding slack is proven, the spread slack measured on real tracks
+(SLACK_PER_SPREAD; docs/benchmark.md, "Index search"). This module owns the cache (every file
+written atomically; any of it may be deleted); it only reads the indexes.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +37,8 @@ from .tracks import person_distances
 
 CACHE_DIR_NAME = "search_cache"  # INDEX_DIR/search_cache/: derived from the index files
 TEMPLATE_CACHE_NAME = "templates.arrow"
-LOOKS_CACHE_SUFFIX = ".looks.arrow"
-CACHE_FORMAT = 1
+LOOKS_CACHE_SUFFIX = ".looks.npy"
+CACHE_FORMAT = 2  # 2: 8-bit templates with a zero point of 128
 CACHE_KEY = b"findpeople.search_cache"
 # A look's similarity to a photo exceeds its track template's by at most SLACK_PER_SPREAD times
 # the track's spread (the largest Euclidean distance of a look from the template). Measured on
@@ -47,8 +49,7 @@ CACHE_KEY = b"findpeople.search_cache"
 SLACK_PER_SPREAD = 0.35
 ROUNDING_SLACK = 1e-4  # float32 sums of float16 looks: far above their rounding
 TEMPLATE_BLOCK_ROWS = 65536  # tracks per record batch of templates.arrow
-FILTER_STEP_ROWS = 16384  # templates converted to float32 at once (32 MiB)
-FILTER_THREADS = 2  # threads of the filter and of the cache build (NumPy and pyarrow let go of the GIL)
+FILTER_THREADS = 2  # threads of the filter's product and of the cache build
 
 
 @dataclass
@@ -62,9 +63,11 @@ class Templates:
     look_start: np.ndarray  # [tracks] int64: first look row of the track in its file
     look_count: np.ndarray  # [tracks] int32
     spread: np.ndarray  # [tracks] float32: largest Euclidean distance of a look from the template
-    scale: np.ndarray  # [tracks] float32: template = scale * codes
-    blocks: list  # [rows, dim] int8 template codes, TEMPLATE_BLOCK_ROWS tracks each
+    scale: np.ndarray  # [tracks] float32: template = scale * (codes - 128)
+    code_l1: np.ndarray  # [tracks] int32: sum of |codes - 128|, for the rounding bound
+    blocks: list  # [rows, dim] uint8 template codes, TEMPLATE_BLOCK_ROWS tracks each
     skipped: dict  # index file name -> why it is not in the cache (damaged, foreign, ...)
+    looks: dict = field(default_factory=dict)  # file position -> its LooksFile (open_file_looks)
 
 
 @dataclass
@@ -92,30 +95,91 @@ def file_stamp(path: Path) -> list:
     return [status.st_size, status.st_mtime_ns]
 
 
-def looks_cache_path(index_file: Path) -> Path:
-    """Return where an index file's looks are cached: search_cache/<name>.looks.arrow beside it."""
-    return index_file.parent / CACHE_DIR_NAME / (index_file.stem + LOOKS_CACHE_SUFFIX)
+@dataclass(frozen=True)
+class LooksFile:
+    """Where an index file's cached looks are: a NumPy .npy file of look_dtype records."""
+
+    path: Path
+    offset: int  # bytes before the first record
+    dtype: np.dtype
+    count: int
+
+
+def looks_cache_path(index_file: Path, stamp: list) -> Path:
+    """Return where an index file's looks are cached for this stamp of it (size, mtime in ns):
+    search_cache/<name>.<size>-<mtime_ns>.looks.npy beside it."""
+    return index_file.parent / CACHE_DIR_NAME / f"{index_file.stem}.{stamp[0]}-{stamp[1]}{LOOKS_CACHE_SUFFIX}"
+
+
+def look_dtype(dim: int) -> np.dtype:
+    """Return the record of one cached look (1,044 bytes at 512 values)."""
+    return np.dtype([("track_id", "<i4"), ("frame_idx", "<i8"), ("time_s", "<f8"), ("embedding", "<f2", (dim,))])
 
 
 def track_templates(track_id: np.ndarray, embeddings: np.ndarray) -> dict:
     """Return per track (its looks contiguous, as index files store them): track_id,
-    look_start, look_count, spread (largest Euclidean distance of a look from the template),
-    scale and int8 codes of the template (the normalised mean of its looks)."""
+    look_start, look_count, spread (largest Euclidean distance of a look from the template), and
+    the template (the normalised mean of its looks) as scale * (codes - 128), codes uint8, with
+    code_l1 = sum |codes - 128|."""
+    dim = embeddings.shape[1]
     if len(track_id) == 0:
         return {"track_id": np.zeros(0, np.int32), "look_start": np.zeros(0, np.int64),
                 "look_count": np.zeros(0, np.int32), "spread": np.zeros(0, np.float32),
-                "scale": np.zeros(0, np.float32), "codes": np.zeros((0, embeddings.shape[1]), np.int8)}
+                "scale": np.zeros(0, np.float32), "code_l1": np.zeros(0, np.int32),
+                "codes": np.zeros((0, dim), np.uint8)}
     starts = np.flatnonzero(np.r_[True, track_id[1:] != track_id[:-1]])
     counts = np.diff(np.r_[starts, len(track_id)])
     sums = np.add.reduceat(embeddings.astype(np.float32), starts, axis=0)
     templates = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
     deviation = np.linalg.norm(embeddings - np.repeat(templates, counts, axis=0), axis=1)
     scale = np.maximum(np.abs(templates).max(axis=1), 1e-12) / 127
+    codes = np.rint(templates / scale[:, None]).astype(np.int16)
     return {"track_id": track_id[starts].astype(np.int32), "look_start": starts.astype(np.int64),
             "look_count": counts.astype(np.int32),
             "spread": np.maximum.reduceat(deviation, starts).astype(np.float32),
-            "scale": scale.astype(np.float32),
-            "codes": np.rint(templates / scale[:, None]).astype(np.int8)}
+            "scale": scale.astype(np.float32), "code_l1": np.abs(codes).sum(axis=1).astype(np.int32),
+            "codes": (codes + 128).astype(np.uint8)}
+
+
+def quantise_photos(ref_embeddings: np.ndarray) -> tuple:
+    """Return the photos as the filter multiplies them: (codes [dim, photos] uint8, scale
+    [photos], code_l1 [photos]), photo = scale * (codes - 128)."""
+    refs = np.asarray(ref_embeddings, np.float32)
+    scale = np.maximum(np.abs(refs).max(axis=1), 1e-12) / 127
+    codes = np.rint(refs / scale[:, None]).astype(np.int16)
+    return (np.ascontiguousarray((codes + 128).astype(np.uint8).T), scale.astype(np.float64),
+            np.abs(codes).sum(axis=1).astype(np.float64))
+
+
+@lru_cache(maxsize=4)
+def integer_product_session(threads: int):
+    """Return an ONNX Runtime session giving, for uint8 codes [tracks, dim] and photos [dim,
+    photos], product = (codes - 128) @ (photos - 128) (exact int32 sums) and best = max over
+    photos of (product + photo_add) x photo_scale (float32, per track). MLAS's integer kernels run
+    it about 3x faster here than NumPy converting to float32 (docs/benchmark.md, "Index search")."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("MatMulInteger", ["codes", "photos", "zero", "zero"], ["product"]),
+             helper.make_node("Cast", ["product"], ["product_float"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["product_float", "photo_add"], ["shifted"]),
+             helper.make_node("Mul", ["shifted", "photo_scale"], ["scaled"]),
+             helper.make_node("ReduceMax", ["scaled"], ["best"], axes=[1], keepdims=0)]
+    inputs = [helper.make_tensor_value_info("codes", TensorProto.UINT8, ["tracks", "dim"]),
+              helper.make_tensor_value_info("photos", TensorProto.UINT8, ["dim", "photos"]),
+              helper.make_tensor_value_info("photo_add", TensorProto.FLOAT, ["photos"]),
+              helper.make_tensor_value_info("photo_scale", TensorProto.FLOAT, ["photos"])]
+    outputs = [helper.make_tensor_value_info("best", TensorProto.FLOAT, ["tracks"]),
+               helper.make_tensor_value_info("product", TensorProto.INT32, ["tracks", "photos"])]
+    graph = helper.make_graph(nodes, "template_product", inputs, outputs,
+                              [onnx.numpy_helper.from_array(np.array(128, np.uint8), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7  # loadable by every onnxruntime this project accepts
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_cpu_mem_arena = False  # the arena would keep its largest block after the search
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def read_index_looks(path: Path) -> dict:
@@ -134,16 +198,15 @@ def read_index_looks(path: Path) -> dict:
     return looks
 
 
-def write_arrow_atomic(path: Path, schema, batches: list) -> None:
-    """Write an Arrow IPC file through a uniquely named temporary file, flushed and renamed into
-    place (a killed writer leaves the previous file; two writers end with one whole)."""
-    import pyarrow as pa
+def write_atomic(path: Path, write) -> None:
+    """Write a file with write(binary file) through a uniquely named temporary file, flushed and
+    renamed into place (a killed writer leaves the previous file; two writers end with one whole);
+    an OSError names the file."""
     part = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with pa.OSFile(str(part), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for batch in batches:
-                writer.write_batch(batch)
+        with open(part, "wb") as sink:
+            write(sink)
         fsync_file(part)
         os.replace(part, path)
     except BaseException as error:
@@ -153,42 +216,51 @@ def write_arrow_atomic(path: Path, schema, batches: list) -> None:
         raise
 
 
-def cache_file_looks(path: Path, stamp: list) -> dict:
-    """Cache one index file's looks (looks_cache_path, float16 as stored, with the index's stamp)
-    and return its track templates (track_templates)."""
+def write_arrow_atomic(path: Path, schema, batches: list) -> None:
+    """Write an Arrow IPC file atomically (write_atomic)."""
     import pyarrow as pa
+
+    def write(sink):
+        with pa.ipc.new_file(pa.PythonFile(sink, mode="w"), schema) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+    write_atomic(path, write)
+
+
+def cache_file_looks(path: Path, stamp: list) -> dict:
+    """Cache one index file's looks (looks_cache_path: float16 as stored, in look_dtype records)
+    and return its track templates (track_templates)."""
     looks = read_index_looks(path)
-    dim = looks["embedding"].shape[1]
-    schema = pa.schema([("track_id", pa.int32()), ("frame_idx", pa.int64()), ("time_s", pa.float64()),
-                        ("embedding", pa.list_(pa.float16(), dim))],
-                       metadata={CACHE_KEY: json.dumps({"format": CACHE_FORMAT, "stamp": stamp}).encode()})
-    values = pa.array(looks["embedding"].astype(np.float16).reshape(-1), pa.float16())
-    batch = pa.RecordBatch.from_arrays(
-        [pa.array(looks["track_id"], pa.int32()), pa.array(looks["frame_idx"], pa.int64()),
-         pa.array(looks["time_s"], pa.float64()), pa.FixedSizeListArray.from_arrays(values, dim)],
-        schema=schema)
-    write_arrow_atomic(looks_cache_path(path), schema, [batch])
+    records = np.empty(len(looks["track_id"]), look_dtype(looks["embedding"].shape[1]))
+    for name in records.dtype.names:
+        records[name] = looks[name]
+    write_atomic(looks_cache_path(path, stamp), lambda sink: np.lib.format.write_array(sink, records))
     return track_templates(looks["track_id"], looks["embedding"])
 
 
-def open_file_looks(path: Path, stamp: list) -> dict:
-    """Return an index file's cached looks, memory-mapped (track_id, frame_idx, time_s,
-    embedding [looks, dim] float16); raise IndexProblem when the cache is missing or was built
-    from another version of the index file."""
-    import pyarrow as pa
-    cached = looks_cache_path(path)
+def open_file_looks(path: Path, stamp: list) -> LooksFile:
+    """Return where an index file's cached looks are (reading only the .npy header); raise
+    IndexProblem when there are none for this stamp of the file (it changed since)."""
+    cached = looks_cache_path(path, stamp)
     try:
-        reader = pa.ipc.open_file(pa.memory_map(str(cached)))
-        manifest = json.loads(reader.schema.metadata[CACHE_KEY])
-        batch = reader.get_batch(0)
-    except (OSError, pa.ArrowException, KeyError, TypeError, ValueError) as error:
+        with open(cached, "rb") as file:
+            version = np.lib.format.read_magic(file)
+            header = {(1, 0): np.lib.format.read_array_header_1_0,
+                      (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if header is None:
+                raise ValueError(f".npy version {version}")
+            shape, _, dtype = header(file)
+            return LooksFile(cached, file.tell(), dtype, shape[0])
+    except FileNotFoundError:
+        raise IndexProblem(f"{path}: changed since its search cache was built; search again") from None
+    except (OSError, ValueError) as error:
         raise IndexProblem(f"{cached}: cannot be read ({error}); search again to rebuild it") from None
-    if manifest.get("stamp") != stamp:
-        raise IndexProblem(f"{path}: changed since its search cache was built; search again")
-    embedding = batch.column("embedding")
-    return {"track_id": batch.column("track_id").to_numpy(), "frame_idx": batch.column("frame_idx").to_numpy(),
-            "time_s": batch.column("time_s").to_numpy(),
-            "embedding": embedding.flatten().to_numpy().reshape(len(batch), embedding.type.list_size)}
+
+
+def read_looks(looks: LooksFile, start: int, count: int) -> np.ndarray:
+    """Return the cached looks [start, start + count) as records, reading only them (no memory
+    map: a mapped page would count in the resident memory, and many at once)."""
+    return np.fromfile(looks.path, looks.dtype, count, offset=looks.offset + start * looks.dtype.itemsize)
 
 
 def cache_schema(dim: int, manifest: dict):
@@ -196,7 +268,7 @@ def cache_schema(dim: int, manifest: dict):
     import pyarrow as pa
     return pa.schema([("file_idx", pa.int32()), ("track_id", pa.int32()), ("look_start", pa.int64()),
                       ("look_count", pa.int32()), ("spread", pa.float32()), ("scale", pa.float32()),
-                      ("codes", pa.list_(pa.int8(), dim))],
+                      ("code_l1", pa.int32()), ("codes", pa.list_(pa.uint8(), dim))],
                      metadata={CACHE_KEY: json.dumps(manifest).encode()})
 
 
@@ -204,16 +276,16 @@ def template_batches(parts: list, dim: int, schema) -> list:
     """Return templates.arrow's record batches (TEMPLATE_BLOCK_ROWS tracks each) from per-file
     templates [(file position, track_templates dict)]."""
     import pyarrow as pa
-    names = ("track_id", "look_start", "look_count", "spread", "scale")
+    names = ("track_id", "look_start", "look_count", "spread", "scale", "code_l1")
     joined = {name: np.concatenate([part[name] for _, part in parts] or [np.zeros(0)]) for name in names}
     joined["file_idx"] = np.concatenate([np.full(len(part["track_id"]), i, np.int32)
                                          for i, part in parts] or [np.zeros(0, np.int32)])
-    codes = np.concatenate([part["codes"] for _, part in parts] or [np.zeros((0, dim), np.int8)])
+    codes = np.concatenate([part["codes"] for _, part in parts] or [np.zeros((0, dim), np.uint8)])
     batches = []
     for start in range(0, max(len(codes), 1), TEMPLATE_BLOCK_ROWS):
         rows = slice(start, start + TEMPLATE_BLOCK_ROWS)
         arrays = [pa.array(joined[f.name][rows], f.type) for f in schema if f.name != "codes"]
-        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(codes[rows].reshape(-1), pa.int8()), dim))
+        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(codes[rows].reshape(-1), pa.uint8()), dim))
         batches.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
     return batches
 
@@ -237,7 +309,8 @@ def cache_is_current(manifest: dict | None, paths: list) -> bool:
     listed = {**manifest.get("skipped", {}), **{f["name"]: f for f in manifest.get("files", [])}}
     return sorted(listed) == sorted(p.name for p in paths) and \
         all(listed[p.name]["stamp"] == file_stamp(p) for p in paths) and \
-        all(looks_cache_path(p).is_file() for p in paths if p.name not in manifest.get("skipped", {}))
+        all(looks_cache_path(p, listed[p.name]["stamp"]).is_file() for p in paths
+            if p.name not in manifest.get("skipped", {}))
 
 
 def update_templates(index_dir: Path) -> dict:
@@ -264,7 +337,7 @@ def update_templates(index_dir: Path) -> dict:
     manifest = {"format": CACHE_FORMAT, "dim": dim, "files": files, "skipped": skipped}
     schema = cache_schema(dim, manifest)
     write_arrow_atomic(cache, schema, template_batches(parts, dim, schema))
-    remove_stale_looks(index_dir, {looks_cache_path(index_dir / f["name"]).name for f in files})
+    remove_stale_looks(index_dir, {looks_cache_path(index_dir / f["name"], f["stamp"]).name for f in files})
     return {name: entry["problem"] for name, entry in skipped.items()}
 
 
@@ -273,7 +346,7 @@ def file_part(path: Path, old: Templates | None, reusable: dict) -> tuple:
     the file is unchanged and its looks are cached, else caching it (cache_file_looks)."""
     stamp, (position, old_stamp) = file_stamp(path), reusable.get(path.name, (None, None))
     try:
-        if old_stamp == stamp and looks_cache_path(path).is_file():
+        if old_stamp == stamp and looks_cache_path(path, stamp).is_file():
             return path, stamp, cached_part(old, position)
         return path, stamp, cache_file_looks(path, stamp)
     except IndexProblem as error:
@@ -281,7 +354,7 @@ def file_part(path: Path, old: Templates | None, reusable: dict) -> tuple:
 
 
 def remove_stale_looks(index_dir: Path, kept: set) -> None:
-    """Remove cached looks whose index file is gone or left out (only this cache's files)."""
+    """Remove cached looks of index files gone, left out or changed (only this cache's files)."""
     for path in (Path(index_dir) / CACHE_DIR_NAME).glob(f"*{LOOKS_CACHE_SUFFIX}"):
         if path.name not in kept:
             path.unlink(missing_ok=True)
@@ -294,15 +367,23 @@ def cached_part(templates: Templates, file_position: int) -> dict:
             "look_start": templates.look_start[start:stop].copy(),
             "look_count": templates.look_count[start:stop].copy(),
             "spread": templates.spread[start:stop].copy(), "scale": templates.scale[start:stop].copy(),
-            "codes": template_codes(templates, start, stop)}
+            "code_l1": templates.code_l1[start:stop].copy(), "codes": template_codes(templates, start, stop)}
 
 
 def template_codes(templates: Templates, start: int, stop: int) -> np.ndarray:
-    """Return the int8 template codes of cache rows [start, stop) (a copy)."""
+    """Return the uint8 template codes of cache rows [start, stop) (a copy)."""
     dim = templates.blocks[0].shape[1] if templates.blocks else 512
     pieces = [templates.blocks[b][max(start - b * TEMPLATE_BLOCK_ROWS, 0):stop - b * TEMPLATE_BLOCK_ROWS]
               for b in range(start // TEMPLATE_BLOCK_ROWS, -(-stop // TEMPLATE_BLOCK_ROWS))]
-    return np.concatenate(pieces) if pieces else np.zeros((0, dim), np.int8)
+    return np.concatenate(pieces) if pieces else np.zeros((0, dim), np.uint8)
+
+
+def list_values(column) -> np.ndarray:
+    """Return a fixed-size list column as a [rows, size] NumPy view of its memory, touching none
+    of it (Arrow's flatten() reads every value to skip nulls; these columns have none)."""
+    size = column.type.list_size
+    values = column.values.slice(column.offset * size, len(column) * size)
+    return values.to_numpy(zero_copy_only=True).reshape(len(column), size)
 
 
 def load_cache(path: Path, index_dir: Path) -> Templates:
@@ -314,20 +395,23 @@ def load_cache(path: Path, index_dir: Path) -> Templates:
 
     def column(name, kind):
         return np.concatenate([b.column(name).to_numpy() for b in batches]).astype(kind, copy=False)
-    blocks = [b.column("codes").flatten().to_numpy().reshape(-1, manifest["dim"]) for b in batches]
+    blocks = [list_values(b.column("codes")) for b in batches]
     return Templates([index_dir / f["name"] for f in manifest["files"]],
                      [f["stamp"] for f in manifest["files"]], column("file_idx", np.int32),
                      column("track_id", np.int32), column("look_start", np.int64),
                      column("look_count", np.int32), column("spread", np.float32),
-                     column("scale", np.float32), [b for b in blocks if len(b)],
+                     column("scale", np.float32), column("code_l1", np.int32), [b for b in blocks if len(b)],
                      {name: e["problem"] for name, e in manifest.get("skipped", {}).items()})
 
 
 def open_templates(index_dir: Path, warm: bool = True) -> Templates:
-    """Return INDEX_DIR's track templates, updating the search cache first (update_templates);
-    warm: read every page of the templates once, so the first search does not wait for the disk."""
+    """Return INDEX_DIR's track templates, updating the search cache first (update_templates),
+    with where every file's cached looks are (their headers read); warm: read every page of the
+    templates once, so the first search does not wait for the disk. This is "opening the index"."""
     update_templates(index_dir)
     templates = load_cache(Path(index_dir) / CACHE_DIR_NAME / TEMPLATE_CACHE_NAME, Path(index_dir))
+    for position, (path, stamp) in enumerate(zip(templates.files, templates.stamps)):
+        templates.looks[position] = open_file_looks(path, stamp)
     if warm:
         for block in templates.blocks:
             np.bitwise_or.reduce(block.reshape(-1)[::4096])  # one byte per 4 KiB page
@@ -336,24 +420,29 @@ def open_templates(index_dir: Path, warm: bool = True) -> Templates:
 
 def candidate_rows(templates: Templates, ref_embeddings: np.ndarray, threshold: float) -> np.ndarray:
     """Return the cache rows of the tracks that may have a look within threshold (cosine
-    distance) of some photo: template similarity + slack >= 1 - threshold (FILTER_STEP_ROWS
-    templates at a time, on FILTER_THREADS threads)."""
-    refs = np.ascontiguousarray(ref_embeddings, np.float32)
-    refs_t = np.ascontiguousarray(refs.T)
-    half_l1 = np.abs(refs).sum(axis=1) / 2  # int8 rounding: |r.T - scale r.q| <= scale |r|_1 / 2
-    needed = 1.0 - threshold - ROUNDING_SLACK
-    steps = [(b, lo) for b, block in enumerate(templates.blocks) for lo in range(0, len(block), FILTER_STEP_ROWS)]
+    distance) of some photo: template similarity + slack >= 1 - threshold, a block of templates
+    at a time (integer_product_session).
 
-    def step_candidates(step):
-        b, lo = step
-        codes = templates.blocks[b][lo:lo + FILTER_STEP_ROWS]
-        first = b * TEMPLATE_BLOCK_ROWS + lo
-        rows = slice(first, first + len(codes))
-        upper = (codes.astype(np.float32) @ refs_t + half_l1) * templates.scale[rows, None]
-        upper += SLACK_PER_SPREAD * templates.spread[rows, None]
-        return first + np.flatnonzero((upper >= needed).any(axis=1))
-    with ThreadPoolExecutor(FILTER_THREADS) as pool:
-        found = list(pool.map(step_candidates, steps))
+    Both sides are 8-bit: template = st (t - 128), photo = sr (r - 128), each value within half
+    a step, so |photo . template - st sr (t-128).(r-128)| <= st sr (|t-128|_1 / 2 + |r-128|_1 / 2
+    + dim / 4): the rounding slack is proven, the spread slack (SLACK_PER_SPREAD) measured.
+    """
+    photos, photo_scale, photo_l1 = quantise_photos(ref_embeddings)
+    session = integer_product_session(FILTER_THREADS)
+    # Per photo in the graph: (product + |r-128|_1/2 + dim/4) x sr, the best photo per track;
+    # per track here the rest, with the largest sr (a bound at least as loose):
+    # best >= (needed - spread slack) / st - |t-128|_1/2 x max sr
+    feeds = {"photos": photos, "photo_add": (photo_l1 / 2 + photos.shape[0] / 4).astype(np.float32),
+             "photo_scale": photo_scale.astype(np.float32)}
+    needed = 1.0 - threshold - ROUNDING_SLACK
+    found, first = [], 0
+    for block in templates.blocks:
+        rows = slice(first, first + len(block))
+        best = session.run(["best"], {"codes": block, **feeds})[0]
+        need = (needed - SLACK_PER_SPREAD * templates.spread[rows]) / templates.scale[rows] \
+            - templates.code_l1[rows] / 2 * photo_scale.max()
+        found.append(first + np.flatnonzero(best >= need))
+        first += len(block)
     return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
@@ -376,24 +465,26 @@ def file_track_looks(templates: Templates, file_position: int, rows: np.ndarray,
     their looks matched in one product first; distances then as tracks.person_distances gives
     them); raise IndexProblem naming a file changed since the cache was built."""
     path = templates.files[file_position]
-    looks = open_file_looks(path, templates.stamps[file_position])
+    source = templates.looks.get(file_position) or open_file_looks(path, templates.stamps[file_position])
     counts = templates.look_count[rows].astype(np.int64)
     offsets = np.r_[0, np.cumsum(counts)[:-1]]
-    at = np.repeat(templates.look_start[rows] - offsets, counts) + np.arange(counts.sum())
-    if not np.array_equal(looks["track_id"][at], np.repeat(templates.track_id[rows], counts)):
+    try:
+        looks = np.concatenate([read_looks(source, int(templates.look_start[row]), int(count))
+                                for row, count in zip(rows, counts)])
+    except FileNotFoundError:  # the cache was rebuilt for a new version of the index file
+        looks = None
+    if looks is None or not np.array_equal(looks["track_id"], np.repeat(templates.track_id[rows], counts)):
         raise IndexProblem(f"{path}: changed since its search cache was built; search again")
-    best = (looks["embedding"][at].astype(np.float32) @ np.asarray(ref_embeddings, np.float32).T).max(axis=1)
-    close = np.maximum.reduceat(best, offsets) >= 1.0 - threshold - ROUNDING_SLACK
-    mine = np.concatenate([at[o:o + c] for o, c in zip(offsets[close], counts[close])] or [at[:0]])
-    embeddings = looks["embedding"][mine].astype(np.float32)
-    distances = person_distances(embeddings, ref_embeddings, ref_owners, person_count)
-    found, start = [], 0
-    for row, count in zip(rows[close], counts[close]):
-        part = slice(start, start + count)
-        if distances[part].min() <= threshold:
-            found.append(TrackLooks(path, int(templates.track_id[row]), looks["frame_idx"][mine[part]],
-                                    looks["time_s"][mine[part]], embeddings[part], distances[part]))
-        start += count
+    embeddings = looks["embedding"].astype(np.float32)
+    best = (embeddings @ np.asarray(ref_embeddings, np.float32).T).max(axis=1)
+    close = np.flatnonzero(np.maximum.reduceat(best, offsets) >= 1.0 - threshold - ROUNDING_SLACK)
+    found = []
+    for i in close:
+        part = slice(offsets[i], offsets[i] + counts[i])
+        distances = person_distances(embeddings[part], ref_embeddings, ref_owners, person_count)
+        if distances.min() <= threshold:
+            found.append(TrackLooks(path, int(templates.track_id[rows[i]]), looks["frame_idx"][part],
+                                    looks["time_s"][part], embeddings[part], distances))
     return found
 
 

@@ -116,30 +116,43 @@ def test_a_track_whose_only_look_is_just_within_the_threshold_is_found(tmp_path)
 
 
 @pytest.mark.parametrize("look_count", [1, 2, 7])
-def test_a_template_is_the_normalised_mean_of_its_looks_within_int8_rounding(look_count):
-    """track_templates: codes x scale is the normalised mean of the looks within scale/2 per
-    value, and spread is the largest Euclidean distance of a look from it."""
+def test_a_template_is_the_normalised_mean_of_its_looks_within_8_bit_rounding(look_count):
+    """track_templates: scale x (codes - 128) is the normalised mean of the looks within scale/2
+    per value, code_l1 is the sum of |codes - 128|, and spread is the largest Euclidean distance
+    of a look from the template."""
     rng = np.random.default_rng(look_count)
     looks = unit(rng.standard_normal((look_count, 512))).astype(np.float32)
     made = track_templates(np.zeros(look_count, np.int32), looks)
     mean = looks.mean(axis=0) / np.linalg.norm(looks.mean(axis=0))
-    error = np.abs(made["codes"][0] * made["scale"][0] - mean).max()
+    codes = made["codes"][0].astype(np.int32) - 128
+    error = np.abs(codes * made["scale"][0] - mean).max()
     assert error <= made["scale"][0] / 2 + 1e-7, (error, made["scale"][0])
+    assert made["code_l1"][0] == np.abs(codes).sum() and np.abs(codes).max() == 127
     spread = np.linalg.norm(looks - mean, axis=1).max()
     assert abs(made["spread"][0] - spread) < 1e-5, (made["spread"][0], spread)
     assert (made["look_start"][0], made["look_count"][0]) == (0, look_count)
 
 
-def test_the_int8_bound_holds_for_any_photo():
-    """|r.T - scale r.codes| <= scale |r|_1 / 2 for every template and photo (the rounding part of
-    the slack is a proof, not a measurement)."""
+def test_the_integer_product_is_exact_and_the_rounding_bound_holds():
+    """ONNX Runtime's MatMulInteger gives exactly NumPy's integer product (extreme codes too), and
+    |photo . template - st sr (t-128).(r-128)| <= st sr (|t-128|_1/2 + |r-128|_1/2 + dim/4) for
+    every template and photo: the rounding part of the slack is a proof, not a measurement."""
     rng = np.random.default_rng(3)
     looks = unit(rng.standard_normal((2000, 512))).astype(np.float32)
+    looks[:4] = unit(np.sign(rng.standard_normal((4, 512))))  # every value at +-127 after scaling
     made = track_templates(np.arange(2000, dtype=np.int32), looks)
     photos = unit(rng.standard_normal((50, 512))).astype(np.float32)
+    photos[:2] = unit(np.ones((2, 512)))
+    codes, scale, l1 = search.quantise_photos(photos)
+    feeds = {"codes": made["codes"], "photos": codes, "photo_add": np.zeros(50, np.float32),
+             "photo_scale": np.ones(50, np.float32)}
+    best, product = search.integer_product_session(2).run(["best", "product"], feeds)
+    exact_product = (made["codes"].astype(np.int64) - 128) @ (codes.astype(np.int64) - 128)
+    assert np.array_equal(product, exact_product), np.abs(product - exact_product).max()
+    assert np.array_equal(best, exact_product.max(axis=1).astype(np.float32)), "best is the largest product"
     exact = looks @ photos.T  # one look per track: the template is the look
-    rounded = (made["codes"].astype(np.float32) @ photos.T) * made["scale"][:, None]
-    bound = made["scale"][:, None] * np.abs(photos).sum(axis=1)[None, :] / 2
+    rounded = product * made["scale"][:, None] * scale[None, :]
+    bound = (made["code_l1"][:, None] / 2 + l1[None, :] / 2 + 512 / 4) * made["scale"][:, None] * scale
     assert np.all(np.abs(exact - rounded) <= bound + 1e-6), np.abs(exact - rounded).max()
 
 
@@ -161,8 +174,8 @@ def test_the_search_cache_follows_the_index_files(archive):
     templates = open_templates(folder)
     assert [p.name for p in templates.files] == ["video0.parquet", "video1.parquet", "video3.parquet"]
     assert np.sum(templates.file_idx == 1) == 5, np.bincount(templates.file_idx)
-    assert sorted(p.name for p in cache.parent.iterdir()) == \
-        ["templates.arrow", "video0.looks.arrow", "video1.looks.arrow", "video3.looks.arrow"]
+    cached = sorted(p.name.split(".")[0] for p in cache.parent.glob("*.looks.npy"))
+    assert cached == ["video0", "video1", "video3"], sorted(p.name for p in cache.parent.iterdir())
     found = search_templates(templates, photos, owners, 3, 0.6)
     assert sorted((t.index_file.name, t.track_id) for t in found) == \
         sorted(brute_force(folder, photos, owners, 0.6))
@@ -198,14 +211,13 @@ def test_a_cache_write_that_fails_leaves_the_previous_cache(archive, monkeypatch
     assert not list(cache.parent.glob(".*.part")), list(cache.parent.iterdir())
 
 
-def test_a_search_after_an_index_changed_under_it_names_the_file(archive):
-    """Templates opened before an index file was rewritten do not match its looks silently: the
-    search names the file and asks to search again (which rebuilds the cache)."""
+def test_a_search_over_an_index_changed_since_it_was_opened_names_the_file(archive):
+    """Templates opened before an index file was rewritten (and its cache rebuilt) are not matched
+    against the new file's looks: the search names the file and asks to search again."""
     folder, photos, owners = archive
     templates = open_templates(folder)
     faces, looks = archive_video(np.random.default_rng(11), photos)
     write_index(folder / "video0.parquet", index_table(faces, looks, {"format": 1}))
-    looks_cache_path(folder / "video0.parquet").unlink()
     update_templates(folder)
     with pytest.raises(search.IndexProblem, match="video0.parquet: changed"):
         search_templates(templates, photos, owners, 3, 2.0)
@@ -249,7 +261,8 @@ def test_real_tracks_with_a_close_look_are_always_candidates(cpu_models, test_se
     track_id = np.concatenate([np.full(len(looks), i, np.int32) for i, looks in enumerate(tracks)])
     made = track_templates(track_id, np.concatenate(tracks))
     templates = search.Templates([], [], np.zeros(len(tracks), np.int32), made["track_id"], made["look_start"],
-                                 made["look_count"], made["spread"], made["scale"], [made["codes"]], {})
+                                 made["look_count"], made["spread"], made["scale"], made["code_l1"],
+                                 [made["codes"]], {})
     queries = np.concatenate([photos, *tracks])
     query_track = np.concatenate([np.full(len(photos), -1), track_id])  # a look is not its own query
     misses, close = [], 0
