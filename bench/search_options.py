@@ -6,9 +6,10 @@
 On the synthetic index that bench/search_scale.py built (same data, same photos, same threshold),
 each option runs REPEATS times, each time in a fresh process (its peak RSS is its own), after its
 data is memory-mapped and read once (the "opened" state, not timed), with one discarded warm-up:
-  brute_f16 / brute_i8   every look, float16 / int8 (per-row scale), memory-mapped, in blocks
-  tmpl_f32 / tmpl_f16 / tmpl_i8   one template per track (findpeople.search), numpy in blocks;
-                         tmpl_i8 is what search.candidate_rows does
+  brute_f16 / brute_i8   every look, float16 / int8 (per-row scale), memory-mapped, NumPy in blocks
+  tmpl_f32 / tmpl_f16 / tmpl_i8   one template per track (findpeople.search), NumPy in blocks
+  tmpl_u8_ort            the same 8-bit templates multiplied by ONNX Runtime's MatMulInteger:
+                         what search.candidate_rows does (the production filter, bounds included)
   faiss_sq8              faiss IndexScalarQuantizer (8 bit) over the templates, range_search
   usearch_i8             usearch exact (brute-force) search over the int8 templates, top 1,000
 Prints per option the median and spread (min-max) of the search time in s, the peak RSS in MiB,
@@ -30,18 +31,19 @@ import numpy as np
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 REPO = Path(__file__).resolve().parents[1]
 WORK = Path("/tmp/findpeople_search_scale")  # where bench/search_scale.py keeps its indexes
-OPTIONS = ("brute_f16", "brute_i8", "tmpl_f32", "tmpl_f16", "tmpl_i8", "faiss_sq8", "usearch_i8")
+OPTIONS = ("brute_f16", "brute_i8", "tmpl_f32", "tmpl_f16", "tmpl_i8", "tmpl_u8_ort", "faiss_sq8",
+           "usearch_i8")
 REPEATS = 3
 BLOCK_ROWS = 65536  # rows per numpy step
-THRESHOLD = 0.70  # as bench/search_scale.py
-SLACK = 0.5 * 0.9  # search.SLACK_PER_SPREAD x a large spread: one radius for the whole filter
+THRESHOLD = 0.60  # as bench/search_scale.py
+SLACK = 0.35 * 0.6  # search.SLACK_PER_SPREAD x a typical spread: one radius for the whole filter
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from search_scale import peak_rss_mib  # noqa: E402
 from findpeople.index import iter_looks  # noqa: E402
-from findpeople.search import list_index_files, open_templates  # noqa: E402
+from findpeople.search import candidate_rows, list_index_files, open_templates  # noqa: E402
 
 
 def prepare(folder: Path) -> Path:
@@ -66,7 +68,7 @@ def prepare(folder: Path) -> Path:
     f16.flush(), i8.flush()
     np.save(out / "looks_i8_scale.npy", scale)
     templates = open_templates(folder)
-    codes = np.concatenate(templates.blocks)
+    codes = (np.concatenate(templates.blocks).astype(np.int16) - 128).astype(np.int8)
     np.save(out / "tmpl_i8.npy", codes)
     np.save(out / "tmpl_i8_scale.npy", templates.scale)
     np.save(out / "tmpl_f32.npy", codes.astype(np.float32) * templates.scale[:, None])
@@ -95,6 +97,9 @@ def numpy_scan(matrix: np.ndarray, scale, photos: np.ndarray, needed: float) -> 
 
 def option_runner(option: str, out: Path, photos: np.ndarray):
     """Return a function running one search of this option (its data opened first)."""
+    if option == "tmpl_u8_ort":
+        templates = open_templates(out.parent)
+        return lambda: len(candidate_rows(templates, photos, THRESHOLD))
     needed = 1 - THRESHOLD - SLACK if option.startswith(("tmpl", "faiss", "usearch")) else 1 - THRESHOLD
     if option.startswith(("brute", "tmpl")):
         kind = {"brute_f16": "looks_f16", "brute_i8": "looks_i8"}.get(option, option)

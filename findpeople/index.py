@@ -45,7 +45,7 @@ LOOK_COLUMNS = ("kps", "face_size_px", "embedding")
 # not a whole file, and a reader of the looks never materialises the other faces' empty embeddings.
 LOOK_ROW_GROUP_ROWS = 1024
 FACE_ROW_GROUP_ROWS = 65536
-ABANDONED_PART_AGE_S = 3600.0  # a temporary file this old belongs to a killed writer (a write takes seconds)
+ABANDONED_PART_AGE_S = 3600.0  # a temporary file this old is a killed writer's (writes take seconds)
 
 
 @dataclass
@@ -196,7 +196,8 @@ def write_index(path: Path, table) -> None:
     except BaseException as error:
         part.unlink(missing_ok=True)
         if isinstance(error, OSError):
-            raise OSError(error.errno, f"cannot write the index {path}: {error.strerror or error}") from error
+            raise OSError(error.errno,
+                          f"cannot write the index {path}: {error.strerror or error}") from error
         raise
 
 
@@ -234,7 +235,8 @@ def open_index(path: Path):
                            f"metadata or columns); move it out of the index folder")
     if metadata.get("format") != INDEX_FORMAT:
         raise IndexProblem(f"{path}: made by another version of this tool (index format "
-                           f"{metadata.get('format')}, this one reads {INDEX_FORMAT}); the video is indexed again")
+                           f"{metadata.get('format')}, this one reads {INDEX_FORMAT}); "
+                           f"the video is indexed again")
     return parquet, metadata
 
 
@@ -291,7 +293,8 @@ def data_problem(parquet, metadata: dict) -> str | None:
     column is read, a row group at a time), or None."""
     import pyarrow as pa
     if parquet.metadata.num_rows != metadata.get("face_count"):
-        return f"it holds {parquet.metadata.num_rows} faces, its metadata says {metadata.get('face_count')}"
+        return (f"it holds {parquet.metadata.num_rows} faces, its metadata says "
+                f"{metadata.get('face_count')}")
     looks = 0
     try:
         for group in range(parquet.num_row_groups):
@@ -377,7 +380,7 @@ def iter_looks(paths: list, columns: tuple = ("track_id", "embedding")):
         try:
             with closing(parquet):
                 for start in range(0, count, LOOK_ROW_GROUP_ROWS):
-                    yield path, metadata, read_look_rows(parquet, start,
-                                                         min(start + LOOK_ROW_GROUP_ROWS, count), columns)
+                    stop = min(start + LOOK_ROW_GROUP_ROWS, count)
+                    yield path, metadata, read_look_rows(parquet, start, stop, columns)
         except (pa.ArrowException, OSError) as error:
             raise IndexProblem(f"{path}: damaged ({error}); the video is indexed again") from None

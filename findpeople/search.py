@@ -8,7 +8,7 @@ to each person's closest photo), with the looks' frames, times and embeddings, f
 rules (tracks.evaluate_evidence, vouching_recognitions, sighting_flags).
 
 How: a cache in INDEX_DIR/search_cache/, derived from the index files and rebuilt for those that
-change: per index file its looks as a memory-mappable Arrow file (<name>.looks.arrow), and for all
+change: per index file a copy of its looks read by row (<name>.<size>-<mtime_ns>.looks.npy), and for all
 files one template per track, the normalised mean of its looks in 8 bits (templates.arrow). A
 search multiplies every template with the photos (8 bits too, integer products); a track is a
 candidate when its template's similarity plus a slack (for how far its looks spread around the
@@ -108,12 +108,14 @@ class LooksFile:
 def looks_cache_path(index_file: Path, stamp: list) -> Path:
     """Return where an index file's looks are cached for this stamp of it (size, mtime in ns):
     search_cache/<name>.<size>-<mtime_ns>.looks.npy beside it."""
-    return index_file.parent / CACHE_DIR_NAME / f"{index_file.stem}.{stamp[0]}-{stamp[1]}{LOOKS_CACHE_SUFFIX}"
+    name = f"{index_file.stem}.{stamp[0]}-{stamp[1]}{LOOKS_CACHE_SUFFIX}"
+    return index_file.parent / CACHE_DIR_NAME / name
 
 
 def look_dtype(dim: int) -> np.dtype:
     """Return the record of one cached look (1,044 bytes at 512 values)."""
-    return np.dtype([("track_id", "<i4"), ("frame_idx", "<i8"), ("time_s", "<f8"), ("embedding", "<f2", (dim,))])
+    return np.dtype([("track_id", "<i4"), ("frame_idx", "<i8"), ("time_s", "<f8"),
+                     ("embedding", "<f2", (dim,))])
 
 
 def track_templates(track_id: np.ndarray, embeddings: np.ndarray) -> dict:
@@ -257,10 +259,17 @@ def open_file_looks(path: Path, stamp: list) -> LooksFile:
         raise IndexProblem(f"{cached}: cannot be read ({error}); search again to rebuild it") from None
 
 
-def read_looks(looks: LooksFile, start: int, count: int) -> np.ndarray:
-    """Return the cached looks [start, start + count) as records, reading only them (no memory
-    map: a mapped page would count in the resident memory, and many at once)."""
-    return np.fromfile(looks.path, looks.dtype, count, offset=looks.offset + start * looks.dtype.itemsize)
+def read_looks(looks: LooksFile, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Return the cached looks [start, start + count) of each range, one after the other, as
+    records, reading only them (no memory map: a mapped page counts in the resident memory, and
+    recent kernels map up to 2 MiB at a time)."""
+    size = looks.dtype.itemsize
+    chunks = []
+    with open(looks.path, "rb") as file:
+        for start, count in zip(starts.tolist(), counts.tolist()):
+            file.seek(looks.offset + start * size)
+            chunks.append(file.read(count * size))
+    return np.frombuffer(b"".join(chunks), looks.dtype)
 
 
 def cache_schema(dim: int, manifest: dict):
@@ -285,7 +294,8 @@ def template_batches(parts: list, dim: int, schema) -> list:
     for start in range(0, max(len(codes), 1), TEMPLATE_BLOCK_ROWS):
         rows = slice(start, start + TEMPLATE_BLOCK_ROWS)
         arrays = [pa.array(joined[f.name][rows], f.type) for f in schema if f.name != "codes"]
-        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(codes[rows].reshape(-1), pa.uint8()), dim))
+        flat = pa.array(codes[rows].reshape(-1), pa.uint8())
+        arrays.append(pa.FixedSizeListArray.from_arrays(flat, dim))
         batches.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
     return batches
 
@@ -337,7 +347,8 @@ def update_templates(index_dir: Path) -> dict:
     manifest = {"format": CACHE_FORMAT, "dim": dim, "files": files, "skipped": skipped}
     schema = cache_schema(dim, manifest)
     write_arrow_atomic(cache, schema, template_batches(parts, dim, schema))
-    remove_stale_looks(index_dir, {looks_cache_path(index_dir / f["name"], f["stamp"]).name for f in files})
+    remove_stale_looks(index_dir, {looks_cache_path(index_dir / f["name"], f["stamp"]).name
+                                   for f in files})
     return {name: entry["problem"] for name, entry in skipped.items()}
 
 
@@ -367,7 +378,8 @@ def cached_part(templates: Templates, file_position: int) -> dict:
             "look_start": templates.look_start[start:stop].copy(),
             "look_count": templates.look_count[start:stop].copy(),
             "spread": templates.spread[start:stop].copy(), "scale": templates.scale[start:stop].copy(),
-            "code_l1": templates.code_l1[start:stop].copy(), "codes": template_codes(templates, start, stop)}
+            "code_l1": templates.code_l1[start:stop].copy(),
+            "codes": template_codes(templates, start, stop)}
 
 
 def template_codes(templates: Templates, start: int, stop: int) -> np.ndarray:
@@ -400,7 +412,8 @@ def load_cache(path: Path, index_dir: Path) -> Templates:
                      [f["stamp"] for f in manifest["files"]], column("file_idx", np.int32),
                      column("track_id", np.int32), column("look_start", np.int64),
                      column("look_count", np.int32), column("spread", np.float32),
-                     column("scale", np.float32), column("code_l1", np.int32), [b for b in blocks if len(b)],
+                     column("scale", np.float32), column("code_l1", np.int32),
+                     [b for b in blocks if len(b)],
                      {name: e["problem"] for name, e in manifest.get("skipped", {}).items()})
 
 
@@ -448,44 +461,46 @@ def candidate_rows(templates: Templates, ref_embeddings: np.ndarray, threshold: 
 
 def exact_looks(templates: Templates, rows: np.ndarray, ref_embeddings: np.ndarray,
                 ref_owners: np.ndarray, person_count: int, threshold: float) -> list:
-    """Return a TrackLooks for each candidate row with a look within threshold of a person,
-    matching its cached looks exactly, file by file (see file_track_looks)."""
-    found = []
-    for file_position in np.unique(templates.file_idx[rows]):
-        mine = rows[templates.file_idx[rows] == file_position]
-        found += file_track_looks(templates, int(file_position), mine, ref_embeddings, ref_owners,
-                                  person_count, threshold)
-    return found
-
-
-def file_track_looks(templates: Templates, file_position: int, rows: np.ndarray,
-                     ref_embeddings: np.ndarray, ref_owners: np.ndarray, person_count: int,
-                     threshold: float) -> list:
-    """Return the TrackLooks of one file's candidate rows that have a look within threshold (all
-    their looks matched in one product first; distances then as tracks.person_distances gives
-    them); raise IndexProblem naming a file changed since the cache was built."""
-    path = templates.files[file_position]
-    source = templates.looks.get(file_position) or open_file_looks(path, templates.stamps[file_position])
+    """Return a TrackLooks for each candidate row with a look within threshold of a person: the
+    candidates' cached looks are read file by file (candidate_looks) and matched in one product;
+    the distances of the tracks that pass are then tracks.person_distances' own."""
+    if len(rows) == 0:
+        return []
+    rows = rows[np.argsort(templates.file_idx[rows], kind="stable")]
     counts = templates.look_count[rows].astype(np.int64)
-    offsets = np.r_[0, np.cumsum(counts)[:-1]]
-    try:
-        looks = np.concatenate([read_looks(source, int(templates.look_start[row]), int(count))
-                                for row, count in zip(rows, counts)])
-    except FileNotFoundError:  # the cache was rebuilt for a new version of the index file
-        looks = None
-    if looks is None or not np.array_equal(looks["track_id"], np.repeat(templates.track_id[rows], counts)):
-        raise IndexProblem(f"{path}: changed since its search cache was built; search again")
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    bounds = np.flatnonzero(np.r_[True, np.diff(templates.file_idx[rows]) != 0, True])
+    looks = np.concatenate([candidate_looks(templates, rows[a:b])
+                            for a, b in zip(bounds[:-1], bounds[1:])])
     embeddings = looks["embedding"].astype(np.float32)
     best = (embeddings @ np.asarray(ref_embeddings, np.float32).T).max(axis=1)
-    close = np.flatnonzero(np.maximum.reduceat(best, offsets) >= 1.0 - threshold - ROUNDING_SLACK)
+    close = np.flatnonzero(np.maximum.reduceat(best, starts) >= 1.0 - threshold - ROUNDING_SLACK)
     found = []
     for i in close:
-        part = slice(offsets[i], offsets[i] + counts[i])
+        part = slice(starts[i], starts[i] + counts[i])
         distances = person_distances(embeddings[part], ref_embeddings, ref_owners, person_count)
         if distances.min() <= threshold:
-            found.append(TrackLooks(path, int(templates.track_id[rows[i]]), looks["frame_idx"][part],
+            found.append(TrackLooks(templates.files[templates.file_idx[rows[i]]],
+                                    int(templates.track_id[rows[i]]), looks["frame_idx"][part],
                                     looks["time_s"][part], embeddings[part], distances))
-    return found
+    return sorted(found, key=lambda t: (str(t.index_file), t.track_id))
+
+
+def candidate_looks(templates: Templates, rows: np.ndarray) -> np.ndarray:
+    """Return the cached looks (records) of candidate rows of one index file, track after track;
+    raise IndexProblem naming the file when it changed since the templates were opened."""
+    file_position = int(templates.file_idx[rows[0]])
+    path = templates.files[file_position]
+    source = templates.looks.get(file_position) or open_file_looks(path, templates.stamps[file_position])
+    counts = templates.look_count[rows]
+    try:
+        looks = read_looks(source, templates.look_start[rows], counts)
+    except FileNotFoundError:  # the cache was rebuilt for a new version of the index file
+        looks = None
+    expected = np.repeat(templates.track_id[rows], counts)
+    if looks is None or not np.array_equal(looks["track_id"], expected):
+        raise IndexProblem(f"{path}: changed since its search cache was built; search again")
+    return looks
 
 
 def search_templates(templates: Templates, ref_embeddings: np.ndarray, ref_owners: np.ndarray,
