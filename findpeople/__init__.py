@@ -21,6 +21,8 @@ The modules, in import order: each imports only modules above it (tests/test_lay
     references  reference photos -> one Reference (embeddings) per person
     tracks      face tracks, recognition schedule, matching and naming rules, snapshots
     worker      worker processes and threads, FrameSequencer (frames to the tracker in order)
+    index       one Parquet file per video: faces, tracks, looks (embeddings); atomic writes, checks
+    search      references x stored looks: track templates, candidates, exact distances
     clips       sightings -> time ranges -> ffmpeg clips
     reports     results.json, results.csv, index.html, the summary table
     resume      video.json per finished video, fingerprints, what a rerun may reuse
@@ -37,6 +39,8 @@ Where a change goes:
     a new video extension, or how links are followed    folders.py
     when a face is recognised, or how a track is named  tracks.py
     a new clip mode or ffmpeg argument                  clips.py (its setting: main.py + settings.py)
+    a new column or metadata field of the index         index.py (its schema: docs/index.md)
+    how stored looks are matched against references    search.py
     a new field in results.json / results.csv / HTML    reports.py (saved per video: resume.py)
     a new setting                                       main.py's block, then settings.py's limits
     a new process, queue or message                     pipeline.py and runstate.py

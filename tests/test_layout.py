@@ -14,9 +14,10 @@ from conftest import REPO
 # Each module may import only modules before it. The orchestration (runstate, pipeline, run) and
 # doctor come last, so no stage module can import them; nothing in the package imports main.
 LAYERS = ("errors", "settings", "outputs", "ring", "folders", "decode", "gpulibs", "providers",
-          "detect", "device", "models", "references", "tracks", "worker", "clips", "reports",
-          "resume", "runstate", "pipeline", "run", "doctor")
-HEAVY_MODULES = ("onnxruntime", "insightface", "tensorrt", "av", "cv2", "onnx")
+          "detect", "device", "models", "references", "tracks", "worker", "index", "search",
+          "clips", "reports", "resume", "runstate", "pipeline", "run", "doctor")
+HEAVY_MODULES = ("onnxruntime", "insightface", "tensorrt", "av", "cv2", "onnx", "pyarrow", "duckdb",
+                 "faiss", "usearch")
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 45
 PACKAGE = REPO / "findpeople"
@@ -101,8 +102,9 @@ def test_the_import_check_flags_imports_from_below(source, expected):
 
 def test_importing_every_module_loads_no_heavy_library_and_prints_nothing():
     """Importing main and every module of the package in a fresh interpreter prints nothing and
-    loads none of onnxruntime, insightface, tensorrt, onnx, av or cv2 (spawned children re-import
-    the modules of their target, and decoders must never load an inference runtime)."""
+    loads none of onnxruntime, insightface, tensorrt, onnx, av, cv2, pyarrow, duckdb, faiss or
+    usearch (spawned children re-import the modules of their target, and decoders must never load
+    an inference runtime)."""
     modules = ["main", *(f"findpeople.{m}" for m in LAYERS)]
     code = ("import importlib, json, sys\n"
             f"for name in {modules!r}:\n"
