@@ -340,7 +340,6 @@ def read_look_rows(parquet, start: int, stop: int,
                                      "embedding")) -> dict:
     """Return the looks at rows [start, stop) of an index (looks come first) as NumPy arrays:
     kps [looks, 10], embedding [looks, dim] float32; reads only the row groups holding them."""
-    import pyarrow as pa
     groups = look_row_groups(parquet, start, stop)
     if not groups:
         return {name: empty_look_column(parquet, name) for name in columns}

@@ -15,7 +15,7 @@ from findpeople.detect import detect_faces
 from findpeople.index import index_table, read_index, write_index
 from findpeople.references import load_references, reference_matrix
 from findpeople.search import (
-    CACHE_DIR_NAME, TEMPLATE_CACHE_NAME, candidate_rows, looks_cache_path, open_templates,
+    CACHE_DIR_NAME, TEMPLATE_CACHE_NAME, candidate_rows, open_templates,
     search_templates, track_templates, update_templates)
 from findpeople.tracks import VideoTracker, person_distances, thumbnail
 
