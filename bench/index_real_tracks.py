@@ -123,7 +123,7 @@ def template_excess(tracks: list, photos: np.ndarray) -> list:
         if len(looks) < 2:
             continue
         made = track_templates(np.zeros(len(looks), np.int32), looks)
-        template = made["codes"][0].astype(np.float32) * made["scale"][0]
+        template = (made["codes"][0].astype(np.float32) - 128) * made["scale"][0]
         others = np.concatenate([tracks[j] for j in range(len(tracks)) if j != i])
         for kind, queries in (("photo", photos), ("look", others)):
             best = (queries @ looks.T).max(axis=1)

@@ -155,7 +155,7 @@ def main() -> int:
     parser.add_argument("--options", nargs="*", default=list(OPTIONS))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    folder = WORK / f"hours_{args.hours}"
+    folder = WORK / f"hours_{args.hours}" / f"threshold_{THRESHOLD:.2f}"
     if args.child:
         print(json.dumps(run_option(args.child, folder)))
         return 0

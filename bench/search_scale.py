@@ -219,7 +219,13 @@ def folder_bytes(folder: Path) -> int:
 
 
 def peak_rss_mib() -> float:
-    """Return this process's peak resident memory in MiB (-1 where the OS does not say)."""
+    """Return this process's peak resident memory in MiB: VmHWM on Linux (getrusage's maxrss
+    would include the parent's size when it forked this process), else maxrss (-1 on Windows)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     try:
         import resource
     except ImportError:  # Windows

@@ -158,7 +158,7 @@ def integer_product_session(threads: int):
     """Return an ONNX Runtime session giving, for uint8 codes [tracks, dim] and photos [dim,
     photos], product = (codes - 128) @ (photos - 128) (exact int32 sums) and best = max over
     photos of (product + photo_add) x photo_scale (float32, per track). MLAS's integer kernels run
-    it about 3x faster here than NumPy converting to float32 (docs/benchmark.md, "Index search")."""
+    it twice as fast here as NumPy's int8 path (docs/benchmark.md, "Index search")."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper

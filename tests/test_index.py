@@ -280,3 +280,19 @@ def test_an_index_is_named_after_the_video_folder_and_knows_what_it_was_made_fro
     assert made["settings"]["DET_SIZE"] == list(test_settings.DET_SIZE)
     assert "CUSTOM_THRESHOLD" not in made["settings"] and "MATCH_MARGIN" not in made["settings"]
     assert (made["format"], made["video"], made["models"]) == (INDEX_FORMAT, {"size": 1}, {"m.onnx": "00"})
+
+
+@pytest.mark.parametrize("face_count", [0, 3], ids=["no-faces", "faces-but-no-looks"])
+def test_a_video_without_looks_has_an_empty_but_whole_index(tmp_path, face_count):
+    """A video where nobody was seen (or nobody recognised) still gets an index: it reads back
+    with its faces and no looks, and nothing is wrong with it."""
+    faces = {"track_id": np.zeros(face_count, int), "frame_idx": np.arange(face_count),
+             "time_s": np.arange(face_count) / 25.0, "box": np.ones((face_count, 4)),
+             "score": np.ones(face_count)}
+    looks = {"track_id": np.zeros(0, int), "frame_idx": np.zeros(0, int), "kps": np.zeros((0, 5, 2)),
+             "face_size_px": np.zeros(0), "embedding": np.zeros((0, 512))}
+    path = tmp_path / "video.parquet"
+    write_index(path, index_table(faces, looks, identity()))
+    index = read_index(path)
+    assert len(index.faces["track_id"]) == face_count and index.looks["embedding"].shape == (0, 512)
+    assert index_problem(path, identity()) is None, index_problem(path, identity())
