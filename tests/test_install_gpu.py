@@ -264,7 +264,10 @@ def test_after_pip_install_requirements_txt_a_rerun_leaves_the_gpu_build_alone_a
     assert set(install_state(python)["builds"]) == {"onnxruntime", "onnxruntime-gpu"}
     again = run([python, REPO / "install_gpu.py", "--system-libs"])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "uninstalling onnxruntime and onnxruntime-gpu first" in again.stdout, again.stdout
+    out = again.stdout
+    assert "[*] uninstalling onnxruntime and onnxruntime-gpu:" in out, out
+    assert out.index(f"downloading onnxruntime-gpu=={PINNED_ORT['13']} first") < \
+        out.index("uninstalling onnxruntime and onnxruntime-gpu"), "uninstalled before the download"
     state = install_state(python)
     assert state["builds"] == {"onnxruntime-gpu": PINNED_ORT["13"]}, state
     assert state["providers"][:2] == GPU_PROVIDERS[:2], state
