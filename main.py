@@ -86,7 +86,8 @@ CLIP_MODE = "accurate"  # accurate: re-encoded, frame-exact start | fast: stream
 VIDEO_DIR = "in_video"  # folder of videos to search (searched recursively, links followed)
 REFERENCE_DIR = "samples_jpg"  # reference photos: Name.jpg, Name_2.jpg, or a subfolder Name/
 OUTPUT_DIR = "found_fragments_colored_"  # snapshots, clips, results.json, results.csv
-RESUME = True  # reuse the videos an earlier run finished in OUTPUT_DIR when nothing they depend on changed
+INDEX_DIR = "face_index"  # one index file per video (faces, tracks, embeddings): a new search reuses it
+RESUME = True  # reuse the indexes in INDEX_DIR and the snapshots and clips in OUTPUT_DIR when still current
 MODEL_ROOT = "~/.insightface"  # holds models/<MODEL_PACK_NAME>/ (a folder holding <pack>/ also works)
 TRT_CACHE_DIR = "insightface_trt_cache"  # TensorRT engines and timing cache
 FFMPEG_DIR = "ffmpeg"  # optional local ffmpeg binary (ffmpeg or ffmpeg.exe); then PATH; then imageio-ffmpeg
@@ -105,7 +106,7 @@ SETTING_NAMES = (
     "BOX_PADDING_PERCENTAGE", "CUSTOM_THRESHOLD", "MATCH_MARGIN", "MIN_TRACK_HITS", "MIN_FACE_SIZE",
     "RECOGNITION_INTERVAL", "TRACK_MAX_GAP", "FRAME_INTERVAL", "CLIP_DURATION_BEFORE",
     "CLIP_DURATION_AFTER", "MERGE_GAP_TOLERANCE", "CLIP_MODE", "VIDEO_DIR", "REFERENCE_DIR", "OUTPUT_DIR",
-    "RESUME", "MODEL_ROOT", "TRT_CACHE_DIR", "FFMPEG_DIR", "PROVIDERS", "GPU_DEVICE_IDS",
+    "INDEX_DIR", "RESUME", "MODEL_ROOT", "TRT_CACHE_DIR", "FFMPEG_DIR", "PROVIDERS", "GPU_DEVICE_IDS",
     "FRAMES_ON_DEVICE", "TRT_FP16", "debug_det", "debug_det_dir", "debug_rec",
 )
 
@@ -151,7 +152,8 @@ def main(argv=None) -> int:
         except (BadInput, OSError) as error:
             print(f"error: the demo could not be built: {error}", file=sys.stderr)
             return 2
-    return run_search(settings, changed_settings(settings, default_settings()))
+    return run_search(settings, changed_settings(settings, default_settings()),
+                      index_only=args.index_only, reindex=args.reindex)
 
 
 if __name__ == "__main__":

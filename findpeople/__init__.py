@@ -19,16 +19,19 @@ The modules, in import order: each imports only modules above it (tests/test_lay
     device      frames on the models' device: letterbox/candidate/alignment graphs, IO binding
     models      find the pack, detector vs recognizer, batch-capable detector, load for a worker
     references  reference photos -> one Reference (embeddings) per person
-    tracks      face tracks, recognition schedule, matching and naming rules, snapshots
+    tracks      face tracks and which faces are embedded when (the index stage knows no photo)
     worker      worker processes and threads, FrameSequencer (frames to the tracker in order)
     index       one Parquet file per video: faces, tracks, looks (embeddings); atomic writes, checks
+    naming      the matching rules: looks' distances -> named track pieces, sightings, snapshot looks
     search      references x stored looks: track templates, candidates, exact distances
     clips       sightings -> time ranges -> ffmpeg clips
     reports     results.json, results.csv, index.html, the summary table
-    resume      video.json per finished video, fingerprints, what a rerun may reuse
-    runstate    the parent's record of a run, filled from the children's messages; clip thread
+    resume      made.json per video folder: which snapshots and clips a rerun reuses; fingerprints
+    snapshots   the frames of the best looks decoded again at search time, boxed and labelled
+    runstate    the parent's record of a run, filled from the children's messages; the finisher
+                thread (index written, search, snapshots, clips)
     pipeline    start the processes and queues, read messages, notice dead children, shut down
-    run         one search from start to end: inputs, resume, pipeline, reports, exit code
+    run         one run from start to end: inputs, indexes reused or made, search, reports, exit code
     doctor      --check and --demo
 
 Where a change goes:
@@ -37,11 +40,12 @@ Where a change goes:
     a new detector layout or NMS rule                   detect.py (the GPU path: device.py)
     a new video container, codec workaround or decoder  decode.py
     a new video extension, or how links are followed    folders.py
-    when a face is recognised, or how a track is named  tracks.py
+    when a face is embedded (which looks are stored)    tracks.py
+    how a track is named, what counts as a sighting     naming.py
     a new clip mode or ffmpeg argument                  clips.py (its setting: main.py + settings.py)
     a new column or metadata field of the index         index.py (its schema: docs/index.md)
     how stored looks are matched against references    search.py
-    a new field in results.json / results.csv / HTML    reports.py (saved per video: resume.py)
+    a new field in results.json / results.csv / HTML    reports.py
     a new setting                                       main.py's block, then settings.py's limits
     a new process, queue or message                     pipeline.py and runstate.py
     a new line in --check                               doctor.py

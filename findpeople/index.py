@@ -383,3 +383,56 @@ def iter_looks(paths: list, columns: tuple = ("track_id", "embedding")):
                     yield path, metadata, read_look_rows(parquet, start, stop, columns)
         except (pa.ArrowException, OSError) as error:
             raise IndexProblem(f"{path}: damaged ({error}); the video is indexed again") from None
+
+
+def records_table(records: list, metadata: dict):
+    """Return the index table (index_table) of one video's track records (tracks.track_record)."""
+    faces = np.concatenate([r["faces"] for r in records]) if records else np.zeros((0, 7))
+    face_tracks = np.concatenate([np.full(len(r["faces"]), r["track"], np.int32) for r in records]) \
+        if records else np.zeros(0, np.int32)
+    looks = [r["looks"] for r in records]
+    look_tracks = [np.full(len(look["frame_idx"]), r["track"], np.int32) for r, look in zip(records, looks)]
+    dims = [look["embedding"].shape[1] for look in looks if len(look["frame_idx"])]
+    dim = dims[0] if dims else 512
+
+    def joined(name, shape):
+        parts = [look[name].reshape(-1, *shape) for look in looks if len(look["frame_idx"])]
+        return np.concatenate(parts) if parts else np.zeros((0, *shape))
+    return index_table(
+        {"track_id": face_tracks, "frame_idx": faces[:, 0].astype(np.int64), "time_s": faces[:, 1],
+         "box": faces[:, 2:6], "score": faces[:, 6]},
+        {"track_id": np.concatenate(look_tracks) if look_tracks else np.zeros(0, np.int32),
+         "frame_idx": joined("frame_idx", ()).astype(np.int64), "kps": joined("kps", (10,)),
+         "face_size_px": joined("face_size_px", ()), "embedding": joined("embedding", (dim,))},
+        metadata)
+
+
+def table_index(table) -> VideoIndex:
+    """Return an index table (index_table) as NumPy arrays, as read_index returns a file: the
+    same float16-rounded embeddings whether the index was just made or read back."""
+    metadata = json.loads(table.schema.metadata[METADATA_KEY])
+    count = metadata["look_count"]
+    faces = {name: column_to_numpy(table.column(name)) for name in FACE_COLUMNS}
+    looks = {name: column_to_numpy(table.column(name).slice(0, count))
+             for name in ("track_id", "frame_idx", "time_s", *LOOK_COLUMNS)}
+    return VideoIndex(faces, looks, metadata)
+
+
+def faces_with_boxes(faces: dict) -> dict:
+    """Return an index's faces (FACE_COLUMNS arrays) with the box as one [n, 4] array."""
+    return {"track_id": faces["track_id"], "frame_idx": faces["frame_idx"],
+            "time_s": faces["time_s"], "score": faces["score"],
+            "box": np.stack([faces[name] for name in ("x1", "y1", "x2", "y2")], axis=1).reshape(-1, 4)}
+
+
+def read_faces(path: Path) -> tuple:
+    """Return (every face of an index as faces_with_boxes arrays, its metadata); raise
+    IndexProblem naming the file when it cannot be read."""
+    import pyarrow as pa
+    parquet, metadata = open_index(path)
+    try:
+        with closing(parquet):
+            table = parquet.read(columns=list(FACE_COLUMNS))
+    except (pa.ArrowException, OSError) as error:
+        raise IndexProblem(f"{path}: damaged ({error}); the video is indexed again") from None
+    return faces_with_boxes({name: column_to_numpy(table.column(name)) for name in FACE_COLUMNS}), metadata

@@ -51,8 +51,7 @@ class Pipeline:
     reader_stop: threading.Event = field(default_factory=threading.Event)
 
 
-def start_pipeline(settings: Settings, videos: list, references: list,
-                   jobs: list | None = None) -> Pipeline:
+def start_pipeline(settings: Settings, videos: list, jobs: list | None = None) -> Pipeline:
     """Create the queues and ring, then start the decoder and worker processes; if a start
     fails, stop what was started and release the ring before re-raising. The decoders take the
     jobs (default: every video); the workers know every video by its index."""
@@ -80,7 +79,7 @@ def start_pipeline(settings: Settings, videos: list, references: list,
         # Intra-op threads per ONNX Runtime session, so that all workers together fit the cores.
         threads = max(1, (os.cpu_count() or 2) // (settings.NUM_GPU_PROCESSES * settings.GPU_WORKER_THREADS))
         for i in range(settings.NUM_GPU_PROCESSES):
-            start_child(pipe, f"worker-{i}", worker_main, settings, layout, videos, references,
+            start_child(pipe, f"worker-{i}", worker_main, settings, layout, videos,
                         pipe.filled_qs[i], pipe.free_q, pipe.result_q, pipe.stop_event, threads,
                         gpus[i])
     except BaseException:
@@ -238,18 +237,22 @@ def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) 
         bars["videos"].update(finished - bars["videos"].n)
 
 
-def run_pipeline(state: RunState, references: list) -> None:
-    """Run decoders and workers over every video not reused, until all children are done.
-    Everything after the children are started is inside the `finally` that stops them: a Ctrl-C
-    at any moment leaves no child behind."""
-    jobs = [r.info for r in state.results if r.reused is None]
-    pipe = start_pipeline(state.settings, [r.info for r in state.results], references, jobs)
-    bars, cutter, finished = {}, None, False
+def run_pipeline(state: RunState) -> None:
+    """Index every video whose index is not reused (decoders and workers, until all children are
+    done), while the finisher thread searches and finishes each video as it comes (the reused
+    ones first). Everything after the children are started is inside the `finally` that stops
+    them: a Ctrl-C at any moment leaves no child behind."""
+    jobs = [r.info for r in state.results if not r.index_reused]
+    started = time.monotonic()
+    pipe = start_pipeline(state.settings, [r.info for r in state.results], jobs) if jobs else None
+    bars, finisher, finished = {}, None, False
     try:
-        bars = progress_bars(state, jobs)
-        cutter = threading.Thread(target=state.cut_clips, name="clip-cutter", daemon=True)
-        cutter.start()
-        follow_children(state, pipe, bars)
+        finisher = threading.Thread(target=state.finish_videos, name="finisher", daemon=True)
+        finisher.start()
+        if pipe is not None:
+            bars = progress_bars(state, jobs)
+            follow_children(state, pipe, bars)
+            state.index_s = round(time.monotonic() - started, 3)
         finished = True
     finally:
         for bar in bars.values():
@@ -257,14 +260,15 @@ def run_pipeline(state: RunState, references: list) -> None:
         if not finished:  # broken or interrupted: cut no more clips, stop the one being cut
             state.stop_clips.set()
         try:
-            shutdown_pipeline(pipe)
+            if pipe is not None:
+                shutdown_pipeline(pipe)
         finally:
-            if cutter is not None:
-                finish_clips(state, cutter)
+            if finisher is not None:
+                finish_clips(state, finisher)
 
 
 def progress_bars(state: RunState, jobs: list) -> dict:
-    """Return the two progress bars: videos done (reused ones included), frames processed."""
+    """Return the two progress bars: videos indexed (reused ones included), frames processed."""
     from tqdm import tqdm
     total = sum(math.ceil(v.frame_count / state.settings.FRAME_INTERVAL) for v in jobs)
     return {"videos": tqdm(total=len(state.results), initial=len(state.results) - len(jobs),

@@ -29,9 +29,9 @@ def format_hms(time_s: float) -> str:
 
 
 def video_done(result: VideoResult) -> bool:
-    """Return True once a video is searched to its end and every range has its clip entry (a
-    clip, or None after an error); a reused video is done."""
-    return result.reused is not None or (result.finished and len(result.clips) == len(result.ranges))
+    """Return True once a video is indexed and searched to its end and every range has its clip
+    entry (a clip, or None after an error)."""
+    return result.finished and result.searched and len(result.clips) == len(result.ranges)
 
 
 def video_status(result: VideoResult) -> str:
@@ -43,9 +43,7 @@ def video_status(result: VideoResult) -> str:
 
 
 def video_report(result: VideoResult, output_dir: Path, frame_interval: int) -> dict:
-    """Return the results.json entry of one video (a reused one as it was saved)."""
-    if result.reused is not None:
-        return result.reused
+    """Return the results.json entry of one video."""
     info = result.info
     return {
         "file": info.path, "output_folder": info.output_name, "status": video_status(result),
@@ -53,6 +51,7 @@ def video_report(result: VideoResult, output_dir: Path, frame_interval: int) -> 
         "duration_s": round(info.duration_s, 6), "width": info.width, "height": info.height,
         "video_start_offset_s": round(info.video_start_offset_s, 6),
         "frame_interval": frame_interval, "processed_frame_count": result.processed_frame_count,
+        "index_reused": result.index_reused,
         "detections": sorted(result.detections, key=lambda d: (d["frame"], d["name"])),
         "ranges": [range_report(r, *(result.clips[i] if i < len(result.clips) else (None, None)),
                                 output_dir) for i, r in enumerate(result.ranges)],
@@ -250,11 +249,11 @@ def write_html_report(report: dict, output_dir: Path, thumbnails: dict) -> None:
 
 
 def nobody_found_hint(counts: dict, settings: Settings) -> str | None:
-    """Return why a searched video found nobody, when its tracker's counts (VideoTracker.counts)
-    show a reason the user can act on: no face at all, most faces below MIN_FACE_SIZE, or most
-    face tracks recognised fewer than MIN_TRACK_HITS times; else None."""
-    faces, small = counts["faces"], counts["small_faces"]
-    tracks, short = counts["tracks"], counts["short_tracks"]
+    """Return why a searched video found nobody, when its tracker's counts (VideoTracker.counts,
+    kept in its index) show a reason the user can act on: no face at all, most faces below
+    MIN_FACE_SIZE, or most face tracks recognised fewer than MIN_TRACK_HITS times; else None."""
+    faces, small, tracks = counts["faces"], counts["small_faces"], counts["tracks"]
+    short = sum(n for looks, n in counts["looks_per_track"].items() if int(looks) < settings.MIN_TRACK_HITS)
     if faces == 0:
         return "no face was detected in it"
     if small >= faces / 2:
@@ -270,11 +269,11 @@ def nobody_found_hint(counts: dict, settings: Settings) -> str | None:
 
 def summary_table(videos: list, reused_files: set) -> str:
     """Return the end-of-run table from the results.json entries: one line per video and person
-    found; a video reused from an earlier run says so."""
+    found; a video whose index was reused (not decoded again) says so."""
     lines = [f"{'video':<36} {'frames':>7}  {'person':<24} {'ranges':>6} {'best d':>7}  status"]
     for video in videos:
         name = Path(video["file"]).name[:36]
-        status = video["status"] + (" (reused)" if video["file"] in reused_files else "")
+        status = video["status"] + (" (index reused)" if video["file"] in reused_files else "")
         frames = video["processed_frame_count"]
         people = sorted({r["name"] for r in video["ranges"]})
         if not people:

@@ -1,8 +1,9 @@
-"""One search from start to end, in the parent: inputs, resume, the pipeline, reports, the summary.
+"""One run from start to end, in the parent: inputs, indexes, the pipeline, the search, the summary.
 
 In: the Settings. Checks the output folder, reads the reference photos, lists and probes the
-videos, reuses the videos an earlier run finished (RESUME), runs the pipeline over the rest, and
-prints the summary. Returns the exit code: 0 all went well; 1 something was skipped or failed;
+videos, reuses every current index in INDEX_DIR (searching those at once), indexes the other
+videos with the pipeline (each searched as soon as its index is written), and prints the
+summary. With --index-only: no photos, no search, only the indexes. Returns the exit code: 0 all went well; 1 something was skipped or failed;
 2 nothing could start; 130 interrupted (what was found so far is saved).
 """
 from __future__ import annotations
@@ -19,22 +20,22 @@ from .settings import Settings
 from .outputs import output_folder_lock
 from .ring import check_fits_ring, ring_memory_budget
 from .folders import list_videos, unique_output_names
-from .decode import VideoInfo, probe_video
+from .decode import probe_video
 from .providers import both_onnxruntime_builds_problem
-from .models import load_face_models
-from .references import list_reference_photos, load_references, scan_reference_folder
+from .models import classify_pack_models, find_model_pack, load_face_models
+from .references import list_reference_photos, load_references, reference_matrix, scan_reference_folder
+from .index import index_identity, index_path, index_problem, model_sha256, open_index, read_index, remove_abandoned_parts
+from .search import cached_stamps, file_stamp, open_templates, search_templates
 from .clips import find_ffmpeg
 from .reports import nobody_found_hint, summary_table, video_done, video_report
-from .resume import (
-    read_saved_video, remove_unlisted_files, reuse_problem, run_fingerprint, saved_clips_problem,
-    saved_video_path, video_fingerprint)
-from .runstate import RunState, VideoResult
+from .resume import execution_fingerprint, video_fingerprint
+from .runstate import RunState, SearchInputs, VideoResult
 from .pipeline import run_pipeline
 
 
 def prepare_references(settings: Settings) -> tuple:
-    """Return (references, problems, [detector file, recognizer file]), the references computed
-    with the CPU provider in the parent."""
+    """Return (references, problems), the references computed with the CPU provider in the
+    parent."""
     if not list_reference_photos(Path(settings.REFERENCE_DIR)):
         raise BadInput(no_photo_message(Path(settings.REFERENCE_DIR)))
     models = load_face_models(settings, "cpu", max(1, (os.cpu_count() or 2)))
@@ -44,7 +45,7 @@ def prepare_references(settings: Settings) -> tuple:
     if not references:
         raise BadInput(f"no usable reference photo in {settings.REFERENCE_DIR}: add a photo per "
                        f"person named after them (e.g. Barack_Obama.jpg) showing the face clearly")
-    return references, problems, [Path(models.det_path), Path(models.rec_path)]
+    return references, problems
 
 
 def no_photo_message(folder: Path) -> str:
@@ -126,110 +127,140 @@ def videos_outside_output(paths: list, output_dir: Path) -> list:
     return kept
 
 
-def prepare_search(settings: Settings, held: contextlib.ExitStack) -> tuple:
+def prepare_search(settings: Settings, held: contextlib.ExitStack, index_only: bool = False) -> tuple:
     """Return (video paths, references, problems, model files), with the output folder's lock
-    entered into held; raise BadInput for no videos, an output folder that cannot be written or
-    that another run uses, no usable reference photo or no usable models."""
+    entered into held (not with index_only: no photos, no output folder); raise BadInput for no
+    videos, an output folder that cannot be written or that another run uses, no usable
+    reference photo or no usable models."""
     output_dir = Path(settings.OUTPUT_DIR)
     video_paths = videos_outside_output(list_videos(Path(settings.VIDEO_DIR)), output_dir)
     if not video_paths:
         raise BadInput(f"no videos in {settings.VIDEO_DIR}: put .mp4/.mkv/.avi/... files there "
                        f"and one photo per person in {settings.REFERENCE_DIR} (Name.jpg); or "
                        f"see a complete example first with: python main.py --demo")
+    model_paths = list(classify_pack_models(find_model_pack(settings.MODEL_ROOT, settings.MODEL_PACK_NAME)))
+    check_index_dir(Path(settings.INDEX_DIR))
+    if index_only:
+        return video_paths, [], [], model_paths
     check_output_dir(output_dir)
     held.enter_context(output_folder_lock(output_dir))
-    return (video_paths, *prepare_references(settings))
+    return (video_paths, *prepare_references(settings), model_paths)
+
+
+def check_index_dir(folder: Path) -> None:
+    """Create INDEX_DIR and check that a file can be made in it (check_output_dir's test)."""
+    try:
+        check_output_dir(folder)
+    except BadInput as error:
+        raise BadInput(str(error).replace("output folder", "index folder").replace(
+            "--output", "--index-dir")) from None
 
 
 def start_run(settings: Settings, video_paths: list, references: list, problems: list,
-              model_paths: list) -> RunState:
-    """Return the run's state: ffmpeg found, videos probed, earlier results reused (RESUME)."""
-    print(f"[*] people: {', '.join(f'{r.name} ({len(r.photos)} photo(s))' for r in references)}")
+              model_paths: list, reindex: bool = False) -> RunState:
+    """Return the run's state: ffmpeg found, videos probed, current indexes reused."""
+    if references:
+        print(f"[*] people: {', '.join(f'{r.name} ({len(r.photos)} photo(s))' for r in references)}")
     ffmpeg = find_ffmpeg(settings.FFMPEG_DIR)
-    print(f"[*] ffmpeg: {ffmpeg or 'NOT FOUND - clips will not be cut (pip install imageio-ffmpeg)'}")
+    if references:
+        print(f"[*] ffmpeg: {ffmpeg or 'NOT FOUND - clips will not be cut (pip install imageio-ffmpeg)'}")
     videos, video_problems = probe_all(video_paths, Path(settings.VIDEO_DIR))
     report_problems("videos skipped", video_problems)
-    state = RunState(videos, settings, ffmpeg, run_header(settings, references, ffmpeg))
+    search = SearchInputs(*reference_matrix(references), [r.name for r in references]) \
+        if references else None
+    state = RunState(videos, settings, ffmpeg, run_header(settings, references, ffmpeg), search)
     state.failures.extend(problems + video_problems)  # each printed once already, above
     state.skipped_early = len(problems)
-    if ffmpeg is None:
+    if ffmpeg is None and references:
         state.failures.append(f"no ffmpeg in {settings.FFMPEG_DIR}/, on PATH or from "
                               f"imageio-ffmpeg: clips were not cut")
-    plan_resume(state, run_fingerprint(settings, references, model_paths))
+    plan_indexes(state, model_paths, reindex)
     return state
 
 
-def plan_resume(state: RunState, fingerprint: dict) -> None:
-    """Reuse every video an earlier run finished with the same fingerprint (when RESUME is on),
-    removing what a later, interrupted run left in its folder. Every other video is searched
-    from scratch, and nothing of it is removed before its new results are saved (save_video):
-    a rerun stopped early loses nothing."""
+def plan_indexes(state: RunState, model_paths: list, reindex: bool) -> None:
+    """Take every video's index in INDEX_DIR that is current (same video content, model files,
+    INDEX_SETTINGS and providers; readable) unless reindex or RESUME is off; say why each other
+    one is indexed again. A reused video is finished: it is not decoded again."""
+    settings = state.settings
+    index_dir = Path(settings.INDEX_DIR)
+    remove_abandoned_parts(index_dir)
+    models, execution = model_sha256(model_paths), execution_fingerprint(settings)
+    checked = cached_stamps(index_dir)  # read whole when cached: then only the metadata is checked
     for result in state.results:
         info = result.info
         try:
-            state.fingerprints[info.idx] = {"video": video_fingerprint(info.path), **fingerprint}
-        except OSError as error:  # searched, but not saved for a rerun
+            state.fingerprints[info.idx] = video_fingerprint(info.path)
+        except OSError as error:  # indexed, but its index is not written
             print(f"[!] {info.path}: cannot be read to recognise it ({error.strerror or error}): "
-                  f"its results will not be reused by a rerun")
+                  f"it is indexed, but its index is not kept for a rerun")
             continue
-        saved = reusable_video(state, info) if state.settings.RESUME else None
-        if saved is not None:
-            reuse_video(state, result, saved)
-    reused = sum(r.reused is not None for r in state.results)
-    if not state.settings.RESUME:
-        print("[*] --force (RESUME off): every video is searched again")
-    elif reused:
-        print(f"[*] {reused} of {len(state.results)} video(s) reused from an earlier run "
-              f"(--force searches them again)")
+        state.identities[info.idx] = index_identity(state.fingerprints[info.idx], models, settings,
+                                                    execution)
+        if not reindex and settings.RESUME:
+            reuse_index(state, result, checked)
+    reused = sum(r.index_reused for r in state.results)
+    why = " (--reindex)" if reindex else " (--force: RESUME off)" if not settings.RESUME else ""
+    print(f"[*] index {index_dir}: {reused} video(s) reused, {len(state.results) - reused} to "
+          f"index{why}")
 
 
-def reuse_video(state: RunState, result: VideoResult, saved: dict) -> None:
-    """Take a video's saved results as this run's (under its path now: the folder may have
-    moved), and remove main.py's files in its folder that they do not list."""
+def reuse_index(state: RunState, result: VideoResult, checked: dict) -> None:
+    """Mark a video finished from its index if that is current (its pages are checked unless
+    the search cache read it whole as it is: checked); else say why it is indexed again."""
     info = result.info
-    result.reused, result.finished = {**saved["entry"], "file": info.path}, True
-    print(f"[*] reused: {Path(info.path).name} (finished by an earlier run, "
-          f"{saved_video_path(state.output_dir, info)})")
-    try:
-        stale = remove_unlisted_files(state.output_dir / info.output_name, saved)
-    except OSError as error:
-        state.failures.append(f"{error.filename}: cannot be removed ({error.strerror}); it is "
-                              f"not part of the results, remove it by hand")
+    path = index_path(Path(state.settings.INDEX_DIR), info.output_name)
+    if not path.exists():
         return
-    if stale:
-        print(f"[*] {Path(info.path).name}: removed {len(stale)} file(s) an interrupted later "
-              f"run left, e.g. {stale[0].name}")
-
-
-def reusable_video(state: RunState, info: VideoInfo) -> dict | None:
-    """Return what an earlier run saved for this video (video.json), if it can be reused; else
-    None, saying why when there was a saved one."""
-    path = saved_video_path(state.output_dir, info)
-    try:
-        saved = read_saved_video(path)
-    except BadInput as error:
-        print(f"[!] {error}")
-        return None
-    if saved is None:
-        return None
-    problem = reuse_problem(saved, state.fingerprints[info.idx], path.parent, state.output_dir) \
-        or saved_clips_problem(saved["entry"], info, state.output_dir, state.settings.CLIP_MODE)
+    problem = index_problem(path, state.identities[info.idx],
+                            read_data=checked.get(path.name) != file_stamp(path))
     if problem is not None:
-        print(f"[*] {Path(info.path).name}: searched again: {problem} (since {path})")
-        return None
-    return saved
+        print(f"[*] {Path(info.path).name}: indexed again: {problem}")
+        return
+    try:
+        parquet, metadata = open_index(path)
+        parquet.close()
+    except BadInput as error:  # replaced meanwhile by another run: index it here too
+        print(f"[*] {Path(info.path).name}: indexed again: {error}")
+        return
+    counts = metadata.get("counts") or {}
+    result.index_reused = result.finished = True
+    result.face_counts = counts if "looks_per_track" in counts else None
+    result.processed_frame_count = int(counts.get("processed_frames", 0))
 
 
-def search_videos(state: RunState, references: list) -> int:
-    """Search every video not reused and save the reports, also after a broken pipeline or
-    Ctrl-C; return 0, 1 (broken, or a file could not be written) or 130 (interrupted)."""
+def search_reused(state: RunState) -> None:
+    """Search every reused index at once (search.search_templates over INDEX_DIR's track
+    templates), and queue those videos for the finisher thread."""
+    reused = [r for r in state.results if r.index_reused]
+    if reused and state.search is not None:
+        started = time.perf_counter()
+        search = state.search
+        templates = open_templates(Path(state.settings.INDEX_DIR))
+        found = search_templates(templates, search.ref_embeddings, search.ref_owners,
+                                 len(search.people), state.settings.CUSTOM_THRESHOLD)
+        for track in found:
+            state.reused_looks.setdefault(Path(track.index_file).name, []).append(track)
+        for result in reused:  # left out of the cache (damaged since): searched from the file
+            name = index_path(Path(state.settings.INDEX_DIR), result.info.output_name).name
+            if name in templates.skipped:
+                result.index = read_index(Path(state.settings.INDEX_DIR) / name)
+        state.search_s += time.perf_counter() - started
+    for result in reused:
+        state.clip_jobs.put(result)
+
+
+def search_videos(state: RunState) -> int:
+    """Search the reused indexes, index (and search) the other videos and save the reports,
+    also after a broken pipeline or Ctrl-C; return 0, 1 (broken, or a file could not be
+    written) or 130 (interrupted)."""
     exit_code, why = 0, "the search ended without it"
-    if state.settings.debug_rec:
+    if state.settings.debug_rec and state.search is not None:
         state.debug_rec_file = open(state.output_dir / "debug_rec.tsv", "w", encoding="utf-8")
     try:
-        if any(r.reused is None for r in state.results):
-            run_pipeline(state, references)
-    except BadInput as error:  # a setting the workers cannot follow (GPU_DEVICE_IDS)
+        search_reused(state)
+        run_pipeline(state)
+    except BadInput as error:  # a setting the workers cannot follow (GPU_DEVICE_IDS), a damaged index
         print(f"error: {error}", file=sys.stderr)
         state.failures.append(str(error))
         exit_code, why = 2, "not searched (see the error above)"
@@ -254,14 +285,21 @@ def search_videos(state: RunState, references: list) -> int:
 
 def mark_unfinished(state: RunState, why: str) -> None:
     """Give every video that is not done (see video_done) and has no error yet the error 'not
-    finished: <why>', so that its entry says why it is not "ok"; one stopped midway gets the
-    ranges of what was found so far (without clips), so reports show them, marked incomplete."""
+    finished: <why>', so that its entry says why it is not "ok"; one indexed but not searched
+    yet, or stopped midway, is searched now with what it has (its ranges, without clips), so
+    reports show them, marked incomplete."""
     with state.lock:
         for result in state.results:
             if not video_done(result) and not result.errors:
                 result.errors.append(f"{result.info.path}: not finished: {why}")
-            if not result.finished and result.reused is None and not result.ranges:
-                result.ranges = state.ranges_of(result)
+    for result in state.results:
+        try:
+            if result.finished:
+                state.search_video(result)
+            else:
+                state.search_unfinished(result)
+        except Exception as error:  # the reports are still written
+            state.failures.append(f"{result.info.path}: not searched ({type(error).__name__}: {error})")
 
 
 def report_broken(state: RunState, error: PipelineBroken) -> None:
@@ -273,8 +311,8 @@ def report_broken(state: RunState, error: PipelineBroken) -> None:
         lines = error.remote_traceback.strip().splitlines()
         what = str(error).splitlines()[0] + (f": {lines[-1]}" if lines else "")
         print(f"\n[!] pipeline broken: {error}", file=sys.stderr)
-        print(f"[!] {error.name} was working on: {names}. Not finished; a rerun searches "
-              f"{'them' if len(unfinished) > 1 else 'it'} again and reuses the finished videos",
+        print(f"[!] {error.name} was working on: {names}. Not finished; a rerun indexes "
+              f"{'them' if len(unfinished) > 1 else 'it'} again and reuses the finished videos' indexes",
               file=sys.stderr)
         for result in unfinished:
             result.errors.append(f"{result.info.path}: not finished: {what}")
@@ -283,26 +321,48 @@ def report_broken(state: RunState, error: PipelineBroken) -> None:
 
 def finish_run(state: RunState, exit_code: int) -> int:
     """Print the summary and the problems; return the final exit code (1 if anything failed)."""
+    if state.search is None:
+        return finish_index_only(state, exit_code)
     entries = [video_report(r, state.output_dir, state.settings.FRAME_INTERVAL) for r in state.results]
-    print(summary_table(entries, {r.info.path for r in state.results if r.reused is not None}))
+    print(summary_table(entries, {r.info.path for r in state.results if r.index_reused}))
     for result in state.results:
         hint = None if result.ranges or result.face_counts is None else \
             nobody_found_hint(result.face_counts, state.settings)
         if hint:
             print(f"[*] {Path(result.info.path).name}: nobody found: {hint}")
-    stats = state.run["stats"]
-    print(f"[*] {stats['processed_frames']} frames in {stats['wall_s']:.1f} s "
-          f"({stats['frames_per_s'] or 0:.1f} frames/s; first frame after {stats['first_frame_s']} s)")
+    print_timing(state)
     report_problems("problems", final_problems(state))
     if state.write_error:
         print(f"error: {state.write_error}. Free some space (or fix the permissions, or choose "
               f"another --output) and run again: the files saved before are whole, and the videos "
-              f"finished so far are reused", file=sys.stderr)
+              f"indexed so far are reused", file=sys.stderr)
         return exit_code or 1
     print(f"[*] results: {state.output_dir / 'results.json'}; report: {state.output_dir / 'index.html'}")
     if exit_code == 0 and (state.failures or not state.run["complete"]):
         exit_code = 1
     return exit_code
+
+
+def print_timing(state: RunState) -> None:
+    """Print how many videos were indexed and reused, and how long each stage took."""
+    stats = state.run["stats"]
+    indexed, reused = len(stats["indexed_videos"]), len(stats["index_reused_videos"])
+    print(f"[*] {indexed} video(s) indexed, {reused} index(es) reused; {stats['processed_frames']} "
+          f"frames processed in {stats['wall_s']:.1f} s ({stats['frames_per_s'] or 0:.1f} frames/s)")
+    print(f"[*] index stage {stats['index_s'] or 0:.1f} s, search {stats['search_s']:.2f} s, "
+          f"snapshots {stats['snapshots_s']:.1f} s, clips {stats['clips_s']:.1f} s")
+
+
+def finish_index_only(state: RunState, exit_code: int) -> int:
+    """Print what --index-only did; return the exit code (1 if a video could not be indexed)."""
+    state.run["stats"] = state.stats()
+    print_timing(state)
+    failed = [r for r in state.results if not r.finished or r.errors]
+    for result in failed:
+        state.failures.extend(e for e in result.errors if e not in state.failures)
+    report_problems("problems", final_problems(state))
+    print(f"[*] indexes: {state.index_dir}")
+    return exit_code or (1 if state.failures or failed else 0)
 
 
 def final_problems(state: RunState) -> list:
@@ -315,22 +375,24 @@ def final_problems(state: RunState) -> list:
     return early + state.failures[photos:]
 
 
-def run_search(settings: Settings, changed: dict) -> int:
-    """Run the whole search, first printing the changed settings (by name); return the exit code
-    (see the module's docstring). The output folder stays locked until the end."""
+def run_search(settings: Settings, changed: dict, index_only: bool = False,
+               reindex: bool = False) -> int:
+    """Run the whole search (or with index_only, only index the videos; reindex: make every
+    index again), first printing the changed settings (by name); return the exit code (see the
+    module's docstring). The output folder stays locked until the end."""
     with contextlib.ExitStack() as held:
-        return run_locked_search(settings, changed, held)
+        return run_locked_search(settings, changed, held, index_only, reindex)
 
 
-def run_locked_search(settings: Settings, changed: dict, held: contextlib.ExitStack) -> int:
+def run_locked_search(settings: Settings, changed: dict, held: contextlib.ExitStack,
+                      index_only: bool = False, reindex: bool = False) -> int:
     """Run the whole search; the output folder's lock goes into held (see run_search)."""
     try:
         for name, value in changed.items():
             print(f"[*] {name} = {value!r}")
         if both_onnxruntime_builds_problem():
             print(f"[!] {both_onnxruntime_builds_problem()}")
-        prepared = prepare_search(settings, held)
-        state = start_run(settings, *prepared)
+        state = start_run(settings, *prepare_search(settings, held, index_only), reindex=reindex)
     except (BadInput, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -338,7 +400,7 @@ def run_locked_search(settings: Settings, changed: dict, held: contextlib.ExitSt
         print("\n[!] interrupted before the search started", file=sys.stderr)
         return 130
     try:
-        return finish_run(state, search_videos(state, prepared[1]))
+        return finish_run(state, search_videos(state))
     except KeyboardInterrupt:  # just before the search, or again while the reports are written
         print("\n[!] interrupted: the reports are those of the last finished video",
               file=sys.stderr)

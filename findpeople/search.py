@@ -3,9 +3,9 @@
 Runs in the parent at search time. In: the references (reference_matrix: L2-normalised photo
 embeddings and the person of each photo) and INDEX_DIR's index files (index.py). Out: per video
 and track that can possibly be named (one of its looks within CUSTOM_THRESHOLD of a person), the
-distance row of every look of the track [looks, people] (tracks.person_distances: 1 - similarity
+distance row of every look of the track [looks, people] (naming.person_distances: 1 - similarity
 to each person's closest photo), with the looks' frames, times and embeddings, for the naming
-rules (tracks.evaluate_evidence, vouching_recognitions, sighting_flags).
+rules (naming.py).
 
 How: a cache in INDEX_DIR/search_cache/, derived from the index files and rebuilt for those that
 change: per index file a copy of its looks read by row (<name>.<size>-<mtime_ns>.looks.npy), and for all
@@ -32,7 +32,7 @@ import numpy as np
 
 from .outputs import fsync_file
 from .index import INDEX_SUFFIX, IndexProblem, open_index, read_look_rows
-from .tracks import person_distances
+from .naming import person_distances
 
 
 CACHE_DIR_NAME = "search_cache"  # INDEX_DIR/search_cache/: derived from the index files
@@ -79,7 +79,7 @@ class TrackLooks:
     frame_idx: np.ndarray  # [looks] int64
     time_s: np.ndarray  # [looks] float64, from the first video frame
     embeddings: np.ndarray  # [looks, dim] float32 (the float16 values stored)
-    distances: np.ndarray  # [looks, people] cosine distance, tracks.person_distances
+    distances: np.ndarray  # [looks, people] cosine distance, naming.person_distances
 
 
 def list_index_files(index_dir: Path) -> list:
@@ -463,7 +463,7 @@ def exact_looks(templates: Templates, rows: np.ndarray, ref_embeddings: np.ndarr
                 ref_owners: np.ndarray, person_count: int, threshold: float) -> list:
     """Return a TrackLooks for each candidate row with a look within threshold of a person: the
     candidates' cached looks are read file by file (candidate_looks) and matched in one product;
-    the distances of the tracks that pass are then tracks.person_distances' own."""
+    the distances of the tracks that pass are then naming.person_distances' own."""
     if len(rows) == 0:
         return []
     rows = rows[np.argsort(templates.file_idx[rows], kind="stable")]
@@ -509,3 +509,30 @@ def search_templates(templates: Templates, ref_embeddings: np.ndarray, ref_owner
     person, in cache order (by index file, then track)."""
     rows = candidate_rows(templates, ref_embeddings, threshold)
     return exact_looks(templates, rows, ref_embeddings, ref_owners, person_count, threshold)
+
+
+def video_track_looks(index, index_file: Path, ref_embeddings: np.ndarray, ref_owners: np.ndarray,
+                      person_count: int, threshold: float, every_track: bool = False) -> list:
+    """Return the TrackLooks of one video's index (index.VideoIndex) that search_templates
+    would return (every track with a look within threshold of a person; every track at all with
+    every_track), by matching all its looks exactly: for a video just indexed, whose looks are
+    in memory."""
+    looks = index.looks
+    if len(looks["track_id"]) == 0:
+        return []
+    embeddings = np.asarray(looks["embedding"], np.float32)
+    bounds = np.flatnonzero(np.r_[True, np.diff(looks["track_id"]) != 0, True])
+    found = []
+    for a, b in zip(bounds[:-1], bounds[1:]):  # per track, as exact_looks does: the same sums
+        distances = person_distances(embeddings[a:b], ref_embeddings, ref_owners, person_count)
+        if every_track or distances.min() <= threshold:
+            found.append(TrackLooks(Path(index_file), int(looks["track_id"][a]), looks["frame_idx"][a:b],
+                                    looks["time_s"][a:b], embeddings[a:b], distances))
+    return found
+
+
+def cached_stamps(index_dir: Path) -> dict:
+    """Return {index file name: [size, mtime_ns]} of the files whose looks the search cache
+    holds: read whole (every page checked) when it was built, so unchanged since."""
+    manifest = read_cache_manifest(Path(index_dir) / CACHE_DIR_NAME / TEMPLATE_CACHE_NAME)
+    return {f["name"]: f["stamp"] for f in (manifest or {}).get("files", [])}

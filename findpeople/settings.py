@@ -62,8 +62,10 @@ _LIMITS = {  # name -> (minimum, maximum) for numbers; choices for strings
     "CLIP_MODE": ("accurate", "fast"), "GPU_DEVICE_IDS": (0, 63), "FRAMES_ON_DEVICE": ("auto", "on", "off"),
 }
 _FLAG_ALIASES = {"VIDEO_DIR": ["--videos"], "REFERENCE_DIR": ["--refs"], "OUTPUT_DIR": ["--output"],
+                 "INDEX_DIR": [],
                  "MODEL_ROOT": [], "MODEL_PACK_NAME": ["--model-pack"], "PROVIDERS": []}
-_NEGATING_FLAGS = {"RESUME": ("--force", "search every video again (the same as --no-resume)")}
+_NEGATING_FLAGS = {"RESUME": ("--force", "index every video again and make every snapshot and clip "
+                                          "again (the same as --no-resume)")}
 
 
 def flag_name(setting: str) -> str:
@@ -136,6 +138,11 @@ def build_arg_parser(defaults: dict, comments: dict) -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true",
                         help="print what would run (versions, providers, GPUs, models, ffmpeg, "
                              "videos, photos and their problems) and change nothing")
+    parser.add_argument("--index-only", action="store_true",
+                        help="only build the indexes of the videos in INDEX_DIR (no photos needed, "
+                             "nothing written to OUTPUT_DIR): a later search takes seconds")
+    parser.add_argument("--reindex", action="store_true",
+                        help="index every video again, even where INDEX_DIR has a current index")
     parser.add_argument("--demo", action="store_true",
                         help="build a small demo (video + reference photo) in a temporary folder "
                              "and run the whole search on it")

@@ -1,23 +1,20 @@
-"""Tracks and matching: link each video's faces into tracks, recognise them a few times, name them.
+"""Tracks: link each video's faces into tracks and embed a few looks of each (the index stage).
 
 Runs in the worker processes, one `VideoTracker` per video, fed frames in decode order by the
-worker's FrameSequencer. In: per frame, the detections and the frame itself. Out: ("track", ...)
-messages to the parent with each named track's sightings, and annotated snapshots written to
-OUTPUT_DIR/<video>/. Matching is by cosine DISTANCE (1 - similarity; CUSTOM_THRESHOLD, lower is
-stricter): a track is named when MIN_TRACK_HITS recognitions agree and the best person beats the
-second best by MATCH_MARGIN.
+worker's FrameSequencer. In: per frame, the detections and the frame itself. Out: one ("track",
+...) message to the parent per ended track: every face of it (frame, time, box, score) and its
+looks (landmarks, face size, embedding). Nothing here knows the reference photos: which faces are
+embedded, and when, is decided from the faces alone (recognition_due), and the index stores
+enough for every naming rule to run at search time (naming.py).
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-
 import numpy as np
 
 from .settings import Settings
-from .outputs import encode_snapshot, snapshot_path, write_bytes_atomic
 from .decode import VideoInfo
 from .detect import SURE_FACE_SCORE, align_face, face_size_px
 from .device import DeviceLook, embed_looks
@@ -28,105 +25,13 @@ _LINK_MIN_IOU = 0.3  # a detection continues a track when their boxes overlap at
 _TOUCH_IOU = 0.05  # boxes overlapping more than this touch (see link_detections)
 _SPLIT_MAX_SIMILARITY = 0.3  # cosine: a track's new embedding below this is someone else: split
 _RELINK_MIN_SIMILARITY = 0.5  # cosine: a new face this close to a recently unseen track continues it
-_SAME_FACE_SIMILARITY = 0.5  # cosine: an unsure look this close to a sure one is the same face
 _FACE_CHANGE_LIMIT = 0.55  # mean change of a face's normalised 16x16 grey patch from one frame to
 # the next that makes it due for recognition: on the shared clips the same face changed by at most
 # 0.52 in 99 % of frames, while a different face differed by at least 0.55 in 99 % of pairs
 _SHOT_CUT_MAD = 20.0  # grey levels: mean change of a 64x36 thumbnail; the shared clips' cuts: 27-31
 _GROWTH_FOR_RECHECK = 1.3  # re-recognise when a face is this much larger than at its best look
 _FRONTAL_GAIN_FOR_RECHECK = 0.25  # ... or this much more frontal (0 = profile, 1 = frontal)
-_MAX_PENDING_SNAPSHOTS = 8  # snapshots kept in memory per track until it is named
-_MAX_UNVERIFIED_S = 1.0  # s: a named track is re-recognised at least this often
-
-
-def person_distances(embeddings: np.ndarray, ref_embeddings: np.ndarray, ref_owners: np.ndarray,
-                     person_count: int) -> np.ndarray:
-    """Return cosine distances [faces, people]: 1 - similarity to each person's closest photo."""
-    similarity = embeddings.astype(np.float64) @ ref_embeddings.astype(np.float64).T
-    best = np.full((len(embeddings), person_count), -1.0)
-    for person in range(person_count):
-        best[:, person] = similarity[:, ref_owners == person].max(axis=1)
-    return 1.0 - best
-
-
-def agreeing_person(distances: np.ndarray, threshold: float, margin: float) -> int | None:
-    """Return the person one recognition names: closest within threshold, beating the next by margin."""
-    order = np.argsort(distances, kind="stable")
-    best = float(distances[order[0]])
-    second = float(distances[order[1]]) if len(order) > 1 else math.inf
-    if best <= threshold and second - best >= margin:
-        return int(order[0])
-    return None
-
-
-def evaluate_evidence(distances: np.ndarray, threshold: float, margin: float, min_hits: int) -> tuple:
-    """Return (person index or None, best distance to them, hits) for a track's recognitions.
-
-    distances is [recognitions, people]. A recognition agrees with a person when that person is
-    within threshold and ahead of the second best by margin. The track is named when one person
-    has at least min_hits agreeing recognitions and more than all other people together.
-    """
-    votes = [agreeing_person(row, threshold, margin) for row in distances]
-    counts = {p: votes.count(p) for p in set(votes) if p is not None}
-    if not counts:
-        return None, math.inf, 0
-    person = max(counts, key=lambda p: (counts[p], -float(distances[:, p].min())))
-    hits = counts[person]
-    if hits < min_hits or hits <= sum(counts.values()) - hits:
-        return None, float(distances[:, person].min()), hits
-    return person, float(distances[:, person].min()), hits
-
-
-def vouching_recognitions(track, person: int, settings: Settings) -> list:
-    """Return, per recognition of a track named `person`, whether it vouches for the name.
-
-    A recognition vouches when it agrees with the person, or when it agrees with nobody (a poor
-    look: profile, blur) but its embedding is as close to one of the agreeing recognitions as
-    the same face's embeddings are (cosine >= _SAME_FACE_SIMILARITY; different people stay
-    below 0.3 with the shared models). A look at somebody else never vouches.
-    """
-    votes = [agreeing_person(row, settings.CUSTOM_THRESHOLD, settings.MATCH_MARGIN)
-             for row in track.rec_distances]
-    agreeing = np.array([e for e, v in zip(track.rec_embeddings, votes) if v == person])
-    vouches = []
-    for embedding, vote in zip(track.rec_embeddings, votes):
-        same_face = len(agreeing) and float((agreeing @ embedding).max()) >= _SAME_FACE_SIMILARITY
-        vouches.append(vote == person or (vote is None and bool(same_face)))
-    return vouches
-
-
-def sighting_flags(rec_at: list, confirms: list, tail: int) -> list:
-    """Return, per frame of a named track, whether it counts as a sighting of that person.
-
-    rec_at holds, per frame, the index of the recognition made there (or None); confirms says
-    per recognition whether it vouches for the track's name. A frame counts when the
-    recognitions on both sides of it confirm (one at the frame itself suffices), or, before the
-    first and after the last recognition, when that one confirms and the frame is at most
-    `tail` frames away. So a face that turns into someone else between two recognitions (same
-    place, no gap) is never named beyond the last recognition that really saw the person.
-    """
-    count = len(rec_at)
-    previous, following = [None] * count, [None] * count  # nearest recognition position each side
-    last = None
-    for i, rec in enumerate(rec_at):
-        last = i if rec is not None else last
-        previous[i] = last
-    last = None
-    for i in range(count - 1, -1, -1):
-        last = i if rec_at[i] is not None else last
-        following[i] = last
-    flags = []
-    for i in range(count):
-        before, after = previous[i], following[i]
-        ok_before = before is not None and bool(confirms[rec_at[before]])
-        ok_after = after is not None and bool(confirms[rec_at[after]])
-        if before is not None and after is not None:
-            flags.append(ok_before and ok_after)  # at a recognition itself both sides are it
-        elif before is not None:
-            flags.append(ok_before and i - before <= tail)
-        else:
-            flags.append(ok_after and after - i <= tail)
-    return flags
+_MAX_UNVERIFIED_S = 1.0  # s: a track is re-recognised at least this often
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -217,20 +122,15 @@ class Track:
     last_time_s: float
     last_seq: int  # processed-frame number it was last seen in
     motion: np.ndarray = field(default_factory=lambda: np.zeros(4, np.float32))  # box change per frame
-    frames: list = field(default_factory=list)  # [frame_idx, time_s, bbox, det_score, rec index]
-    rec_distances: list = field(default_factory=list)  # one [people] row per recognition
-    rec_frames: list = field(default_factory=list)  # (frame_idx, time_s) per recognition
-    rec_embeddings: list = field(default_factory=list)  # one embedding per recognition
-    embedding: np.ndarray | None = None  # of the latest recognition
+    faces: list = field(default_factory=list)  # (frame_idx, time_s, x1, y1, x2, y2, score) per frame
+    looks: list = field(default_factory=list)  # (frame_idx, kps [5, 2], face size px, embedding)
+    embedding: np.ndarray | None = None  # of the latest look
     last_rec_seq: int = -(10 ** 9)
     best_size_px: float = 0.0
     best_frontal: float = 0.0
-    name_idx: int | None = None  # named from the evidence so far
-    agreed: bool = False  # some recognition agreed with somebody: the track may be named
     signature: np.ndarray | None = None  # the face's grey patch in its last frame (face_signature)
-    last_look: object = None  # its aligned crop in its last frame, while it may be named
-    pending: list = field(default_factory=list)  # (person, distance, path, jpeg) until named
-    written: list = field(default_factory=list)  # (person, path) snapshots on disk
+    last_look: object = None  # its last frame's face, to embed when the track ends (last_recognition)
+    last_kps: np.ndarray | None = None  # ... and that face's landmarks
 
 
 def recognition_interval(track: Track, settings: Settings, max_interval: int | None = None) -> int:
@@ -239,9 +139,9 @@ def recognition_interval(track: Track, settings: Settings, max_interval: int | N
     The interval doubles with each recognition, up to 8x: a face seen several times (named, or
     clearly a stranger) needs little re-checking unless it grows or turns to the camera. It is
     capped at max_interval (about a second of video: see VideoTracker), the longest stretch a
-    named track's frames may go unverified.
+    track's frames may go without a look (the most a sighting can rest on neighbours).
     """
-    interval = settings.RECOGNITION_INTERVAL * 2 ** min(max(len(track.rec_distances) - 1, 0), 3)
+    interval = settings.RECOGNITION_INTERVAL * 2 ** min(max(len(track.looks) - 1, 0), 3)
     return interval if max_interval is None else min(interval, max_interval)
 
 
@@ -253,7 +153,7 @@ def recognition_due(track: Track | None, size_px: float, frontal: float, det_sco
         return False
     if track is None:  # a doubtful new detection waits one frame: many never come back
         return det_score >= SURE_FACE_SCORE
-    if ambiguous or not track.rec_distances:
+    if ambiguous or not track.looks:
         return True
     return (seq - track.last_rec_seq >= recognition_interval(track, settings, max_interval)
             or size_px >= track.best_size_px * _GROWTH_FOR_RECHECK
@@ -261,11 +161,10 @@ def recognition_due(track: Track | None, size_px: float, frontal: float, det_sco
 
 
 class VideoTracker:
-    """Follows the faces of one video frame by frame (in order) and names each track.
+    """Follows the faces of one video frame by frame (in order) and embeds a few looks per track.
 
-    It decides which faces go to the recognizer, writes snapshots of recognised faces, and calls
-    emit(("track", video_idx, summary)) when a track ends. Not thread-safe: FrameSequencer
-    serialises the calls.
+    It decides which faces go to the recognizer and calls emit(("track", video_idx, record))
+    when a track ends (track_record). Not thread-safe: FrameSequencer serialises the calls.
     """
 
     def __init__(self, info: VideoInfo, context, emit):
@@ -276,9 +175,9 @@ class VideoTracker:
         self.max_interval = max(self.settings.RECOGNITION_INTERVAL,
                                 int(round(per_second * _MAX_UNVERIFIED_S)))
         self.active: list = []
-        # faces seen, those below MIN_FACE_SIZE, tracks ended, those recognised fewer than
-        # MIN_TRACK_HITS times: why a video found nobody (see nobody_found_hint)
-        self.counts = {"faces": 0, "small_faces": 0, "tracks": 0, "short_tracks": 0}
+        # faces seen, those below MIN_FACE_SIZE, tracks ended, and tracks by their number of
+        # looks: why a video found nobody (see reports.nobody_found_hint)
+        self.counts = {"faces": 0, "small_faces": 0, "tracks": 0, "looks_per_track": {}}
         self.previous_thumb = None
         self.next_id = 0
         self.frame_handle = None  # the current frame on the models' device (see step)
@@ -305,32 +204,30 @@ class VideoTracker:
                if recognition_due(owners.get(d), face_size_px(boxes[d]), frontal_score(kps[d]),
                                   float(boxes[d, 4]), seq, d in ambiguous, self.settings,
                                   self.max_interval)]
-        embeddings, distances = self.recognise(image, kps, due)
+        embeddings = self.recognise(image, kps, due)
         for d in range(len(boxes)):
             rec = due.index(d) if d in due else None
             track = owners.get(d)
             if rec is not None:
-                track = self.check_identity(track, embeddings[rec], distances[rec],
-                                            set(owners.values()), time_s, seq)
+                track = self.check_identity(track, embeddings[rec], set(owners.values()), time_s)
             if track is None:
                 track = self.new_track(boxes[d], time_s, seq)
             track.signature = signatures[d]
-            self.extend(track, seq, frame_idx, time_s, image, boxes[d], kps[d],
-                        None if rec is None else (embeddings[rec], distances[rec]))
-            track.last_look = None  # kept for a last recognition when the track ends
-            if rec is None and face_size_px(boxes[d]) >= self.settings.MIN_FACE_SIZE \
-                    and track.agreed:
-                track.last_look = self.look(image, kps, d)
+            self.extend(track, seq, frame_idx, time_s, boxes[d], kps[d],
+                        None if rec is None else embeddings[rec])
+            track.last_look = None  # kept for a last look when the track ends
+            if rec is None and face_size_px(boxes[d]) >= self.settings.MIN_FACE_SIZE:
+                track.last_look, track.last_kps = self.look(image, kps, d), kps[d].copy()
 
     def count_faces(self, boxes: np.ndarray) -> None:
         """Count a frame's faces, and those too small to be recognised."""
         self.counts["faces"] += len(boxes)
         self.counts["small_faces"] += sum(face_size_px(b) < self.settings.MIN_FACE_SIZE for b in boxes)
 
-    def recognise(self, image: np.ndarray, kps: np.ndarray, due: list) -> tuple:
-        """Return (embeddings, distances [faces, people]) of the faces due for recognition."""
+    def recognise(self, image: np.ndarray, kps: np.ndarray, due: list) -> np.ndarray | None:
+        """Return the embeddings [faces, dim] of the faces due for recognition."""
         if not due:
-            return None, None
+            return None
         return self.recognise_looks([self.look(image, kps, d) for d in due])
 
     def look(self, image: np.ndarray, kps: np.ndarray, d: int):
@@ -340,25 +237,20 @@ class VideoTracker:
             return DeviceLook(*self.frame_handle, kps[d].copy())
         return align_face(image, kps[d])
 
-    def recognise_looks(self, looks: list) -> tuple:
-        """Return (embeddings, distances [faces, people]) of looks (see look)."""
+    def recognise_looks(self, looks: list) -> np.ndarray:
+        """Return the L2-normalised embeddings [faces, dim] of looks (see look)."""
         context = self.context
         started = time.perf_counter()
         embeddings = embed_looks(context.models, looks, self.settings.REC_CHUNK_SIZE)
         context.clock.add("track.recognise", time.perf_counter() - started, len(looks))
-        return embeddings, person_distances(embeddings, context.ref_embeddings,
-                                            context.ref_owners, len(context.people))
+        return embeddings
 
-    def check_identity(self, track: Track | None, embedding: np.ndarray, distances: np.ndarray,
-                       taken: set, time_s: float, seq: int) -> Track | None:
+    def check_identity(self, track: Track | None, embedding: np.ndarray, taken: set,
+                       time_s: float) -> Track | None:
         """Return the track this recognised face continues: its own unless the face changed
         (then a new one), or for a new face a track unseen in this frame with the same face."""
         if track is not None:
-            settings = self.settings
-            now = agreeing_person(distances, settings.CUSTOM_THRESHOLD, settings.MATCH_MARGIN)
-            renamed = track.name_idx is not None and now is not None and now != track.name_idx
-            changed = track.embedding is not None and float(embedding @ track.embedding) < _SPLIT_MAX_SIMILARITY
-            if not (renamed or changed):
+            if track.embedding is None or float(embedding @ track.embedding) >= _SPLIT_MAX_SIMILARITY:
                 return track
             self.end_tracks([track])  # boxes crossed or swapped, or clearly someone else now
             return None
@@ -377,114 +269,53 @@ class VideoTracker:
         self.active.append(track)
         return track
 
-    def extend(self, track: Track, seq: int, frame_idx: int, time_s: float, image: np.ndarray,
-               box: np.ndarray, kps: np.ndarray, recognition) -> None:
-        """Add this frame's face (and its recognition, if any) to the track."""
-        if track.frames and seq > track.last_seq:
+    def extend(self, track: Track, seq: int, frame_idx: int, time_s: float, box: np.ndarray,
+               kps: np.ndarray, embedding: np.ndarray | None) -> None:
+        """Add this frame's face (and its look, if it was embedded) to the track."""
+        if track.faces and seq > track.last_seq:
             track.motion = (box[:4] - track.box) / (seq - track.last_seq)
         track.box, track.last_time_s, track.last_seq = box[:4].copy(), time_s, seq
-        rec_index = None
-        if recognition is not None:
-            embedding, distances = recognition
-            rec_index = len(track.rec_distances)
-            track.rec_distances.append(distances)
-            track.rec_frames.append((frame_idx, time_s))
-            track.rec_embeddings.append(embedding)
+        track.faces.append((frame_idx, time_s, *(float(v) for v in box[:5])))
+        if embedding is not None:
+            track.looks.append((frame_idx, kps.copy(), face_size_px(box), embedding))
             track.embedding, track.last_rec_seq = embedding, seq
             track.best_size_px = max(track.best_size_px, face_size_px(box))
             track.best_frontal = max(track.best_frontal, frontal_score(kps))
-        track.frames.append([frame_idx, time_s, [round(float(v), 1) for v in box[:4]],
-                             round(float(box[4]), 4), rec_index])
-        if recognition is not None:
-            self.after_recognition(track, frame_idx, time_s, image, box, distances)
-
-
-    def after_recognition(self, track: Track, frame_idx: int, time_s: float, image: np.ndarray,
-                          box: np.ndarray, distances: np.ndarray) -> None:
-        """Name the track once the evidence allows; keep or write a snapshot of this face."""
-        settings = self.settings
-        person = agreeing_person(distances, settings.CUSTOM_THRESHOLD, settings.MATCH_MARGIN)
-        if track.name_idx is None:
-            track.name_idx = evaluate_evidence(np.array(track.rec_distances), settings.CUSTOM_THRESHOLD,
-                                               settings.MATCH_MARGIN, settings.MIN_TRACK_HITS)[0]
-        if person is None:
-            return
-        track.agreed = True
-        path = snapshot_path(Path(settings.OUTPUT_DIR), self.info, frame_idx, time_s,
-                             self.context.people[person])
-        started = time.perf_counter()
-        jpeg = encode_snapshot(image, box, self.context.people[person], float(distances[person]),
-                               person, settings)
-        self.context.clock.add("track.snapshot", time.perf_counter() - started)
-        track.pending.append((person, float(distances[person]), path, jpeg))
-        track.pending.sort(key=lambda item: item[1])
-        del track.pending[_MAX_PENDING_SNAPSHOTS:]
-        if track.name_idx is not None:
-            self.write_snapshots(track, track.name_idx)
-
-    def write_snapshots(self, track: Track, person: int) -> None:
-        """Write the track's kept snapshots of this person (the others stay kept, in case later
-        evidence names the track differently)."""
-        for who, _, path, jpeg in track.pending:
-            if who == person:  # not flushed: a disk flush per face would stall the tracker, and a
-                write_bytes_atomic(path, jpeg, flush=False)  # lost one shows in video.json's sizes
-                track.written.append((who, path))
-        track.pending = [item for item in track.pending if item[0] != person]
 
     def last_recognition(self, track: Track) -> None:
-        """Recognise a track that may be named once more, on its last frame, if that frame was not
-        recognised: its last frames are then bracketed by a real look like all the others."""
-        if track.last_look is None or track.frames[-1][4] is not None:
+        """Embed a track's last face when it was not embedded: its last frames are then
+        bracketed by a real look like all the others (see naming.sighting_flags)."""
+        if track.last_look is None or (track.looks and track.looks[-1][0] == track.faces[-1][0]):
             return
-        embeddings, distances = self.recognise_looks([track.last_look])
-        track.frames[-1][4] = len(track.rec_distances)
-        track.rec_distances.append(distances[0])
-        track.rec_embeddings.append(embeddings[0])
-        track.rec_frames.append((track.frames[-1][0], track.frames[-1][1]))
+        embedding = self.recognise_looks([track.last_look])[0]
+        frame_idx, _, x1, y1, x2, y2, _ = track.faces[-1]
+        track.looks.append((frame_idx, track.last_kps, face_size_px((x1, y1, x2, y2)), embedding))
         track.last_look = None
 
     def end_tracks(self, tracks: list) -> None:
-        """End these tracks: decide each name from all its evidence and report it."""
-        settings = self.settings
+        """End these tracks: embed their last face if needed, and report each one."""
         for track in tracks:
             self.active.remove(track)
             self.last_recognition(track)
             self.counts["tracks"] += 1
-            self.counts["short_tracks"] += len(track.rec_distances) < settings.MIN_TRACK_HITS
-            person, best, hits = (None, math.inf, 0) if not track.rec_distances else evaluate_evidence(
-                np.array(track.rec_distances), settings.CUSTOM_THRESHOLD, settings.MATCH_MARGIN,
-                settings.MIN_TRACK_HITS)
-            for who, path in track.written:
-                if who != person:  # later evidence overruled the early name
-                    path.unlink(missing_ok=True)
-            if person is not None:
-                self.write_snapshots(track, person)
-            if person is not None or settings.debug_rec:
-                self.emit(("track", self.info.idx, self.summary(track, person, best, hits)))
-
-    def summary(self, track: Track, person: int | None, best: float, hits: int) -> dict:
-        """Return what the parent needs of an ended track: for a named one, the frames that
-        count as sightings (see sighting_flags)."""
-        people, settings = self.context.people, self.settings
-        frames = [[f, t, box, score, None] for f, t, box, score, _ in track.frames]  # unnamed
-        if person is not None:
-            confirms = vouching_recognitions(track, person, settings)
-            # Only a doubtful first frame (recognised one frame later) precedes the first look,
-            # and every track that may be named gets a look at its last frame (last_recognition).
-            flags = sighting_flags([f[4] for f in track.frames], confirms, 1)
-            frames = [[f, t, box, score, None if rec is None
-                       else round(float(track.rec_distances[rec][person]), 4)]
-                      for (f, t, box, score, rec), counted in zip(track.frames, flags) if counted]
-        summary = {"track": track.track_id, "name": None if person is None else people[person],
-                   "best_distance": round(best, 4), "hits": hits,
-                   "recognitions": len(track.rec_distances), "frames": frames,
-                   "snapshots": [path.name for who, path in track.written if who == person]}
-        if self.settings.debug_rec:
-            summary["debug_rec"] = [[f, t, {p: round(float(d), 4) for p, d in zip(people, row)}]
-                                    for (f, t), row in zip(track.rec_frames, track.rec_distances)]
-        return summary
+            per_track = self.counts["looks_per_track"]
+            per_track[len(track.looks)] = per_track.get(len(track.looks), 0) + 1
+            self.emit(("track", self.info.idx, track_record(track)))
 
     def finish(self) -> None:
         """End every track at the end of the video, and let go of its last frame on the device."""
         self.end_tracks(list(self.active))
         self.frame_handle = None
+
+
+def track_record(track: Track) -> dict:
+    """Return what the parent stores of an ended track (index.py): its id, faces [n, 7] as
+    (frame_idx, time_s, x1, y1, x2, y2, score), and its looks' frame_idx, kps [m, 10],
+    face_size_px and embedding [m, dim] (float16, as the index keeps them)."""
+    looks = track.looks
+    return {"track": track.track_id, "faces": np.array(track.faces, np.float64).reshape(-1, 7),
+            "looks": {"frame_idx": np.array([look[0] for look in looks], np.int64),
+                      "kps": np.array([look[1] for look in looks], np.float32).reshape(-1, 10),
+                      "face_size_px": np.array([look[2] for look in looks], np.float32),
+                      "embedding": np.array([look[3] for look in looks], np.float16).reshape(len(looks), -1)
+                      if looks else np.zeros((0, 0), np.float16)}}

@@ -1,4 +1,4 @@
-"""Worker processes: load the models, then turn filled ring slots into tracks.
+"""Worker processes: load the models, then turn filled ring slots into face tracks (the index stage).
 
 Each of the NUM_GPU_PROCESSES workers (`worker_main`) runs GPU_WORKER_THREADS threads. A thread
 takes up to BATCH_SIZE filled slots, detects their faces (detect.py or device.py), and hands each
@@ -23,11 +23,10 @@ from .ring import StageClock, get_with_stop, run_child, slot_image
 from .detect import detect_faces
 from .device import detect_on_device
 from .models import FaceModels, load_face_models
-from .references import reference_matrix
 from .tracks import VideoTracker, thumbnail
 
 
-def worker_main(name, settings, layout, videos, references, filled_q, free_q, result_q,
+def worker_main(name, settings, layout, videos, filled_q, free_q, result_q,
                 stop_event, threads_per_session, gpu):
     """Load the models (on its GPU, if any), then run GPU_WORKER_THREADS threads over the
     filled ring slots."""
@@ -36,8 +35,7 @@ def worker_main(name, settings, layout, videos, references, filled_q, free_q, re
         models = load_face_models(settings, settings.PROVIDERS, threads_per_session, gpu,
                                   lambda text: result_q.put(("note", name, text)))
         result_q.put(("ready", name, models.providers, models.rec_max_chunk == 1))
-        context = WorkerContext(settings, ring, videos, *reference_matrix(references),
-                                [r.name for r in references], models, free_q, result_q)
+        context = WorkerContext(settings, ring, videos, models, free_q, result_q)
         run_worker_threads(context, filled_q, stop_event)
         result_q.put(("stats", name, context.clock.report()))
     run_child(name, layout, result_q, (free_q,), body)
@@ -50,9 +48,6 @@ class WorkerContext:
     settings: Settings
     ring: np.ndarray
     videos: list
-    ref_embeddings: np.ndarray
-    ref_owners: np.ndarray
-    people: list
     models: FaceModels
     free_q: object
     result_q: object
