@@ -173,8 +173,11 @@ def shm_names() -> set:
 
 
 def search_command(videos: Path, refs: Path, output: Path, *extra: str) -> list:
+    """Return the command of a CPU run of main.py; its index goes beside the output folder
+    (<output>_index), so that runs with the same output folder share it."""
     return [sys.executable, str(REPO / "main.py"), "--videos", str(videos), "--refs", str(refs),
-            "--output", str(output), "--model-root", str(MODEL_ROOT), "--model-pack", MODEL_PACK,
+            "--output", str(output), "--index-dir", str(output.with_name(output.name + "_index")),
+            "--model-root", str(MODEL_ROOT), "--model-pack", MODEL_PACK,
             "--custom-threshold", str(TEST_THRESHOLD), "--providers", "cpu",
             "--num-cpu-loaders", "1", "--gpu-worker-threads", "2", "--batch-size", "4",
             "--max-buffer-slots", "12", *extra]
