@@ -7,7 +7,11 @@ On the same videos, references, model pack, detector size and thresholds, in one
   1. naive:    decode a frame (OpenCV), insightface FaceAnalysis.get, cosine against every
                reference (largest face per photo), name a face when its distance <= threshold;
   2. pipeline: `python main.py` in a subprocess (its whole process tree is measured);
-  3. floor:    main.py's detector alone on every processed frame, frames already decoded.
+  3. floor:    main.py's detector alone on every processed frame, frames already decoded;
+  4. search:   a second main.py run over the same videos with another reference set and
+               --clip-mode fast, reusing the first run's index, against a fresh run (--force)
+               with those same settings: whole wall times, and its search stage against the
+               fresh run's index stage (results.json stats: search_s, index_s).
 Inputs: the three shared clips (1x), and each clip concatenated 20 times (20x, video only) to show
 steady-state speed and that memory does not grow with video length.
 Prints a table and writes bench/results.json: frames/s of each, pipeline/naive and
@@ -87,12 +91,14 @@ def make_long_inputs(clips: list, ffmpeg: str) -> list:
     return outputs
 
 
-def reference_folder() -> Path:
-    """Return a folder of links to refs/ and refs_distractors/ (the photos stay in place)."""
-    folder = WORK / "refs"
+def reference_folder(subfolders: tuple = ("refs", "refs_distractors"), name: str = "refs") -> Path:
+    """Return a folder of links to the photos of these testdata folders (the photos stay in place)."""
+    folder = WORK / name
     folder.mkdir(parents=True, exist_ok=True)
-    for sub in ("refs", "refs_distractors"):
-        for photo in (TESTDATA / sub).glob("*.jpg"):
+    for sub in subfolders:
+        for photo in (TESTDATA / sub).iterdir():  # Name.jpg, or a folder Name/ of photos
+            if photo.suffix.lower() != ".jpg" and not photo.is_dir():
+                continue
             link = folder / photo.name
             if not link.exists():
                 os.symlink(photo, link)
@@ -158,13 +164,17 @@ def tree_memory_kib(root_pid: int) -> tuple:
     return rss, pss
 
 
-def run_pipeline(video_dir: Path, refs: Path, output: Path) -> dict:
-    """Return {fps, wall, peak memory, results} of one main.py run (tree memory sampled at 1 Hz)."""
-    # --force: results an earlier bench run saved in the same output folder are not reused
+def run_pipeline(video_dir: Path, refs: Path, output: Path, *extra: str, fresh: bool = True,
+                 index: Path | None = None) -> dict:
+    """Return {fps, wall, peak memory, results} of one main.py run (tree memory sampled at 1 Hz);
+    fresh: with --force (nothing an earlier run made is reused); index: its INDEX_DIR (default:
+    beside the output folder)."""
+    index = index or output.with_name(output.name + "_index")
     cmd = [sys.executable, str(REPO / "main.py"), "--videos", str(video_dir), "--refs", str(refs),
-           "--output", str(output), "--model-root", str(MODEL_ROOT), "--model-pack", MODEL_PACK,
-           "--custom-threshold", str(THRESHOLD), "--det-size", str(DET_SIZE),
-           "--det-prob-threshold", str(DET_THRESHOLD), "--force", *PIPELINE_FLAGS]
+           "--output", str(output), "--index-dir", str(index), "--model-root", str(MODEL_ROOT),
+           "--model-pack", MODEL_PACK, "--custom-threshold", str(THRESHOLD), "--det-size",
+           str(DET_SIZE), "--det-prob-threshold", str(DET_THRESHOLD), *(["--force"] if fresh else []),
+           *PIPELINE_FLAGS, *extra]
     started = time.perf_counter()
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = [0, 0]  # RSS, PSS
@@ -259,6 +269,30 @@ def machine() -> dict:
             "numpy": np.__version__}
 
 
+# ── 4. a second search from the index ────────────────────────────────────────────────────────
+def run_second_search() -> dict:
+    """Return the wall times of a fresh run and of a run that reuses pipeline_1x's index, both
+    with another reference set (refs_alt: other photos of the same people) and --clip-mode fast,
+    and the ratios the index is for."""
+    refs_b = reference_folder(("refs_alt",), "refs_alt")
+    clips = TESTDATA / "videos"
+    print("[bench] fresh run, other photos, fast clips ...", flush=True)
+    fresh = run_pipeline(clips, refs_b, WORK / "out_fresh_alt", "--clip-mode", "fast")
+    print("[bench] second run from pipeline_1x's index, other photos, fast clips ...", flush=True)
+    second = run_pipeline(clips, refs_b, WORK / "out_search_alt", "--clip-mode", "fast", fresh=False,
+                          index=WORK / "out_1x_index")
+    same = [{k: r[k] for k in ("name", "start", "end")} for v in fresh["results"]["videos"] for r in v["ranges"]] == \
+        [{k: r[k] for k in ("name", "start", "end")} for v in second["results"]["videos"] for r in v["ranges"]]
+    f, s = fresh["stats"], second["stats"]
+    return {"fresh_wall_s": round(fresh["wall_s"], 3), "second_wall_s": round(second["wall_s"], 3),
+            "fresh_index_s": f["index_s"], "second_search_s": s["search_s"],
+            "second_processed_frames": s["processed_frames"], "same_ranges": same,
+            "second_stats": {k: s[k] for k in ("models_ready_s", "search_s", "snapshots_s", "clips_s")},
+            "ratios": {"second wall / fresh wall": round(second["wall_s"] / fresh["wall_s"], 3),
+                       "fresh index stage / second search stage":
+                           round(f["index_s"] / max(s["search_s"], 1e-6), 1)}}
+
+
 def print_table(report: dict) -> None:
     """Print the headline numbers, where the pipeline's time goes, and the quality per clip."""
     r = report
@@ -294,6 +328,7 @@ def print_table(report: dict) -> None:
                               f"(tp {q['tp']} fp {q['fp']} fn {q['fn']})")
     print("\nagreement naive vs pipeline (Jaccard of named frames):",
           json.dumps(r["agreement_naive_vs_pipeline_1x"]))
+    print("\nsearch from the index (other photos, fast clips):", json.dumps(r["search"], indent=1))
 
 
 def main_bench(quick: bool) -> dict:
@@ -321,6 +356,7 @@ def main_bench(quick: bool) -> dict:
                          "naive_det_0.25": score(naive_low["found"], clips),
                          "pipeline_1x": score(pipeline_found(pipe1["results"]), clips)}
     report["agreement_naive_vs_pipeline_1x"] = agreement(naive["found"], pipeline_found(pipe1["results"]))
+    report["search"] = run_second_search()
     report["ratios"] = {
         "pipeline_fps / naive_fps (1x, models ready to last frame)": round(pipe1["fps"] / naive["fps"], 2),
         "pipeline_fps / naive_det_0.25_fps (1x)": round(pipe1["fps"] / naive_low["fps"], 2),
