@@ -232,7 +232,8 @@ def open_index(path: Path):
         metadata = None
     if not isinstance(metadata, dict) or not has_index_columns(parquet.schema_arrow):
         raise IndexProblem(f"{path}: a Parquet file this tool did not write (no findpeople index "
-                           f"metadata or columns); move it out of the index folder")
+                           f"metadata or columns): a video of that name gets its index written over it; keep "
+                           f"other files out of the index folder")
     if metadata.get("format") != INDEX_FORMAT:
         raise IndexProblem(f"{path}: made by another version of this tool (index format "
                            f"{metadata.get('format')}, this one reads {INDEX_FORMAT}); "

@@ -296,3 +296,118 @@ def test_a_video_without_looks_has_an_empty_but_whole_index(tmp_path, face_count
     index = read_index(path)
     assert len(index.faces["track_id"]) == face_count and index.looks["embedding"].shape == (0, 512)
     assert index_problem(path, identity()) is None, index_problem(path, identity())
+
+
+# A real run over a damaged, foreign or outdated index ------------------------------------------
+def run_answers(results: dict) -> list:
+    """Return the names, ranges and sightings of a results.json, per video."""
+    return [(os.path.basename(v["file"]), [(r["name"], r["start"], r["end"]) for r in v["ranges"]],
+             [(d["frame"], d["name"], d["distance"]) for d in v["detections"]]) for v in results["videos"]]
+
+
+@pytest.fixture(scope="module")
+def indexed_run(tmp_path_factory, ffmpeg_exe):
+    """One run over obama_whcd.mp4 and a faceless test pattern: its command, answers and index."""
+    from conftest import TESTDATA, link_all_refs, run_main, search_command, make_video
+    base = tmp_path_factory.mktemp("indexed_run")
+    videos = base / "videos"
+    videos.mkdir()
+    os.symlink(TESTDATA / "videos" / "obama_whcd.mp4", videos / "obama_whcd.mp4")
+    make_video(ffmpeg_exe, videos / "pattern.mp4", "320x240", "-c:v", "libx264", seconds=1, audio=False)
+    cmd = search_command(videos, link_all_refs(base / "refs"), base / "out")
+    code, text = run_main(cmd, base)
+    assert code == 0, text[-3000:]
+    results = json.loads((base / "out" / "results.json").read_text())
+    assert any(v["ranges"] for v in results["videos"]), "the base run found nobody"
+    return {"base": base, "cmd": cmd, "answers": run_answers(results), "index": base / "out_index"}
+
+
+def rerun_with(indexed_run, name: str, spoil) -> tuple:
+    """Copy the base run's index, spoil obama_whcd's index file with spoil(path), run again with
+    that index; return (exit code, output, results.json, the index file)."""
+    import shutil
+    from conftest import run_main
+    base = indexed_run["base"]
+    index = base / f"index_{name}"
+    shutil.copytree(indexed_run["index"], index)
+    path = index / "obama_whcd.parquet"
+    spoil(path)
+    cmd = list(indexed_run["cmd"])
+    cmd[cmd.index("--index-dir") + 1] = str(index)
+    cmd[cmd.index("--output") + 1] = str(base / f"out_{name}")
+    code, text = run_main(cmd, base)
+    return code, text, json.loads((base / f"out_{name}" / "results.json").read_text()), path
+
+
+def truncate(path) -> None:
+    """Cut an index file in half (a copy stopped midway, a disk that failed)."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def flip_a_page_byte(path) -> None:
+    """Change one byte in the middle of the file, inside a data page (a damaged disk sector)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def foreign_parquet(path) -> None:
+    """Put a Parquet file this tool did not write in the index's place."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"name": ["a", "b"], "value": [1, 2]}), path)
+
+
+def other_models(path) -> None:
+    """Rewrite the index as if another model pack had made it (its metadata's model hashes)."""
+    import pyarrow.parquet as pq
+    table = pq.read_table(path)
+    metadata = json.loads(table.schema.metadata[METADATA_KEY])
+    metadata["models"] = {name: "0" * 64 for name in metadata["models"]}
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()}), path)
+
+
+@pytest.mark.parametrize("spoil, words", [
+    (truncate, "truncated or damaged"),
+    (flip_a_page_byte, "damaged"),
+    (foreign_parquet, "a Parquet file this tool did not write"),
+    (other_models, "other model files"),
+], ids=["truncated", "damaged-page", "foreign", "other-models"])
+def test_a_bad_index_is_named_rebuilt_and_the_answers_stay_the_same(indexed_run, spoil, words):
+    """A truncated, damaged or foreign index file, or one made with other models, is reported by
+    its path with the reason, that video alone is indexed again (the other index is reused),
+    the answers are the base run's, and the file is a current index afterwards."""
+    code, text, results, path = rerun_with(indexed_run, spoil.__name__, spoil)
+    assert code == 0, text[-3000:]
+    said = [line for line in text.splitlines() if "indexed again" in line]
+    assert len(said) == 1 and str(path) in said[0] and words in said[0], said or text[-2000:]
+    assert "1 video(s) reused, 1 to index" in text, text[-2000:]
+    assert run_answers(results) == indexed_run["answers"]
+    assert results["stats"]["processed_frames"] > 0
+    parquet, metadata = open_index(path)
+    parquet.close()
+    assert metadata["video_facts"]["name"] == "obama_whcd.mp4"
+
+
+def test_an_index_whose_video_changed_is_rebuilt_for_the_new_content(indexed_run, ffmpeg_exe, tmp_path):
+    """The same video name with other content (a new version of the file): its index is named as
+    outdated ("its video file changed") and made again from the new content."""
+    import shutil
+    from conftest import make_video, run_main
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_video(ffmpeg_exe, videos / "obama_whcd.mp4", "320x240", "-c:v", "libx264", seconds=1, audio=False)
+    os.symlink(indexed_run["base"] / "videos" / "pattern.mp4", videos / "pattern.mp4")
+    index = tmp_path / "index"
+    shutil.copytree(indexed_run["index"], index)
+    cmd = list(indexed_run["cmd"])
+    cmd[cmd.index("--videos") + 1] = str(videos)
+    cmd[cmd.index("--index-dir") + 1] = str(index)
+    cmd[cmd.index("--output") + 1] = str(tmp_path / "out")
+    code, text = run_main(cmd, tmp_path)
+    assert code == 0, text[-3000:]
+    assert f"{index / 'obama_whcd.parquet'}: its video file changed since it was indexed" in text, text[-2000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert all(not v["ranges"] for v in results["videos"]), "a test pattern has nobody in it"
+    assert open_index(index / "obama_whcd.parquet")[1]["video"]["size"] == (videos / "obama_whcd.mp4").stat().st_size
