@@ -19,6 +19,7 @@ from .providers import (
     provider_library, visible_gpus, working_providers)
 from .models import classify_pack_models
 from .references import list_reference_photos, read_image
+from .index import index_path
 from .clips import find_ffmpeg
 from .run import no_photo_message, probe_all, videos_outside_output
 
@@ -129,6 +130,9 @@ def check_inputs(settings: Settings) -> tuple:
         lines += [f"  {Path(v.path).name}: {v.width}x{v.height}, {v.fps:.2f} fps, "
                   f"{v.duration_s:.1f} s" for v in videos]
         lines += [f"  [!!] {p}" for p in video_problems]
+        indexed = sum(index_path(Path(settings.INDEX_DIR), v.output_name).is_file() for v in videos)
+        lines.append(f"index folder {settings.INDEX_DIR}: {indexed} of these videos have an index "
+                     f"(reused when still current: then they are not decoded again)")
         if not videos:
             lines.append(f"  [!!] no usable video in {settings.VIDEO_DIR}")
         problems += len(video_problems) + (not videos)
@@ -209,7 +213,7 @@ def prepare_demo(settings: Settings) -> Settings:
           f"at 2-6 s and 8-10 s)")
     values = dict(settings.pairs)
     values.update(VIDEO_DIR=str(root / "in_video"), REFERENCE_DIR=str(root / "samples_jpg"),
-                  OUTPUT_DIR=str(root / "found_fragments_colored_"))
+                  OUTPUT_DIR=str(root / "found_fragments_colored_"), INDEX_DIR=str(root / "face_index"))
     return Settings(tuple(values.items()))
 
 
