@@ -16,14 +16,17 @@ Data flow (all processes come from one `spawn` context owned by the parent):
                        worker-j   (NUM_GPU_PROCESSES processes x GPU_WORKER_THREADS threads)
                           │  threads: SCRFD detection of a batch, in parallel
                           │  FrameSequencer -> VideoTracker, in frame order per video: link faces
-                          │  into tracks, recognise (align + ArcFace) a few times per track, name
-                          │  tracks from agreeing evidence, write snapshots, return the slot
+                          │  into tracks, embed (align + ArcFace) a few looks per track (no photo
+                          │  is known here), return the slot
                           v
     parent <──result_q── ("video_start" | "progress" | "track" | "video_tracked" | "video_done" |
        │                  "ready" | "note" | "stats" | "error" | "done", ...); a reader thread moves
        │                  them into the parent's inbox, which the main loop reads (forward_results)
-       └─> ranges per person -> clip thread (ffmpeg) -> results.json / results.csv / summary,
-           and per finished video <video folder>/video.json, which a rerun reuses (RESUME)
+       ├─> per video, once all its frames are tracked: INDEX_DIR/<video folder>.parquet (atomic);
+       │   a video whose index is current is not decoded at all (RESUME, --reindex)
+       └─> finisher thread, per video (reused indexes first): search (photos x stored looks, naming)
+           -> ranges per person -> snapshots (their frames decoded again) -> clips (ffmpeg)
+           -> results.json / results.csv / index.html, <video folder>/made.json
 
 Ownership: the parent creates every queue, the stop event and the ring's shared memory; only the
 parent unlinks the ring, in a `finally`, after joining the children. Children attach by name,

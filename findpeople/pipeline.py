@@ -252,9 +252,10 @@ def run_pipeline(state: RunState) -> None:
         if pipe is not None:
             bars = progress_bars(state, jobs)
             follow_children(state, pipe, bars)
-            state.index_s = round(time.monotonic() - started, 3)
         finished = True
     finally:
+        if pipe is not None:  # also when interrupted: how long it ran
+            state.index_s = round(time.monotonic() - started, 3)
         for bar in bars.values():
             bar.close()
         if not finished:  # broken or interrupted: cut no more clips, stop the one being cut
