@@ -1,0 +1,188 @@
+"""Unnamed people: the face tracks no reference named, grouped into people across every video.
+
+Runs in the parent after a search. In: each searched video's index file and the ids of its
+tracks a reference named. Out: `UnnamedPerson` groups (a stable id, tracks, screen time, videos
+and time ranges, the best face) for results.json, index.html and `--name-person`, and a face
+crop per group in OUTPUT_DIR/unnamed_people/.
+
+How: a track is left out when it is too small or too short to be reliable (UNNAMED_MIN_FACE_SIZE,
+UNNAMED_MIN_LOOKS); each other track is its template (the normalised mean of its looks'
+embeddings), and the templates are grouped by average-linkage hierarchical clustering on cosine
+distance, cut at GROUP_DISTANCE (scipy.cluster.hierarchy: memory grows with the square of the
+tracks kept, about 1 GiB at 15,000). Groups of fewer than UNNAMED_MIN_TRACKS tracks are dropped.
+"""
+from __future__ import annotations
+
+import hashlib
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .settings import Settings
+from .outputs import padded_box, write_bytes_atomic
+from .tracks import frontal_score
+from .index import open_index, read_look_rows
+
+
+# Cosine distance between track templates (average linkage) under which two tracks are one
+# person. On the shared clips (buffalo_sc_int8) Barack Obama's tracks in two videos were 0.55
+# apart, and no two tracks of different people came closer than 0.65.
+GROUP_DISTANCE = 0.60
+CROP_PADDING_PERCENTAGE = 60  # the face crop saved per group: room around the face for a detector
+SNAPSHOT_FOLDER = "unnamed_people"  # OUTPUT_DIR/unnamed_people/<id>.jpg
+
+
+@dataclass
+class TrackSummary:
+    """One unnamed track that is large and long enough to be grouped."""
+
+    video: int  # position in the run's videos
+    track_id: int
+    template: np.ndarray  # [dim] normalised mean of its looks
+    first_s: float  # its first look's time
+    last_s: float  # its last look's time
+    best: tuple  # (quality, time_s, box [4]) of its largest, most frontal look
+
+
+@dataclass
+class UnnamedPerson:
+    """A group of unnamed tracks: one person nobody named."""
+
+    id: str
+    tracks: list = field(default_factory=list)  # TrackSummary, in (video, track) order
+    snapshot: str | None = None  # OUTPUT_DIR-relative path of its best face crop
+
+    def ranges(self, video: int, frame_s: float, gap_s: float) -> list:
+        """Return [(start_s, end_s)] of its tracks in one video, those closer than gap_s merged."""
+        spans = sorted((t.first_s, t.last_s + frame_s) for t in self.tracks if t.video == video)
+        merged = []
+        for start, end in spans:
+            if merged and start - merged[-1][1] < gap_s:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        return [tuple(r) for r in merged]
+
+
+def video_tracks(path: Path, video: int, named: set, settings: Settings) -> list:
+    """Return the TrackSummary of every track in an index file that is not in named and has at
+    least UNNAMED_MIN_LOOKS looks, its largest at least UNNAMED_MIN_FACE_SIZE px."""
+    parquet, metadata = open_index(path)
+    with closing(parquet):
+        looks = read_look_rows(parquet, 0, metadata["look_count"],
+                               ("track_id", "time_s", "kps", "face_size_px", "embedding",
+                                "x1", "y1", "x2", "y2"))  # looks come first: their face rows
+    if len(looks["track_id"]) == 0:
+        return []
+    bounds = np.flatnonzero(np.r_[True, np.diff(looks["track_id"]) != 0, True])
+    found = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        track_id, sizes = int(looks["track_id"][a]), looks["face_size_px"][a:b]
+        if track_id in named or b - a < settings.UNNAMED_MIN_LOOKS \
+                or sizes.max() < settings.UNNAMED_MIN_FACE_SIZE:
+            continue
+        template = looks["embedding"][a:b].astype(np.float64).mean(axis=0)
+        quality = [float(sizes[i]) * (0.5 + frontal_score(looks["kps"][a + i].reshape(5, 2)))
+                   for i in range(b - a)]
+        i = a + int(np.argmax(quality))
+        box = [float(looks[k][i]) for k in ("x1", "y1", "x2", "y2")]
+        found.append(TrackSummary(video, track_id, template / np.linalg.norm(template),
+                                  float(looks["time_s"][a]), float(looks["time_s"][b - 1]),
+                                  (max(quality), float(looks["time_s"][i]), box)))
+    return found
+
+
+def group_tracks(tracks: list, min_tracks: int) -> list:
+    """Return the UnnamedPerson groups of these tracks (average linkage, cosine distance, cut at
+    GROUP_DISTANCE) with at least min_tracks tracks each."""
+    if not tracks:
+        return []
+    if len(tracks) == 1:
+        labels = np.array([1])
+    else:
+        from scipy.cluster.hierarchy import fcluster, linkage
+        tree = linkage(np.stack([t.template for t in tracks]), method="average", metric="cosine")
+        labels = fcluster(tree, t=GROUP_DISTANCE, criterion="distance")
+    groups = {}
+    for track, label in zip(tracks, labels):
+        groups.setdefault(int(label), []).append(track)
+    return [UnnamedPerson(group_id(members), members) for members in groups.values()
+            if len(members) >= min_tracks]
+
+
+def group_id(members: list) -> str:
+    """Return a group's id: stable while its first track (by video and track) stays in it."""
+    first = min(members, key=lambda t: (t.video, t.track_id))
+    return "P" + hashlib.sha1(f"{first.video}:{first.track_id}".encode()).hexdigest()[:6]
+
+
+def screen_time_s(person: UnnamedPerson, videos: list, gap_s: float) -> float:
+    """Return how long a group is on screen, its ranges summed over every video."""
+    return sum(end - start for v, info in enumerate(videos)
+               for start, end in person.ranges(v, frame_seconds(info), gap_s))
+
+
+def frame_seconds(info) -> float:
+    """Return one frame's duration in s (25 fps when the video has no rate)."""
+    return 1 / info.fps if info.fps > 0 else 0.04
+
+
+def unnamed_people(index_files: list, named: list, videos: list, settings: Settings) -> list:
+    """Return the unnamed people of a run's searched videos, most screen time first.
+
+    index_files[v] and named[v] (a set of track ids) belong to videos[v] (VideoInfo); a video
+    without an index file (None) is left out."""
+    tracks = []
+    for v, (path, named_ids) in enumerate(zip(index_files, named)):
+        if path is not None:
+            tracks += video_tracks(path, v, named_ids, settings)
+    people = group_tracks(tracks, settings.UNNAMED_MIN_TRACKS)
+    gap_s = settings.MERGE_GAP_TOLERANCE
+    return sorted(people, key=lambda p: (-screen_time_s(p, videos, gap_s), p.id))
+
+
+def people_report(people: list, videos: list, settings: Settings) -> list:
+    """Return results.json's "unnamed_people": id, tracks, screen time, snapshot, and per video
+    its file and time ranges."""
+    gap_s = settings.MERGE_GAP_TOLERANCE
+    report = []
+    for person in people:
+        shown = sorted({t.video for t in person.tracks})
+        report.append({"id": person.id, "tracks": len(person.tracks),
+                       "screen_time_s": round(screen_time_s(person, videos, gap_s), 3),
+                       "snapshot": person.snapshot,
+                       "videos": [{"file": videos[v].path, "ranges": [
+                           {"start": round(s, 3), "end": round(e, 3)}
+                           for s, e in person.ranges(v, frame_seconds(videos[v]), gap_s)]}
+                           for v in shown]})
+    return report
+
+
+def save_best_faces(people: list, videos: list, output_dir: Path, frames_at) -> list:
+    """Write each group's best face (its best track's best look, padded) as
+    OUTPUT_DIR/unnamed_people/<id>.jpg and set its snapshot; return the problems (a video
+    whose frame could not be decoded again)."""
+    import cv2
+    problems, wanted = [], {}
+    for person in people:
+        best = max(person.tracks, key=lambda t: t.best[0])
+        wanted.setdefault(best.video, []).append((person, best.best))
+    for v, items in wanted.items():
+        try:
+            frames = frames_at(videos[v], [look[1] for _, look in items])
+        except Exception as error:
+            problems.append(f"{videos[v].path}: the best faces of unnamed people could not be "
+                            f"decoded again ({type(error).__name__}: {error})")
+            continue
+        for person, (_, time_s, box) in items:
+            image = frames.get(time_s)
+            if image is None:
+                continue
+            x1, y1, x2, y2 = padded_box(box, CROP_PADDING_PERCENTAGE, image.shape[1], image.shape[0])
+            ok, data = cv2.imencode(".jpg", image[y1:y2 + 1, x1:x2 + 1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+            if ok:
+                write_bytes_atomic(output_dir / SNAPSHOT_FOLDER / f"{person.id}.jpg", data.tobytes())
+                person.snapshot = f"{SNAPSHOT_FOLDER}/{person.id}.jpg"
+    return problems
