@@ -485,7 +485,8 @@ def test_a_short_track_gets_a_last_look_at_its_end(settings):
     run_frames(tracker, script(3, moving_face("Bob", range(3))))
     assert tracker.recognised == [(0, "Bob"), (2, "Bob")], f"recognised {tracker.recognised}"
     tracks = summaries(tracker, emitted)
-    assert [(t["name"], [f[0] for f in t["frames"]]) for t in tracks] == [("Bob", [0, 1, 2])], described(tracks)
+    assert [(t["name"], [f[0] for f in t["frames"]]) for t in tracks] == [("Bob", [0, 1, 2])], \
+        described(tracks)
 
 
 def test_snapshots_are_the_named_track_s_agreeing_looks(settings):
