@@ -4,8 +4,8 @@ and what float16 embeddings change.
     python bench/index_real_tracks.py     # about 2 minutes on a 2-core CPU machine
 
 Runs main.py's detector, tracker and recognizer over the shared clips (every track kept, named or
-not), writes each clip's tracks as a real index (findpeople/index.py) under a temporary folder,
-reads them back, and prints:
+not), writes each clip's track records as a real index (findpeople/index.py) under a temporary
+folder, names them as a search does (findpeople/naming.py), reads them back, and prints:
   1. look-to-look cosine similarity within a track (what bench/search_scale.py plants), and the
      similarity of a named track's looks to its person's photos;
   2. the template slack: for every track with 2 or more looks and every query (each reference
@@ -32,76 +32,73 @@ REF_FOLDERS = ("refs", "refs_alt", "refs_distractors", "refs_same_event")
 RECOGNITION_INTERVALS = (1, 5)  # processed frames: every frame (most looks), and main.py's default
 WORK = Path(tempfile.gettempdir()) / "findpeople_real_tracks"  # the clips' indexes (kept, small)
 BASE_FLAGS = ["--model-root", str(SHARED), "--model-pack", "buffalo_sc_int8", "--providers", "cpu",
-              "--custom-threshold", "0.70", "--debug-rec"]
+              "--custom-threshold", "0.70"]
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
 sys.path.insert(0, str(REPO))
 import main  # noqa: E402  (importing main does nothing)
 from findpeople.decode import decode_frames, probe_video  # noqa: E402
-from findpeople.detect import detect_faces, face_size_px  # noqa: E402
-from findpeople.index import index_metadata, index_table, read_index, write_index  # noqa: E402
+from findpeople.detect import detect_faces  # noqa: E402
+from findpeople.index import (  # noqa: E402
+    faces_with_boxes, index_metadata, read_index, records_table, table_index, write_index)
 from findpeople.models import load_face_models  # noqa: E402
+from findpeople.naming import name_video, person_distances  # noqa: E402
 from findpeople.references import load_references, reference_matrix  # noqa: E402
-from findpeople.search import track_templates  # noqa: E402
-from findpeople.tracks import VideoTracker, person_distances, thumbnail  # noqa: E402
+from findpeople.search import track_templates, video_track_looks  # noqa: E402
+from findpeople.tracks import VideoTracker, thumbnail  # noqa: E402
 from findpeople.worker import WorkerContext  # noqa: E402
 
 
 class RecordingTracker(VideoTracker):
-    """A VideoTracker that keeps every ended track and the landmarks of each recognised face."""
+    """A VideoTracker that keeps every ended track's record and its looks' float32 embeddings
+    (the records carry them as float16, as the index stores them)."""
 
-    def __init__(self, info, context, emit):
-        super().__init__(info, context, emit)
-        self.ended, self.kps_at = [], {}
+    def __init__(self, info, context):
+        super().__init__(info, context, self.keep)
+        self.records, self.exact = [], {}
 
-    def summary(self, track, person, best, hits):
-        """Return the usual summary, keeping the track."""
-        self.ended.append((track, person))
-        return super().summary(track, person, best, hits)
+    def keep(self, message) -> None:
+        """Keep an ended track's record."""
+        self.records.append(message[2])
 
-    def step(self, seq, frame_idx, time_s, image, boxes, kps, thumb, handle=None):
-        """Advance as usual, remembering this frame's landmarks by box."""
-        for box, points in zip(boxes, kps):
-            self.kps_at[(frame_idx, round(float(box[0]), 1), round(float(box[1]), 1))] = points
-        super().step(seq, frame_idx, time_s, image, boxes, kps, thumb, handle)
+    def end_tracks(self, tracks) -> None:
+        """End the tracks as usual, one at a time, keeping each one's float32 embeddings."""
+        for track in tracks:
+            super().end_tracks([track])
+            self.exact[track.track_id] = np.array([look[3] for look in track.looks], np.float32)
 
 
-def track_columns(tracker: RecordingTracker) -> tuple:
-    """Return (faces, looks) columns for index_table from a tracker's ended tracks."""
-    faces = {k: [] for k in ("track_id", "frame_idx", "time_s", "box", "score")}
-    looks = {k: [] for k in ("track_id", "frame_idx", "kps", "face_size_px", "embedding")}
-    for track, _ in tracker.ended:
-        for frame_idx, time_s, box, score, rec in track.frames:
-            for key, value in zip(faces, (track.track_id, frame_idx, time_s, box, score)):
-                faces[key].append(value)
-            if rec is not None:
-                points = tracker.kps_at.get((frame_idx, box[0], box[1]), np.zeros((5, 2)))
-                for key, value in zip(looks, (track.track_id, frame_idx, points,
-                                              face_size_px(box), track.rec_embeddings[rec])):
-                    looks[key].append(value)
-    return ({k: np.array(v) for k, v in faces.items()},
-            {k: np.array(v) if v else np.zeros((0, 512)) for k, v in looks.items()})
+def track_persons(index, settings, references) -> dict:
+    """Return {track_id: person index} of the tracks the references name in one video's index (a
+    track split into pieces naming different people is left out)."""
+    embeddings, owners = reference_matrix(references)
+    people = [r.name for r in references]
+    looks = video_track_looks(index, Path("clip.parquet"), embeddings, owners, len(people),
+                              settings.CUSTOM_THRESHOLD)
+    named = {}
+    for summary in name_video(faces_with_boxes(index.faces), looks, people, settings):
+        if summary["person"] is not None:  # (an unnamed piece is listed with debug_rec)
+            named.setdefault(summary["track"], set()).add(summary["person"])
+    return {track: persons.pop() for track, persons in named.items() if len(persons) == 1}
 
 
 def index_clips(settings, models, references, folder: Path) -> list:
-    """Track every clip, write its index under folder; return [(index path, {track: person})]."""
-    embeddings, owners = reference_matrix(references)
-    people = [r.name for r in references]
+    """Track every clip, write its index under folder; return [(index path, {track: person},
+    float32 embeddings in the index's look order)]."""
     written = []
     for idx, path in enumerate(sorted((TESTDATA / "videos").glob("*.mp4"))):
         info = probe_video(path, idx, path.stem)
-        context = WorkerContext(settings, None, [info], embeddings, owners, people, models, None, None)
-        tracker = RecordingTracker(info, context, lambda message: None)
+        tracker = RecordingTracker(info, WorkerContext(settings, None, [info], models, None, None))
         for seq, (frame_idx, time_s, image) in enumerate(decode_frames(info, 1)):
             boxes, kps = detect_faces(models, [image], settings)[0]
             tracker.step(seq, frame_idx, time_s, image, boxes, kps, thumbnail(image))
         tracker.finish()
-        faces, looks = track_columns(tracker)
+        table = records_table(tracker.records, index_metadata({"format": 1}, info))
         target = folder / f"{info.output_name}.parquet"
-        write_index(target, index_table(faces, looks, index_metadata({"format": 1}, info)))
-        order = np.lexsort((looks["frame_idx"], looks["track_id"]))  # the index's look order
-        written.append((target, {t.track_id: p for t, p in tracker.ended},
-                        looks["embedding"][order].astype(np.float32)))
+        write_index(target, table)
+        exact = [tracker.exact[t] for t in sorted(tracker.exact) if len(tracker.exact[t])]
+        written.append((target, track_persons(table_index(table), settings, references),
+                        np.concatenate(exact) if exact else np.zeros((0, 512), np.float32)))
     return written
 
 

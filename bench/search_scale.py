@@ -12,7 +12,7 @@ While building it notes every track that has a look within THRESHOLD of a person
 Then, in a fresh process, "the index is opened": the template cache is built or checked
 (findpeople.search.open_templates, timed apart as open_s) and its pages read once; a warm-up search
 is discarded and SEARCHES timed searches run with the production code (search_templates, then
-tracks.evaluate_evidence names the tracks). The last line is
+naming.evaluate_evidence names the tracks). The last line is
     search_s=<median seconds> planted_found=<k>/<n> false_tracks=<m> peak_rss_mib=<MiB>
 where false_tracks counts tracks named that are not planted (or named as someone else), and the
 lines above it say whether the search returned exactly the brute-force set of tracks.
@@ -127,8 +127,8 @@ def synthetic_video(hour: int, planted: dict, identities: np.ndarray, photos: np
 def brute_force_truth(track_id: np.ndarray, embeddings: np.ndarray, photos: np.ndarray,
                       owners: np.ndarray) -> list:
     """Return [track, person named or -1] of every track with a look within THRESHOLD, matching
-    every look (the stored float16 values) with tracks.person_distances and evaluate_evidence."""
-    from findpeople.tracks import evaluate_evidence, person_distances
+    every look (the stored float16 values) with naming.person_distances and evaluate_evidence."""
+    from findpeople.naming import evaluate_evidence, person_distances
     close = np.unique(track_id[(embeddings @ photos.T).max(axis=1) >= 1 - THRESHOLD - 1e-4])
     truth = []
     for track in close:
@@ -236,7 +236,7 @@ def peak_rss_mib() -> float:
 
 def named_tracks(found: list) -> dict:
     """Return {(index file name, track): person} for the tracks the naming rules name."""
-    from findpeople.tracks import evaluate_evidence
+    from findpeople.naming import evaluate_evidence
     named = {}
     for track in found:
         person = evaluate_evidence(track.distances, THRESHOLD, MATCH_MARGIN, MIN_TRACK_HITS)[0]

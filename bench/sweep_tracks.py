@@ -41,8 +41,11 @@ from findpeople.settings import flag_name  # noqa: E402
 from findpeople.decode import decode_frames, probe_video  # noqa: E402
 from findpeople.detect import align_face, detect_faces, embed_faces  # noqa: E402
 from findpeople.models import load_face_models  # noqa: E402
+from findpeople.index import faces_with_boxes, records_table, table_index  # noqa: E402
+from findpeople.naming import name_video  # noqa: E402
 from findpeople.references import load_references, reference_matrix  # noqa: E402
-from findpeople.tracks import VideoTracker, person_distances, thumbnail  # noqa: E402
+from findpeople.search import video_track_looks  # noqa: E402
+from findpeople.tracks import VideoTracker, thumbnail  # noqa: E402
 from findpeople.worker import WorkerContext  # noqa: E402
 
 
@@ -61,14 +64,21 @@ class CachedTracker(VideoTracker):
         return key, (None if key in self.cache else align_face(image, kps[d]))
 
     def recognise_looks(self, looks):
-        """Return (embeddings, distances) of the looks, computing each face only once."""
+        """Return the embeddings of the looks, computing each face only once."""
         self.calls += len(looks)
         for key, crop in looks:
             if key not in self.cache:
                 self.cache[key] = embed_faces(self.context.models, [crop], 1)[0]
-        embeddings = np.stack([self.cache[key] for key, _ in looks])
-        return embeddings, person_distances(embeddings, self.context.ref_embeddings,
-                                                 self.context.ref_owners, len(self.context.people))
+        return np.stack([self.cache[key] for key, _ in looks])
+
+
+def named_tracks(messages: list, settings, embeddings, owners, people: list) -> list:
+    """Return the named track summaries of one clip's ("track", video_idx, record) messages, as a
+    run finds them: index table, every look matched with the photos, the naming rules."""
+    index = table_index(records_table([record for _, _, record in messages], {"counts": {}}))
+    looks = video_track_looks(index, Path("clip.parquet"), embeddings, owners, len(people),
+                              settings.CUSTOM_THRESHOLD)
+    return name_video(faces_with_boxes(index.faces), looks, people, settings)
 
 
 def load_clips(settings, models) -> list:
@@ -91,8 +101,7 @@ def replay(clips: list, settings, models, references) -> dict:
     people = [r.name for r in references]
     recognitions, named, counts = 0, 0, []
     for info, frames in clips:
-        context = WorkerContext(settings, None, [info], embeddings, owners, people, models,
-                                     None, None)
+        context = WorkerContext(settings, None, [info], models, None, None)
         messages = []
         tracker = CachedTracker(info, context, messages.append)
         for seq, (frame_idx, time_s, image, boxes, kps, thumb) in enumerate(frames):
@@ -101,10 +110,9 @@ def replay(clips: list, settings, models, references) -> dict:
         tracker.finish()
         recognitions += tracker.calls
         found = {}
-        for _, _, track in messages:
-            if track["name"]:
-                named += 1
-                found.setdefault(track["name"], set()).update(f[0] for f in track["frames"])
+        for track in named_tracks(messages, settings, embeddings, owners, people):
+            named += 1
+            found.setdefault(track["name"], set()).update(f[0] for f in track["frames"])
         times = {frame_idx: time_s for frame_idx, time_s, *_ in frames}
         counts.append(scoring.score_video(times, found, truth[Path(info.path).name]))
     quality = scoring.summarize(scoring.merge_counts(*counts))

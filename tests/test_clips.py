@@ -16,7 +16,7 @@ import pytest
 from conftest import TESTDATA, make_video
 from findpeople.errors import ClipError
 from findpeople.decode import VideoInfo, decode_frames, packet_times_s, probe_video
-from findpeople.tracks import sighting_flags
+from findpeople.naming import sighting_flags
 from findpeople.clips import (
     TimeRange, build_clip_command, clip_file_name, clip_problem, container_seek_s, cut_clip,
     find_ffmpeg, keyframe_before, merge_sightings, person_ranges, read_clip, run_checked,

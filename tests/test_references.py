@@ -14,7 +14,7 @@ from findpeople.detect import detect_faces, face_size_px
 from findpeople.references import (
     largest_face_index, list_reference_photos, load_references, read_image, reference_label,
     reference_matrix)
-from findpeople.tracks import person_distances
+from findpeople.naming import person_distances
 
 
 @pytest.mark.parametrize("relative, label", [

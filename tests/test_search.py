@@ -1,5 +1,5 @@
 """The search (findpeople/search.py, issue #12): track templates find every track that has a look
-within the threshold of a person, its distance rows are those of tracks.person_distances, and the
+within the threshold of a person, its distance rows are those of naming.person_distances, and the
 template cache follows the index files."""
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from findpeople.references import load_references, reference_matrix
 from findpeople.search import (
     CACHE_DIR_NAME, TEMPLATE_CACHE_NAME, candidate_rows, open_templates,
     search_templates, track_templates, update_templates)
-from findpeople.tracks import VideoTracker, person_distances, thumbnail
+from findpeople.naming import person_distances
+from findpeople.tracks import VideoTracker, thumbnail
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -74,7 +75,7 @@ def brute_force(folder, photos: np.ndarray, owners: np.ndarray, threshold: float
 
 def test_the_search_returns_exactly_the_tracks_with_a_look_within_the_threshold(archive):
     """Every track with a look within CUSTOM_THRESHOLD of a person is returned, with the distance
-    row of each of its looks as tracks.person_distances gives them, and no other track."""
+    row of each of its looks as naming.person_distances gives them, and no other track."""
     folder, photos, owners = archive
     expected = brute_force(folder, photos, owners, 0.6)
     found = search_templates(open_templates(folder), photos, owners, 3, 0.6)
@@ -223,19 +224,6 @@ def test_a_search_over_an_index_changed_since_it_was_opened_names_the_file(archi
         search_templates(templates, photos, owners, 3, 2.0)
 
 
-class LookTracker(VideoTracker):
-    """A VideoTracker that keeps every ended track's looks (named or not)."""
-
-    def __init__(self, info, context, emit):
-        super().__init__(info, context, emit)
-        self.looks = []
-
-    def summary(self, track, person, best, hits):
-        """Return the usual summary, keeping the track's embeddings."""
-        self.looks.append(np.array(track.rec_embeddings, np.float32))
-        return super().summary(track, person, best, hits)
-
-
 def test_real_tracks_with_a_close_look_are_always_candidates(cpu_models, test_settings, tmp_path):
     """On the shared clips' real tracks, for every reference photo (all reference folders) and
     every other track's look as a query, the template filter keeps each track that has a look
@@ -243,21 +231,22 @@ def test_real_tracks_with_a_close_look_are_always_candidates(cpu_models, test_se
     from findpeople.worker import WorkerContext
     import main
     settings = main.load_settings(["--model-root", str(TESTDATA.parent), "--model-pack", "buffalo_sc_int8",
-                                   "--providers", "cpu", "--debug-rec", "--output", str(tmp_path)])
+                                   "--providers", "cpu", "--output", str(tmp_path)])
     references = [r for name in ("refs", "refs_alt", "refs_distractors", "refs_same_event")
                   for r in load_references(TESTDATA / name, cpu_models, settings)[0]]
     photos, owners = reference_matrix(references)
     tracks = []
     for idx, path in enumerate(sorted((TESTDATA / "videos").glob("*.mp4"))):
         info = probe_video(path, idx, path.stem)
-        context = WorkerContext(settings, None, [info], photos, owners, [r.name for r in references],
-                                cpu_models, None, None)
-        tracker = LookTracker(info, context, lambda message: None)
+        context = WorkerContext(settings, None, [info], cpu_models, None, None)
+        messages = []  # ("track", video_idx, record) of every ended track, named or not
+        tracker = VideoTracker(info, context, messages.append)
         for seq, (frame_idx, time_s, image) in enumerate(decode_frames(info, 1)):
             boxes, kps = detect_faces(cpu_models, [image], settings)[0]
             tracker.step(seq, frame_idx, time_s, image, boxes, kps, thumbnail(image))
         tracker.finish()
-        tracks += [looks for looks in tracker.looks if len(looks)]
+        tracks += [record["looks"]["embedding"].astype(np.float32) for _, _, record in messages
+                   if len(record["looks"]["frame_idx"])]  # the float16 values an index stores
     track_id = np.concatenate([np.full(len(looks), i, np.int32) for i, looks in enumerate(tracks)])
     made = track_templates(track_id, np.concatenate(tracks))
     templates = search.Templates([], [], np.zeros(len(tracks), np.int32), made["track_id"], made["look_start"],

@@ -2,13 +2,29 @@
 tracker."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from conftest import TESTDATA
 from findpeople.decode import decode_frames, probe_video
+from findpeople.index import faces_with_boxes, records_table, table_index
+from findpeople.naming import name_video
 from findpeople.references import Reference, embed_reference_photo, reference_matrix
+from findpeople.search import video_track_looks
 from findpeople.settings import Settings
 from findpeople.worker import WorkerContext, process_batch
+
+
+def named_people(messages: list, references: list, settings: Settings) -> list:
+    """Return the names of the track pieces a search for the references finds in a video's
+    ("track", video_idx, record) messages: index table, read back, matched, named."""
+    index = table_index(records_table([m[2] for m in messages if m[0] == "track"], {"counts": {}}))
+    photos, owners = reference_matrix(references)
+    looks = video_track_looks(index, Path("video.parquet"), photos, owners, len(references),
+                              settings.CUSTOM_THRESHOLD)
+    summaries = name_video(faces_with_boxes(index.faces), looks, [r.name for r in references], settings)
+    return [summary["name"] for summary in summaries]
 
 
 def test_a_finished_video_lets_go_of_its_frames_on_the_device(main_module, device_models, tmp_path):
@@ -27,8 +43,7 @@ def test_a_finished_video_lets_go_of_its_frames_on_the_device(main_module, devic
     embedding, _ = embed_reference_photo(TESTDATA / "refs" / "Barack_Obama.jpg", models, settings)
     reference = Reference("Barack_Obama", ["x"], embedding[None])
     results, free = queues.Queue(), queues.Queue()
-    context = WorkerContext(settings, ring, [info], *reference_matrix([reference]),
-                                        ["Barack_Obama"], models, free, results)
+    context = WorkerContext(settings, ring, [info], models, free, results)
     items = []
     for seq, image in enumerate(frames):
         ring[seq] = image
@@ -43,11 +58,12 @@ def test_a_finished_video_lets_go_of_its_frames_on_the_device(main_module, devic
         models.device.upload = real_upload
     assert len(uploaded) == 2, f"{len(uploaded)} uploads for 2 batches"
     refs = [weakref.ref(frames_on_device) for frames_on_device in uploaded]
-    del uploaded
+    uploaded.clear()
     gc.collect()
     assert context.sequencers == {}, "the finished video's sequencer is still kept"
     assert all(r() is None for r in refs), "an uploaded batch of a finished video is still referenced"
     kinds = [m[0] for m in list(results.queue)]
     assert kinds.count("progress") == len(frames) and "video_tracked" in kinds, kinds
-    assert any(m[0] == "track" and m[2]["name"] == "Barack_Obama" for m in list(results.queue)), kinds
+    named = named_people(list(results.queue), [reference], settings)
+    assert "Barack_Obama" in named, f"named {named}; messages {kinds}"
     assert free.qsize() == len(frames), "every ring slot was returned"
