@@ -1,7 +1,7 @@
 """Output files: one run per output folder, snapshot names and pictures, person colours, and
 atomic file writes.
 
-Runs in the workers (snapshots, debug images) and in the parent (the output folder's lock,
+Runs in the workers (debug images) and in the parent (the output folder's lock, snapshots,
 reports, made.json, batched detector copies). Every file is written through a `.part` file
 renamed into place, so an interrupted run never leaves a half-written file that looks finished.
 The parent holds OUTPUT_DIR's lock for the whole run (`output_folder_lock`), so two runs never

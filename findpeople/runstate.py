@@ -1,5 +1,5 @@
 """Run state: the parent's record of one run, filled from the children's messages, and the
-finisher thread that indexes, searches and makes each video's outputs.
+finisher thread that searches each indexed video and makes its outputs.
 
 Runs in the parent: the message loop (pipeline.py) and the finisher thread share it under one
 lock. In: "progress", "track", "video_tracked", "video_done" ... messages. Out: per video a
@@ -304,8 +304,8 @@ class RunState:
                     result.errors.append(message)
                     self.failures.append(message)
                     result.clips += [(None, None)] * (len(result.ranges) - len(result.clips))
-            if len(result.clips) == len(result.ranges):  # not stopped halfway by Ctrl-C
-                self.outputs_done(result)
+            if len(result.clips) == len(result.ranges) and self.search is not None:
+                self.outputs_done(result)  # not stopped halfway by Ctrl-C; not --index-only
             self.save_reports()
 
     def next_clip_job(self) -> VideoResult | None:
@@ -320,7 +320,7 @@ class RunState:
 
     def write_snapshots(self, result: VideoResult) -> None:
         """Write a snapshot of each named track's best looks (naming.snapshot_looks): the frames
-        are decoded again (decode.frames_at), except those whose snapshot is on disk as made
+        are decoded again (snapshots.frames_at), except those whose snapshot is on disk as made
         before (resume.made_before)."""
         started = time.perf_counter()
         folder, settings = self.output_dir / result.info.output_name, self.settings

@@ -748,7 +748,8 @@ def test_a_fast_clip_of_a_video_with_b_frames_starts_on_the_keyframe_it_reports(
 
 def test_an_odd_sized_video_finishes_and_a_rerun_reuses_it(main_module, ffmpeg_exe, tmp_path):
     """End to end: Obama's clip cropped to 843x613 is searched, its clip cut (842x612, with audio),
-    the video ends "ok", and a rerun reuses it instead of failing the same clip again."""
+    the video ends "ok", and a rerun reuses its index and its clip instead of failing the same
+    clip again."""
     from conftest import run_main, search_command
     videos, refs = tmp_path / "videos", tmp_path / "refs"
     videos.mkdir(), refs.mkdir()
@@ -760,11 +761,14 @@ def test_an_odd_sized_video_finishes_and_a_rerun_reuses_it(main_module, ffmpeg_e
     info = probe_video(source, 0, "odd")
     assert done.returncode == 0 and (info.width, info.height) == (843, 613), (done.stderr, info)
     os.symlink(TESTDATA / "refs" / "Barack_Obama.jpg", refs / "Barack_Obama.jpg")
+    made = {}
     for run in ("first", "rerun"):
         code, text = run_main(search_command(videos, refs, tmp_path / "out"), tmp_path)
         entry = json.loads((tmp_path / "out" / "results.json").read_text())["videos"][0]
         assert code == 0 and entry["status"] == "ok" and entry["ranges"], f"{run}: {text[-3000:]}"
-    assert "[*] reused: odd.mp4" in text, text[-3000:]
+        made[run] = {r["clip"]: (tmp_path / "out" / r["clip"]).stat().st_mtime_ns for r in entry["ranges"]}
+    assert "1 video(s) reused, 0 to index" in text and entry["index_reused"], text[-3000:]
+    assert made["rerun"] == made["first"], "the rerun cut its clips again"
     for r in entry["ranges"]:
         facts = clip_facts(tmp_path / "out" / r["clip"])
         assert (facts["streams"], facts["size"]) == (["audio", "video"], (842, 612)), facts
