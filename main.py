@@ -52,7 +52,7 @@ from pathlib import Path
 from findpeople.doctor import prepare_demo, run_check
 from findpeople.errors import BadInput
 from findpeople.providers import ort_log_level
-from findpeople.run import run_search, stop_on_sigterm
+from findpeople.run import name_person, print_people, run_search, stop_on_sigterm
 from findpeople.settings import (
     Settings, build_arg_parser, changed_settings, setting_comments, settings_from_args)
 
@@ -85,6 +85,10 @@ CLIP_DURATION_BEFORE = 2.0  # s, 0..600; clip starts this long before the first 
 CLIP_DURATION_AFTER = 2.0  # s, 0..600; clip ends this long after the last sighting
 MERGE_GAP_TOLERANCE = 2.0  # s, 0..3600; sightings of one person closer than this form one range
 CLIP_MODE = "accurate"  # accurate: re-encoded, frame-exact start | fast: stream copy from the keyframe before
+# Unnamed people: the faces no photo named, grouped into people (results.json, index.html, --people)
+UNNAMED_MIN_FACE_SIZE = 64  # px, 0..1000; a track is grouped only if its largest look is at least this big
+UNNAMED_MIN_LOOKS = 3  # 1..100; ... and it was embedded at least this many times
+UNNAMED_MIN_TRACKS = 1  # 1..1000; a group is shown only with at least this many tracks
 # Folders
 VIDEO_DIR = "in_video"  # folder of videos to search (searched recursively, links followed)
 REFERENCE_DIR = "samples_jpg"  # reference photos: Name.jpg, Name_2.jpg, or a subfolder Name/
@@ -108,7 +112,8 @@ SETTING_NAMES = (
     "REC_CHUNK_SIZE", "MODEL_PACK_NAME", "DET_SIZE", "PRE_UPSCALE_FACTOR", "det_prob_threshold",
     "BOX_PADDING_PERCENTAGE", "CUSTOM_THRESHOLD", "MATCH_MARGIN", "MIN_TRACK_HITS", "MIN_FACE_SIZE",
     "RECOGNITION_INTERVAL", "TRACK_MAX_GAP", "FRAME_INTERVAL", "CLIP_DURATION_BEFORE",
-    "CLIP_DURATION_AFTER", "MERGE_GAP_TOLERANCE", "CLIP_MODE", "VIDEO_DIR", "REFERENCE_DIR", "OUTPUT_DIR",
+    "CLIP_DURATION_AFTER", "MERGE_GAP_TOLERANCE", "CLIP_MODE", "UNNAMED_MIN_FACE_SIZE",
+    "UNNAMED_MIN_LOOKS", "UNNAMED_MIN_TRACKS", "VIDEO_DIR", "REFERENCE_DIR", "OUTPUT_DIR",
     "INDEX_DIR", "RESUME", "MODEL_ROOT", "TRT_CACHE_DIR", "FFMPEG_DIR", "PROVIDERS", "GPU_DEVICE_IDS",
     "FRAMES_ON_DEVICE", "TRT_FP16", "debug_det", "debug_det_dir", "debug_rec",
 )
@@ -155,6 +160,10 @@ def main(argv=None) -> int:
         except (BadInput, OSError) as error:
             print(f"error: the demo could not be built: {error}", file=sys.stderr)
             return 2
+    if args.people:
+        return print_people(settings)
+    if args.name_person:
+        return name_person(settings, args.name_person, changed_settings(settings, default_settings()))
     return run_search(settings, changed_settings(settings, default_settings()),
                       index_only=args.index_only, reindex=args.reindex)
 

@@ -28,6 +28,7 @@ The modules, in import order: each imports only modules above it (tests/test_lay
     reports     results.json, results.csv, index.html, the summary table
     resume      made.json per video folder: which snapshots and clips a rerun reuses; fingerprints
     snapshots   the frames of the best looks decoded again at search time, boxed and labelled
+    people      the unnamed tracks grouped into people (--people, --name-person)
     runstate    the parent's record of a run, filled from the children's messages; the finisher
                 thread (index written, search, snapshots, clips)
     pipeline    start the processes and queues, read messages, notice dead children, shut down
@@ -49,6 +50,7 @@ Where a change goes:
     a new setting                                       main.py's block, then settings.py's limits
     a new process, queue or message                     pipeline.py and runstate.py
     a new line in --check                               doctor.py
+    how unnamed faces are grouped into people           people.py
     a new onnxruntime-gpu, CUDA or TensorRT version       requirements-gpu*.txt + docs/gpu.md's table
     how CUDA/cuDNN/TensorRT libraries are found/loaded   gpulibs.py
 """

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import BadInput
 from .settings import Settings
-from .outputs import padded_box, write_bytes_atomic
+from .outputs import padded_box, safe_file_name, write_bytes_atomic
 from .tracks import frontal_score
 from .index import open_index, read_look_rows
 
@@ -186,3 +187,72 @@ def save_best_faces(people: list, videos: list, output_dir: Path, frames_at) -> 
                 write_bytes_atomic(output_dir / SNAPSHOT_FOLDER / f"{person.id}.jpg", data.tobytes())
                 person.snapshot = f"{SNAPSHOT_FOLDER}/{person.id}.jpg"
     return problems
+
+
+def read_last_people(output_dir: Path) -> list:
+    """Return "unnamed_people" of the last search's results.json in OUTPUT_DIR; raise BadInput
+    when there is none (no search yet, or one from before this feature)."""
+    import json
+    path = Path(output_dir) / "results.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInput(f"no search in {output_dir} yet ({path} is missing): run python main.py "
+                       f"first") from None
+    except (OSError, ValueError) as error:
+        raise BadInput(f"{path} cannot be read ({error}): run python main.py again") from None
+    if not isinstance(report, dict) or not isinstance(report.get("unnamed_people"), list):
+        raise BadInput(f"{path} lists no unnamed people (its search was interrupted, or made by "
+                       f"an older version): run python main.py again")
+    return report["unnamed_people"]
+
+
+def people_table(people: list) -> str:
+    """Return the unnamed people as a table: id, screen time, tracks, videos (and how to name one)."""
+    if not people:
+        return "no unnamed people: every face large and long enough to group was named"
+    lines = [f"{'id':<8} {'screen time':>11} {'tracks':>6}  videos"]
+    for person in people:
+        videos = ", ".join(f"{Path(v['file']).name} ({len(v['ranges'])})" for v in person["videos"])
+        lines.append(f"{person['id']:<8} {person['screen_time_s']:>10.1f}s {person['tracks']:>6}  {videos}")
+    lines.append(f"name one: python main.py --name-person {people[0]['id']}=First_Last")
+    return "\n".join(lines)
+
+
+def parse_name_spec(spec: str) -> tuple:
+    """Return (id, name) of --name-person ID=Name; raise BadInput for a malformed one or a name
+    that cannot be a file name."""
+    person_id, _, name = spec.partition("=")
+    person_id, name = person_id.strip(), name.strip()
+    if not person_id or not name:
+        raise BadInput(f"--name-person {spec!r}: write it as ID=Name, e.g. --name-person "
+                       f"P1a2b3c=Barack_Obama (python main.py --people lists the ids)")
+    if safe_file_name(name) != name or name in (".", "..") or name.startswith(".") \
+            or name != name.strip(". "):
+        raise BadInput(f"--name-person: {name!r} cannot be a file name: use letters, digits, "
+                       f"'_' and '-' (e.g. First_Last)")
+    return person_id, name
+
+
+def save_person_photo(output_dir: Path, reference_dir: Path, spec: str) -> Path:
+    """Copy unnamed person ID's best face (from the last search) to REFERENCE_DIR/Name.jpg;
+    return its path. Raise BadInput, changing nothing, for an unknown id, a bad name, an
+    existing photo of that name, or a face crop that is missing."""
+    import shutil
+    person_id, name = parse_name_spec(spec)
+    people = {p["id"]: p for p in read_last_people(output_dir)}
+    if person_id not in people:
+        known = ", ".join(sorted(people)) or "none"
+        raise BadInput(f"--name-person: no unnamed person {person_id} in the last search "
+                       f"(known: {known}); python main.py --people lists them")
+    target = Path(reference_dir) / f"{name}.jpg"
+    if target.exists() or any(Path(reference_dir).glob(f"{name}.*")) or (Path(reference_dir) / name).is_dir():
+        raise BadInput(f"--name-person: {target} (or another photo of {name}) already exists; "
+                       f"choose another name, or add the photo by hand")
+    crop = Path(output_dir) / str(people[person_id].get("snapshot") or "")
+    if not people[person_id].get("snapshot") or not crop.is_file():
+        raise BadInput(f"--name-person: the best face of {person_id} ({crop}) is missing: run "
+                       f"python main.py again, then name it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(crop, target)
+    return target

@@ -244,8 +244,31 @@ def write_html_report(report: dict, output_dir: Path, thumbnails: dict) -> None:
             f'at least {1 - threshold:.2f}); model pack {html.escape(report["settings"]["MODEL_PACK_NAME"])}; '
             f'{"complete" if report["complete"] else "INCOMPLETE (interrupted or failed)"}</p>'
             f'<h2>People</h2>{html_person_cards(report, links_per_video, thumbnails)}'
-            f'<h2>Videos</h2>{videos}</body></html>')
+            f'<h2>Videos</h2>{videos}{html_unnamed_people(report.get("unnamed_people"))}</body></html>')
     write_bytes_atomic(output_dir / "index.html", page.encode("utf-8"))
+
+
+def html_unnamed_people(people: list | None) -> str:
+    """Return the section "Other people in these videos": a card per unnamed person (best face,
+    screen time, links that open each video at each range, the command that names them)."""
+    import html
+    if people is None:
+        return ""
+    if not people:
+        return "<h2>Other people in these videos</h2><p>None: every face large and long enough to group was named.</p>"
+    cards = []
+    for person in people:
+        picture = f'<img src="{link(person["snapshot"])}" alt="{person["id"]}">' if person["snapshot"] else ""
+        moments = "<br>".join(
+            f'{html.escape(Path(v["file"]).name)}: ' + ", ".join(
+                f'<a href="{Path(v["file"]).resolve().as_uri()}#t={r["start"]:.2f}">'
+                f'{format_hms(r["start"])}-{format_hms(r["end"])}</a>' for r in v["ranges"])
+            for v in person["videos"])
+        cards.append(f'<div class="person"><b>{person["id"]}</b>: {person["screen_time_s"]:.1f} s on '
+                     f'screen, {person["tracks"]} track(s)<div class="pics">{picture}</div>'
+                     f'<p>{moments}</p><p class="meta">name them: <code>python main.py --name-person '
+                     f'{person["id"]}=First_Last</code></p></div>')
+    return f'<h2>Other people in these videos</h2><div class="people">{"".join(cards)}</div>'
 
 
 def nobody_found_hint(counts: dict, settings: Settings) -> str | None:

@@ -29,6 +29,8 @@ from .search import cached_stamps, file_stamp, open_templates, search_templates
 from .clips import find_ffmpeg
 from .reports import nobody_found_hint, summary_table, video_done, video_report
 from .resume import execution_fingerprint, video_fingerprint
+from .snapshots import frames_at
+from .people import people_report, people_table, read_last_people, save_best_faces, save_person_photo, unnamed_people
 from .runstate import RunState, SearchInputs, VideoResult
 from .pipeline import run_pipeline
 
@@ -260,6 +262,7 @@ def search_videos(state: RunState) -> int:
     try:
         search_reused(state)
         run_pipeline(state)
+        find_unnamed_people(state)
     except BadInput as error:  # a setting the workers cannot follow (GPU_DEVICE_IDS), a damaged index
         print(f"error: {error}", file=sys.stderr)
         state.failures.append(str(error))
@@ -281,6 +284,49 @@ def search_videos(state: RunState) -> int:
         state.run["stats"] = state.stats()
         state.save_reports()
     return exit_code
+
+
+def find_unnamed_people(state: RunState) -> None:
+    """Group the tracks no reference named, across every searched video (people.py), save each
+    group's best face and put the groups in results.json; say how many and how long it took."""
+    if state.search is None:
+        return
+    started = time.perf_counter()
+    files = [index_path(state.index_dir, r.info.output_name) for r in state.results]
+    files = [p if r.searched and p.is_file() else None for p, r in zip(files, state.results)]
+    named = [{s["track"] for s in r.named} for r in state.results]
+    videos = [r.info for r in state.results]
+    people = unnamed_people(files, named, videos, state.settings)
+    state.failures += save_best_faces(people, videos, state.output_dir, frames_at)
+    state.run["unnamed_people"] = people_report(people, videos, state.settings)
+    state.people_s = round(time.perf_counter() - started, 3)
+    if people:
+        print(f"[*] unnamed people: {len(people)} group(s) of faces no photo named, in "
+              f"{state.people_s:.1f} s (python main.py --people lists them; index.html shows them)")
+    else:
+        print("[*] unnamed people: none (every face large and long enough to group was named)")
+
+
+def print_people(settings: Settings) -> int:
+    """--people: print the unnamed people of the last search in OUTPUT_DIR; write nothing."""
+    try:
+        print(people_table(read_last_people(Path(settings.OUTPUT_DIR))))
+    except BadInput as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def name_person(settings: Settings, spec: str, changed: dict) -> int:
+    """--name-person ID=Name: save that unnamed person's best face as REFERENCE_DIR/Name.jpg
+    (never over an existing photo), then run the search (its indexes are reused)."""
+    try:
+        photo = save_person_photo(Path(settings.OUTPUT_DIR), Path(settings.REFERENCE_DIR), spec)
+    except BadInput as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"[*] wrote {photo}: the search now looks for {photo.stem}")
+    return run_search(settings, changed)
 
 
 def mark_unfinished(state: RunState, why: str) -> None:

@@ -93,6 +93,7 @@ class RunState:
         self.index_s = None  # s the index stage took (decoders and workers), when it ran
         self.search_s = 0.0  # s spent matching the references and naming tracks
         self.snapshots_s = 0.0  # s spent making snapshots
+        self.people_s = None  # s spent grouping the unnamed tracks (people.py)
 
     def stats(self) -> dict:
         """Return the run's timing: wall time, frames/s and seconds per stage and process."""
@@ -105,7 +106,7 @@ class RunState:
                 "frames_per_s": round(frames / wall_s, 3) if wall_s > 0 else None,
                 "frames_per_s_after_models_ready": round(frames / working_s, 3) if working_s > 0 else None,
                 "index_s": self.index_s, "search_s": round(self.search_s, 3),
-                "snapshots_s": round(self.snapshots_s, 3),
+                "snapshots_s": round(self.snapshots_s, 3), "unnamed_people_s": self.people_s,
                 "clips_s": round(self.clips_s, 3), "stages": self.stages,
                 "index_reused_videos": [r.info.path for r in self.results if r.index_reused],
                 "indexed_videos": [r.info.path for r in self.results

@@ -58,7 +58,8 @@ _LIMITS = {  # name -> (minimum, maximum) for numbers; choices for strings
     "MIN_TRACK_HITS": (1, 100), "MIN_FACE_SIZE": (0, 1000), "RECOGNITION_INTERVAL": (1, 1000),
     "TRACK_MAX_GAP": (0.0, 60.0), "FRAME_INTERVAL": (1, 1000),
     "CLIP_DURATION_BEFORE": (0.0, 600.0), "CLIP_DURATION_AFTER": (0.0, 600.0),
-    "MERGE_GAP_TOLERANCE": (0.0, 3600.0), "PROVIDERS": tuple(PROVIDER_ORDER),
+    "MERGE_GAP_TOLERANCE": (0.0, 3600.0), "UNNAMED_MIN_FACE_SIZE": (0, 1000),
+    "UNNAMED_MIN_LOOKS": (1, 100), "UNNAMED_MIN_TRACKS": (1, 1000), "PROVIDERS": tuple(PROVIDER_ORDER),
     "CLIP_MODE": ("accurate", "fast"), "GPU_DEVICE_IDS": (0, 63), "FRAMES_ON_DEVICE": ("auto", "on", "off"),
 }
 _FLAG_ALIASES = {"VIDEO_DIR": ["--videos"], "REFERENCE_DIR": ["--refs"], "OUTPUT_DIR": ["--output"],
@@ -143,6 +144,12 @@ def build_arg_parser(defaults: dict, comments: dict) -> argparse.ArgumentParser:
                              "nothing written to OUTPUT_DIR): a later search takes seconds")
     parser.add_argument("--reindex", action="store_true",
                         help="index every video again, even where INDEX_DIR has a current index")
+    parser.add_argument("--people", action="store_true",
+                        help="print the unnamed people the last search in OUTPUT_DIR found (id, "
+                             "screen time, videos); writes nothing")
+    parser.add_argument("--name-person", metavar="ID=Name",
+                        help="save unnamed person ID's best face as REFERENCE_DIR/Name.jpg, then "
+                             "search (the index is reused: seconds)")
     parser.add_argument("--demo", action="store_true",
                         help="build a small demo (video + reference photo) in a temporary folder "
                              "and run the whole search on it")
