@@ -8,8 +8,9 @@ crop per group in OUTPUT_DIR/unnamed_people/.
 How: a track is left out when it is too small or too short to be reliable (UNNAMED_MIN_FACE_SIZE,
 UNNAMED_MIN_LOOKS); each other track is its template (the normalised mean of its looks'
 embeddings), and the templates are grouped by average-linkage hierarchical clustering on cosine
-distance, cut at GROUP_DISTANCE (scipy.cluster.hierarchy: memory grows with the square of the
-tracks kept, about 1 GiB at 15,000). Groups of fewer than UNNAMED_MIN_TRACKS tracks are dropped.
+distance, cut at GROUP_DISTANCE (scipy.cluster.hierarchy), run on each set of tracks linked by
+pairs closer than the cut (found by blocked products: time grows with the square of the tracks
+kept, memory with the largest set). Groups of fewer than UNNAMED_MIN_TRACKS tracks are dropped.
 """
 from __future__ import annotations
 
@@ -97,20 +98,47 @@ def video_tracks(path: Path, video: int, named: set, settings: Settings) -> list
 
 def group_tracks(tracks: list, min_tracks: int) -> list:
     """Return the UnnamedPerson groups of these tracks (average linkage, cosine distance, cut at
-    GROUP_DISTANCE) with at least min_tracks tracks each."""
+    GROUP_DISTANCE) with at least min_tracks tracks each.
+
+    Two groups can only merge below the cut if some pair of their tracks is closer than it, so
+    the clustering runs on each connected component of the "closer than the cut" graph
+    (close_pairs) alone: the same groups as over all tracks at once, in memory that grows with
+    the largest component instead of with all tracks squared."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
     if not tracks:
         return []
-    if len(tracks) == 1:
-        labels = np.array([1])
-    else:
-        from scipy.cluster.hierarchy import fcluster, linkage
-        tree = linkage(np.stack([t.template for t in tracks]), method="average", metric="cosine")
-        labels = fcluster(tree, t=GROUP_DISTANCE, criterion="distance")
-    groups = {}
-    for track, label in zip(tracks, labels):
-        groups.setdefault(int(label), []).append(track)
-    return [UnnamedPerson(group_id(members), members) for members in groups.values()
-            if len(members) >= min_tracks]
+    templates = np.stack([t.template for t in tracks]).astype(np.float32)
+    first, second = close_pairs(templates, 1.0 - GROUP_DISTANCE)
+    graph = coo_matrix((np.ones(len(first)), (first, second)), shape=(len(tracks),) * 2)
+    _, component = connected_components(graph, directed=False)
+    order = np.argsort(component, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, np.diff(component[order]) != 0, True])
+    groups = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        members = order[a:b]
+        labels = np.ones(len(members), int) if len(members) == 1 else fcluster(
+            linkage(templates[members].astype(np.float64), method="average", metric="cosine"),
+            t=GROUP_DISTANCE, criterion="distance")
+        for label in np.unique(labels):
+            chosen = [tracks[i] for i in members[labels == label]]
+            if len(chosen) >= min_tracks:
+                groups.append(UnnamedPerson(group_id(chosen), chosen))
+    return groups
+
+
+def close_pairs(templates: np.ndarray, min_similarity: float, block: int = 2048) -> tuple:
+    """Return (i, j) with i < j of the templates whose cosine similarity is at least
+    min_similarity, a block of rows at a time (float32 products: memory block x tracks)."""
+    found_i, found_j = [], []
+    for start in range(0, len(templates), block):
+        similarity = templates[start:start + block] @ templates.T
+        rows, cols = np.nonzero(similarity >= min_similarity - 1e-6)
+        keep = cols > rows + start
+        found_i.append(rows[keep] + start)
+        found_j.append(cols[keep])
+    return np.concatenate(found_i), np.concatenate(found_j)
 
 
 def group_id(members: list) -> str:

@@ -203,3 +203,22 @@ def test_a_name_person_request_is_an_id_and_a_file_name(spec, parsed):
     assert parse_name_spec(spec) == parsed
     with pytest.raises(BadInput):
         parse_name_spec("P1=")
+
+
+def test_grouping_by_linked_sets_gives_the_groups_of_one_clustering_of_all_tracks():
+    """group_tracks clusters each set of tracks linked by pairs closer than the cut on its own:
+    on random people with looks of every spread, the groups are exactly those of one
+    average-linkage clustering of all tracks, cut at GROUP_DISTANCE."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        centres = rng.standard_normal((40, 64))
+        vectors = np.concatenate([c + rng.uniform(0.3, 1.2) * rng.standard_normal((rng.integers(1, 8), 64))
+                                  for c in centres])
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        groups = group_tracks([summary(0, i, v) for i, v in enumerate(vectors)], 1)
+        labels = fcluster(linkage(vectors.astype(np.float64), method="average", metric="cosine"),
+                          t=GROUP_DISTANCE, criterion="distance")
+        whole = sorted(np.flatnonzero(labels == label).tolist() for label in np.unique(labels))
+        assert sorted(sorted(t.track_id for t in g.tracks) for g in groups) == whole
+        assert 1 < len(whole) < len(vectors)
