@@ -214,7 +214,18 @@ def save_best_faces(people: list, videos: list, output_dir: Path, frames_at) -> 
             if ok:
                 write_bytes_atomic(output_dir / SNAPSHOT_FOLDER / f"{person.id}.jpg", data.tobytes())
                 person.snapshot = f"{SNAPSHOT_FOLDER}/{person.id}.jpg"
+    remove_other_faces(output_dir / SNAPSHOT_FOLDER, {p.id for p in people})
     return problems
+
+
+def remove_other_faces(folder: Path, kept: set) -> None:
+    """Remove the face crops of groups an earlier search found and this one did not (only files
+    named as this module names them: P and 6 hex digits)."""
+    import re
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if re.fullmatch(r"P[0-9a-f]{6}\.jpg", path.name) and path.stem not in kept:
+                path.unlink(missing_ok=True)
 
 
 def read_last_people(output_dir: Path) -> list:

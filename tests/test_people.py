@@ -134,8 +134,8 @@ def test_people_prints_the_groups_and_writes_nothing(lin_only):
 
 def test_naming_a_group_saves_its_face_and_the_search_then_names_him(lin_only, tmp_path):
     """--name-person <Obama's group>=Barack_Obama writes refs/Barack_Obama.jpg and searches
-    again from the index: Barack Obama is named in both his videos; naming it again is refused
-    (exit 2) and changes nothing."""
+    again from the index: Barack Obama is named in both his videos, and his group and its face
+    crop are gone; naming it again is refused (exit 2) and changes nothing."""
     import shutil
     shutil.copytree(lin_only["base"] / "out", tmp_path / "out")
     refs = tmp_path / "refs"
@@ -148,6 +148,8 @@ def test_naming_a_group_saves_its_face_and_the_search_then_names_him(lin_only, t
     assert (refs / "Barack_Obama.jpg").is_file() and "3 video(s) reused, 0 to index" in text
     found = {Path(v["file"]).name for v in results["videos"] for r in v["ranges"] if r["name"] == "Barack_Obama"}
     assert found == {"obama_whcd.mp4", "short_hamilton_clip.mp4"}, found
+    assert obama["id"] not in {p["id"] for p in results["unnamed_people"]}
+    assert not (tmp_path / "out" / obama["snapshot"]).exists(), "a named group's face crop was left"
     photo = (refs / "Barack_Obama.jpg").read_bytes()
     code, text, _ = run_with(tmp_path, refs, lin_only["index"], "--name-person",
                              f"{people[1]['id']}=Barack_Obama")
