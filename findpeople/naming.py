@@ -120,17 +120,24 @@ def sighting_flags(rec_at: list, confirms: list, tail: int) -> list:
 
 def rename_splits(distances: np.ndarray, settings: Settings) -> list:
     """Return the look positions where a track's pieces start: 0, and every look that agrees
-    with another person than the name the piece had by then (its evidence so far, see
-    evaluate_evidence): the boxes crossed or swapped, so it is someone else from there on."""
+    with another person than the name the piece had by then (its evidence so far, as
+    evaluate_evidence would name it): the boxes crossed or swapped, so it is someone else from
+    there on. One pass, with running votes: an hour-long track costs no more than its looks."""
     threshold, margin, min_hits = settings.CUSTOM_THRESHOLD, settings.MATCH_MARGIN, settings.MIN_TRACK_HITS
-    starts, name = [0], None
+    starts, name, votes, closest = [0], None, {}, None
     for i, row in enumerate(distances):
         now = agreeing_person(row, threshold, margin)
         if name is not None and now is not None and now != name:
             starts.append(i)
-            name = None
-        if name is None:
-            name = evaluate_evidence(distances[starts[-1]:i + 1], threshold, margin, min_hits)[0]
+            name, votes, closest = None, {}, None
+        closest = row.copy() if closest is None else np.minimum(closest, row)
+        if now is not None:
+            votes[now] = votes.get(now, 0) + 1
+        if name is None and votes:
+            person = max(votes, key=lambda p: (votes[p], -float(closest[p])))
+            hits = votes[person]
+            if hits >= min_hits and hits > sum(votes.values()) - hits:
+                name = person
     return starts
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from .errors import BadInput
 from .settings import Settings
 from .outputs import padded_box, safe_file_name, write_bytes_atomic
+from .references import label_key, list_reference_photos, reference_label
 from .tracks import frontal_score
 from .index import open_index, read_look_rows
 
@@ -96,7 +97,7 @@ def video_tracks(path: Path, video: int, named: set, settings: Settings) -> list
     return found
 
 
-def group_tracks(tracks: list, min_tracks: int) -> list:
+def group_tracks(tracks: list, min_tracks: int, video_keys: list | None = None) -> list:
     """Return the UnnamedPerson groups of these tracks (average linkage, cosine distance, cut at
     GROUP_DISTANCE) with at least min_tracks tracks each.
 
@@ -109,6 +110,7 @@ def group_tracks(tracks: list, min_tracks: int) -> list:
     from scipy.sparse.csgraph import connected_components
     if not tracks:
         return []
+    video_keys = video_keys or [str(v) for v in range(max(t.video for t in tracks) + 1)]
     templates = np.stack([t.template for t in tracks]).astype(np.float32)
     first, second = close_pairs(templates, 1.0 - GROUP_DISTANCE)
     graph = coo_matrix((np.ones(len(first)), (first, second)), shape=(len(tracks),) * 2)
@@ -124,8 +126,8 @@ def group_tracks(tracks: list, min_tracks: int) -> list:
         for label in np.unique(labels):
             chosen = [tracks[i] for i in members[labels == label]]
             if len(chosen) >= min_tracks:
-                groups.append(UnnamedPerson(group_id(chosen), chosen))
-    return groups
+                groups.append(UnnamedPerson(group_id(chosen, video_keys), chosen))
+    return unique_ids(groups)
 
 
 def close_pairs(templates: np.ndarray, min_similarity: float, block: int = 2048) -> tuple:
@@ -141,10 +143,23 @@ def close_pairs(templates: np.ndarray, min_similarity: float, block: int = 2048)
     return np.concatenate(found_i), np.concatenate(found_j)
 
 
-def group_id(members: list) -> str:
-    """Return a group's id: stable while its first track (by video and track) stays in it."""
-    first = min(members, key=lambda t: (t.video, t.track_id))
-    return "P" + hashlib.sha1(f"{first.video}:{first.track_id}".encode()).hexdigest()[:6]
+def group_id(members: list, video_keys: list) -> str:
+    """Return a group's id: P and 8 hex digits of its first track's video content and track id
+    (by that key): the same from one search to the next while that track stays in the group,
+    whatever other videos are added or removed."""
+    first = min(f"{video_keys[t.video]}:{t.track_id}" for t in members)
+    return "P" + hashlib.sha1(first.encode()).hexdigest()[:8]
+
+
+def unique_ids(people: list) -> list:
+    """Give a group whose id another group already has (two first tracks whose keys hash alike)
+    a suffix: -2, -3, ..., in the order of their first tracks' keys."""
+    seen = {}
+    for person in sorted(people, key=lambda p: p.id):
+        seen[person.id] = seen.get(person.id, 0) + 1
+        if seen[person.id] > 1:
+            person.id = f"{person.id}-{seen[person.id]}"
+    return people
 
 
 def screen_time_s(person: UnnamedPerson, videos: list, gap_s: float) -> float:
@@ -158,18 +173,25 @@ def frame_seconds(info) -> float:
     return 1 / info.fps if info.fps > 0 else 0.04
 
 
-def unnamed_people(index_files: list, named: list, videos: list, settings: Settings) -> list:
-    """Return the unnamed people of a run's searched videos, most screen time first.
+def unnamed_people(index_files: list, named: list, videos: list, settings: Settings,
+                   video_keys: list | None = None) -> tuple:
+    """Return (the unnamed people of a run's searched videos, most screen time first; problems).
 
     index_files[v] and named[v] (a set of track ids) belong to videos[v] (VideoInfo); a video
-    without an index file (None) is left out."""
-    tracks = []
+    without an index file (None) is left out, and so is one whose index cannot be read (a
+    problem naming it). video_keys[v]: what identifies the video's content, for stable ids."""
+    tracks, problems = [], []
     for v, (path, named_ids) in enumerate(zip(index_files, named)):
-        if path is not None:
+        if path is None:
+            continue
+        try:
             tracks += video_tracks(path, v, named_ids, settings)
-    people = group_tracks(tracks, settings.UNNAMED_MIN_TRACKS)
+        except BadInput as error:  # a damaged index: that video's faces are not grouped
+            problems.append(f"{error} (its unnamed faces were not grouped)")
+    keys = video_keys or [Path(v.path).name for v in videos]
+    people = group_tracks(tracks, settings.UNNAMED_MIN_TRACKS, keys)
     gap_s = settings.MERGE_GAP_TOLERANCE
-    return sorted(people, key=lambda p: (-screen_time_s(p, videos, gap_s), p.id))
+    return sorted(people, key=lambda p: (-screen_time_s(p, videos, gap_s), p.id)), problems
 
 
 def people_report(people: list, videos: list, settings: Settings) -> list:
@@ -220,11 +242,11 @@ def save_best_faces(people: list, videos: list, output_dir: Path, frames_at) -> 
 
 def remove_other_faces(folder: Path, kept: set) -> None:
     """Remove the face crops of groups an earlier search found and this one did not (only files
-    named as this module names them: P and 6 hex digits)."""
+    named as this module names them: P and 8 hex digits)."""
     import re
     if folder.is_dir():
         for path in folder.iterdir():
-            if re.fullmatch(r"P[0-9a-f]{6}\.jpg", path.name) and path.stem not in kept:
+            if re.fullmatch(r"P[0-9a-f]{8}(-\d+)?\.jpg", path.name) and path.stem not in kept:
                 path.unlink(missing_ok=True)
 
 
@@ -265,12 +287,22 @@ def parse_name_spec(spec: str) -> tuple:
     person_id, name = person_id.strip(), name.strip()
     if not person_id or not name:
         raise BadInput(f"--name-person {spec!r}: write it as ID=Name, e.g. --name-person "
-                       f"P1a2b3c=Barack_Obama (python main.py --people lists the ids)")
+                       f"P1a2b3c4d=Barack_Obama (python main.py --people lists the ids)")
     if safe_file_name(name) != name or name in (".", "..") or name.startswith(".") \
             or name != name.strip(". "):
         raise BadInput(f"--name-person: {name!r} cannot be a file name: use letters, digits, "
                        f"'_' and '-' (e.g. First_Last)")
     return person_id, name
+
+
+def same_person_label(reference_dir: Path, name: str) -> str | None:
+    """Return the label of the person in reference_dir that Name.jpg would add photos to (see
+    references.scan_reference_folder), or None."""
+    if not reference_dir.is_dir():
+        return None
+    wanted = label_key(reference_label(Path(f"{name}.jpg"), Path(".")))
+    return next((label for label in list_reference_photos(reference_dir)
+                 if label_key(label) == wanted), None)
 
 
 def save_person_photo(output_dir: Path, reference_dir: Path, spec: str) -> Path:
@@ -285,9 +317,11 @@ def save_person_photo(output_dir: Path, reference_dir: Path, spec: str) -> Path:
         raise BadInput(f"--name-person: no unnamed person {person_id} in the last search "
                        f"(known: {known}); python main.py --people lists them")
     target = Path(reference_dir) / f"{name}.jpg"
-    if target.exists() or any(Path(reference_dir).glob(f"{name}.*")) or (Path(reference_dir) / name).is_dir():
-        raise BadInput(f"--name-person: {target} (or another photo of {name}) already exists; "
-                       f"choose another name, or add the photo by hand")
+    same = same_person_label(Path(reference_dir), name)
+    if target.exists() or same is not None:
+        raise BadInput(f"--name-person: {reference_dir} already has photos of {same or name} "
+                       f"(labels that differ only in case, spaces, '_', '-' or a _2 suffix are "
+                       f"one person): choose another name, or add the photo by hand")
     crop = Path(output_dir) / str(people[person_id].get("snapshot") or "")
     if not people[person_id].get("snapshot") or not crop.is_file():
         raise BadInput(f"--name-person: the best face of {person_id} ({crop}) is missing: run "

@@ -278,7 +278,7 @@ def progress_bars(state: RunState, jobs: list) -> dict:
 
 
 def finish_clips(state: RunState, cutter: threading.Thread) -> None:
-    """Let the clip thread cut the clips queued so far and end; on Ctrl-C or SIGTERM meanwhile,
+    """Let the finisher thread finish the videos queued so far and end; on Ctrl-C or SIGTERM meanwhile,
     stop the clip being cut, wait for the thread a little, and go on with the interruption."""
     state.clip_jobs.put(None)
     try:

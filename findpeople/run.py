@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -272,6 +273,10 @@ def search_videos(state: RunState) -> int:
         exit_code, why = 1, f"pipeline broken ({error.name})"
     except OutputError:  # reported by finish_run
         exit_code, why = 1, "a file in OUTPUT_DIR could not be written"
+    except OSError as error:  # the search cache in INDEX_DIR: a full disk, no permission
+        print(f"error: {error}", file=sys.stderr)
+        state.failures.append(str(error))
+        exit_code, why = 1, "a file in INDEX_DIR could not be written"
     except KeyboardInterrupt:
         print("\n[!] interrupted: results so far are saved, marked incomplete", file=sys.stderr)
         exit_code, why = 130, "interrupted"
@@ -287,17 +292,26 @@ def search_videos(state: RunState) -> int:
 
 
 def find_unnamed_people(state: RunState) -> None:
-    """Group the tracks no reference named, across every searched video (people.py), save each
-    group's best face and put the groups in results.json; say how many and how long it took."""
+    """Group the tracks no reference named, across every searched video with a current index
+    (people.py), save each group's best face and put the groups in results.json; say how many
+    and how long it took. A failure here (a damaged index, a full disk) is a problem of the run,
+    not of the search: the results stay."""
     if state.search is None:
         return
     started = time.perf_counter()
-    files = [index_path(state.index_dir, r.info.output_name) for r in state.results]
-    files = [p if r.searched and p.is_file() else None for p, r in zip(files, state.results)]
+    current = [r.searched and (r.index_reused or r.index_written) for r in state.results]
+    files = [index_path(state.index_dir, r.info.output_name) if ok else None
+             for r, ok in zip(state.results, current)]
     named = [{s["track"] for s in r.named} for r in state.results]
     videos = [r.info for r in state.results]
-    people = unnamed_people(files, named, videos, state.settings)
-    state.failures += save_best_faces(people, videos, state.output_dir, frames_at)
+    keys = [json.dumps(state.fingerprints.get(r.info.idx), sort_keys=True) for r in state.results]
+    try:
+        people, problems = unnamed_people(files, named, videos, state.settings, keys)
+        problems += save_best_faces(people, videos, state.output_dir, frames_at)
+    except OSError as error:
+        state.failures.append(f"unnamed people not grouped: {error}")
+        return
+    state.failures += problems
     state.run["unnamed_people"] = people_report(people, videos, state.settings)
     state.people_s = round(time.perf_counter() - started, 3)
     if people:

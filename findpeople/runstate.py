@@ -58,6 +58,8 @@ class VideoResult:
     tracks: list = field(default_factory=list)  # track records from its worker (tracks.track_record)
     index: object = None  # its index.VideoIndex once tracked, until it is searched
     searched: bool = False
+    index_written: bool = False  # its index was written to INDEX_DIR by this run
+    searching: bool = False  # a thread is searching it (search_video)
     named: list = field(default_factory=list)  # summaries of its named tracks (naming.name_track)
     made: dict = field(default_factory=dict)  # this run's made.json entries (resume.py)
     face_counts: dict | None = None  # what its tracker saw (VideoTracker.counts), when it ended
@@ -109,8 +111,7 @@ class RunState:
                 "snapshots_s": round(self.snapshots_s, 3), "unnamed_people_s": self.people_s,
                 "clips_s": round(self.clips_s, 3), "stages": self.stages,
                 "index_reused_videos": [r.info.path for r in self.results if r.index_reused],
-                "indexed_videos": [r.info.path for r in self.results
-                                   if r.finished and not r.index_reused]}
+                "indexed_videos": [r.info.path for r in self.results if r.index_written]}
 
     def record_progress(self, video_idx: int, count: int) -> int:
         """Count frames a worker has finished; return the count."""
@@ -205,6 +206,7 @@ class RunState:
             return
         try:
             write_index(index_path(self.index_dir, result.info.output_name), table)
+            result.index_written = True
         except OSError as error:
             self.failures.append(f"{error}; the video is searched from memory and indexed again by "
                                  f"the next run")
@@ -212,8 +214,10 @@ class RunState:
     def search_video(self, result: VideoResult) -> None:
         """Name a video's tracks from its index (just made, or reused: then from the search over
         all reused indexes) and compute its ranges; nothing without references (--index-only)."""
-        if result.searched:
-            return
+        with self.lock:  # claimed once: the finisher and mark_unfinished may both try
+            if result.searched or result.searching:
+                return
+            result.searching = True
         started = time.perf_counter()
         summaries = self.named_tracks(result) if self.search is not None else []
         with self.lock:
@@ -310,8 +314,8 @@ class RunState:
             self.save_reports()
 
     def next_clip_job(self) -> VideoResult | None:
-        """Return the next video whose clips are to be cut; None ends the clip thread (also once the
-        run is stopping and no job is waiting)."""
+        """Return the next video to finish; None ends the finisher thread (also once the run is
+        stopping and no job is waiting)."""
         while True:
             try:
                 return self.clip_jobs.get(timeout=QUEUE_TIMEOUT_S)

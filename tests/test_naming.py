@@ -383,3 +383,30 @@ def test_at_most_max_snapshots_closest_looks_are_kept_in_frame_order(settings):
     assert [g[0] for g in got] == [int(frame_idx[look_rows[i]]) for i in closest], \
         f"snapshot frames {[g[0] for g in got]}"
     assert [g[3] for g in got] == pytest.approx([distances[i] for i in closest]), f"distances {got}"
+
+
+def test_rename_splits_in_one_pass_splits_where_re_evaluating_every_prefix_would(settings):
+    """rename_splits keeps running votes; on random tracks (agreeing looks, looks agreeing with
+    nobody, three people) its splits are those of evaluating every prefix of the piece with
+    evaluate_evidence, as the tracker used to."""
+    from findpeople.naming import agreeing_person, evaluate_evidence, rename_splits
+
+    def by_prefixes(distances):
+        starts, name = [0], None
+        for i, row in enumerate(distances):
+            now = agreeing_person(row, settings.CUSTOM_THRESHOLD, settings.MATCH_MARGIN)
+            if name is not None and now is not None and now != name:
+                starts.append(i)
+                name = None
+            if name is None:
+                name = evaluate_evidence(distances[starts[-1]:i + 1], settings.CUSTOM_THRESHOLD,
+                                         settings.MATCH_MARGIN, settings.MIN_TRACK_HITS)[0]
+        return starts
+    rng = np.random.default_rng(3)
+    split = 0
+    for _ in range(300):
+        distances = rng.uniform(settings.CUSTOM_THRESHOLD - 0.3, settings.CUSTOM_THRESHOLD + 0.3,
+                                (int(rng.integers(1, 30)), 3))
+        assert rename_splits(distances, settings) == by_prefixes(distances)
+        split += len(by_prefixes(distances)) > 1
+    assert split > 30, "the random tracks hardly ever split: the comparison proves little"

@@ -20,6 +20,7 @@ from findpeople.index import index_path
 from findpeople.people import (
     GROUP_DISTANCE, TrackSummary, group_tracks, parse_name_spec, people_table, unnamed_people)
 from findpeople.errors import BadInput
+from findpeople.resume import video_fingerprint
 
 GROUND_TRUTH = json.loads((TESTDATA / "ground_truth.json").read_text())
 
@@ -74,8 +75,10 @@ def track_labels(lin_only, cpu_models, test_settings) -> list:
     videos = [probe_video(Path(v["file"]), i, v["output_folder"]) for i, v in enumerate(results["videos"])]
     files = [index_path(lin_only["index"], v["output_folder"]) for v in results["videos"]]
     named = [{d["track"] for d in v["detections"]} for v in results["videos"]]
+    keys = [json.dumps(video_fingerprint(v["file"]), sort_keys=True) for v in results["videos"]]
     settings = test_settings
-    groups = unnamed_people(files, named, videos, settings)
+    groups, problems = unnamed_people(files, named, videos, settings, keys)
+    assert problems == []
     refs = load_references(TESTDATA / "refs", cpu_models, settings)[0]
     photos, owners = reference_matrix(refs)
     labels = []
@@ -153,7 +156,8 @@ def test_naming_a_group_saves_its_face_and_the_search_then_names_him(lin_only, t
     photo = (refs / "Barack_Obama.jpg").read_bytes()
     code, text, _ = run_with(tmp_path, refs, lin_only["index"], "--name-person",
                              f"{people[1]['id']}=Barack_Obama")
-    assert code == 2 and "already exists" in text and (refs / "Barack_Obama.jpg").read_bytes() == photo, text
+    assert code == 2 and "already has photos of Barack_Obama" in text, text
+    assert (refs / "Barack_Obama.jpg").read_bytes() == photo
 
 
 @pytest.mark.parametrize("spec, words", [
@@ -198,7 +202,7 @@ def test_no_unnamed_people_is_said_in_words():
     assert "no unnamed people" in people_table([])
 
 
-@pytest.mark.parametrize("spec, parsed", [("P12ab34=Barack_Obama", ("P12ab34", "Barack_Obama")),
+@pytest.mark.parametrize("spec, parsed", [("P12ab34cd=Barack_Obama", ("P12ab34cd", "Barack_Obama")),
                                           (" P1 = Jo-Ann ", ("P1", "Jo-Ann"))])
 def test_a_name_person_request_is_an_id_and_a_file_name(spec, parsed):
     """ID=Name splits at the first '='; spaces around either part are dropped."""
@@ -224,3 +228,18 @@ def test_grouping_by_linked_sets_gives_the_groups_of_one_clustering_of_all_track
         whole = sorted(np.flatnonzero(labels == label).tolist() for label in np.unique(labels))
         assert sorted(sorted(t.track_id for t in g.tracks) for g in groups) == whole
         assert 1 < len(whole) < len(vectors)
+
+
+@pytest.mark.parametrize("name", ["Barack_Obama", "barack-obama", "Barack_Obama_2", "BARACK OBAMA"])
+def test_a_name_whose_person_already_has_photos_is_refused(lin_only, tmp_path, name):
+    """A name the reference loader would file under an existing person (case, spaces, '_', '-',
+    a _2 suffix) is refused with exit code 2: a stranger's face never joins someone's photos."""
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    os.symlink(TESTDATA / "refs" / "Barack_Obama.jpg", refs / "Barack_Obama.jpg")
+    person = lin_only["results"]["unnamed_people"][0]["id"]
+    code, text = run_main([*search_command(TESTDATA / "videos", refs, lin_only["base"] / "out")[:2],
+                           "--output", str(lin_only["base"] / "out"), "--refs", str(refs),
+                           "--name-person", f"{person}={name}"], tmp_path)
+    assert code == 2 and "already has photos of Barack_Obama" in text, text
+    assert sorted(p.name for p in refs.iterdir()) == ["Barack_Obama.jpg"]
