@@ -390,8 +390,9 @@ def test_a_rerun_reuses_every_clip_and_snapshot_and_writes_the_same_reports(sear
 def test_changed_search_settings_decode_nothing_and_remake_only_what_they_shape(search, tmp_path):
     """CUSTOM_THRESHOLD, MATCH_MARGIN, MIN_TRACK_HITS, MERGE_GAP_TOLERANCE, CLIP_* and
     BOX_PADDING_PERCENTAGE apply at search time: the index is reused (no frame decoded), the
-    clips of the new ranges are cut and the snapshots made with the new padding, and the files
-    of the earlier run that the new one does not list are removed (the video ended ok)."""
+    clips of the new ranges are cut and the snapshots made with the new padding (none is kept
+    as it was, though some have the same names), and the files of the earlier run that the new
+    one does not list are removed (the video ended ok)."""
     run = rerun(search, tmp_path, obama_videos(tmp_path), "--custom-threshold", "0.65",
                 "--match-margin", "0.1", "--min-track-hits", "3", "--merge-gap-tolerance", "3",
                 "--clip-duration-before", "1", "--clip-duration-after", "1.5", "--clip-mode",
@@ -404,8 +405,9 @@ def test_changed_search_settings_decode_nothing_and_remake_only_what_they_shape(
     made = read_made(run["out"] / "obama_whcd")
     assert {e["key"]["mode"] for n, e in made.items() if n.startswith("clips/")} == {"fast"}, made
     assert {e["key"]["padding"] for n, e in made.items() if n.startswith("frame_")} == {20}, made
-    old = {name for name in run["before"] if name.startswith("obama_whcd/")}
-    assert not old & set(run["after"]), f"earlier files kept: {old & set(run['after'])}"
+    old = [name for name in run["before"] if name.startswith("obama_whcd/")]
+    kept = [name for name in old if run["after"].get(name) == run["before"][name]]
+    assert old and kept == [], f"earlier files kept as they were: {kept}"
     files_match_results(run["out"], results)
 
 
@@ -438,7 +440,7 @@ def test_force_and_reindex_index_again_and_leave_user_files_alone(search, tmp_pa
     Once the video ended ok, the files main.py wrote earlier that this run does not list are
     removed (a stale snapshot); files it does not write (notes, a clip of the user's) stay."""
     user_files = ["obama_whcd/notes.txt", "obama_whcd/clips/my_cut.mp4"]
-    stale = "obama_whcd/frame_0000059_00003.933s_Barack_Obama.jpg"
+    stale = "obama_whcd/frame_0000099_00006.600s_Barack_Obama.jpg"  # the video has 60 frames
 
     def add_files(out):
         for name in user_files:
@@ -604,6 +606,20 @@ def test_index_only_needs_no_photo_and_a_later_search_decodes_nothing(main_modul
     assert results["stats"]["processed_frames"] == 0, results["stats"]
     assert (entry["index_reused"], entry["processed_frame_count"], entry["status"]) == (True, 75, "ok"), entry
     assert "[*] pattern.mp4: nobody found: no face was detected in it" in text, text[-3000:]
+
+
+def test_index_only_leaves_an_earlier_searchs_outputs_alone(search, tmp_path):
+    """--index-only over an output folder an earlier search filled (its index current): exit 0,
+    and nothing in OUTPUT_DIR is written or removed: not made.json, not a snapshot or clip (it
+    searches nothing, so it lists none of them)."""
+    out = copy_of_search(search, tmp_path)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, text = run_main(search_command(obama_videos(tmp_path), tmp_path / "no_photos", out,
+                                         "--index-only"), tmp_path)
+    assert code == 0 and "1 video(s) reused, 0 to index" in text, text[-3000:]
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    changed = sorted(str(p.relative_to(out)) for p in set(before) | set(after) if before.get(p) != after.get(p))
+    assert changed == [], f"--index-only changed or removed in OUTPUT_DIR: {changed}"
 
 
 def test_a_moved_copy_of_the_video_folder_reuses_the_index_and_clips(search, tmp_path):
