@@ -235,16 +235,20 @@ def test_without_any_ffmpeg_the_search_still_runs_and_reports_clips_not_cut(main
     assert clips and all(clip and (out / clip).is_file() for clip in clips), clips
 
 
+@pytest.mark.parametrize("which", ["output", "index"])
 @pytest.mark.parametrize("where", ["below a file", "a file"])
-def test_an_output_folder_that_cannot_be_made_stops_the_run_before_any_work(tmp_path, where):
-    """OUTPUT_DIR below a regular file, or a file itself: exit code 2 with a message naming the
-    folder, before the models are loaded or any video is opened."""
+def test_a_folder_that_cannot_be_made_stops_the_run_before_any_work(tmp_path, which, where):
+    """OUTPUT_DIR or INDEX_DIR below a regular file, or a file itself: exit code 2 with a message
+    naming that folder and its flag, before the models are loaded or any video is opened."""
     blocker = tmp_path / "a_file"
-    blocker.write_text("a file where the output folder should be")
-    out = blocker / "out" if where == "below a file" else blocker
-    code, text = run_main(search_command(TESTDATA / "videos", TESTDATA / "refs", out), tmp_path)
+    blocker.write_text("a file where the folder should be")
+    folder = blocker / which if where == "below a file" else blocker
+    out, index = (folder, tmp_path / "index") if which == "output" else (tmp_path / "out", folder)
+    code, text = run_main(search_command(TESTDATA / "videos", TESTDATA / "refs", out,
+                                         "--index-dir", str(index)), tmp_path)
     assert code == 2, text[-3000:]
-    assert f"error: output folder {out} " in text and "--output" in text, text[-3000:]
+    flag = "--output" if which == "output" else "--index-dir"
+    assert f"error: {which} folder {folder} " in text and flag in text, text[-3000:]
     assert "[*] people:" not in text, "the models were loaded before the folder was checked"
 
 
@@ -258,7 +262,10 @@ def test_an_output_folder_without_write_permission_stops_the_run_before_any_work
         out = base / "out"
         out.mkdir(mode=0o555)
         out.chmod(0o555)
-        cmd = search_command(TESTDATA / "videos", TESTDATA / "refs", out)
+        index = base / "index"  # writable: only the output folder is refused
+        index.mkdir()
+        index.chmod(0o777)
+        cmd = search_command(TESTDATA / "videos", TESTDATA / "refs", out, "--index-dir", str(index))
         if os.geteuid() == 0:
             cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
         code, text = run_main(cmd, base)
