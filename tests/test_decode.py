@@ -657,12 +657,12 @@ def test_a_partly_readable_video_is_searched_as_far_as_it_goes(matrix_run, name)
     assert entry["status"] == "incomplete" and entry["errors"], entry["status"]
 
 
-def test_a_video_still_being_copied_is_incomplete_and_saves_nothing(matrix_run, matrix_dir,
+def test_a_video_still_being_copied_is_incomplete_and_writes_no_index(matrix_run, matrix_dir,
                                                                    growing_ts):
     """recording.ts, whose copy goes on while it is searched (a shim appends the rest once its
     decoder has read 10 packets), is searched as far as it then went, is "incomplete" with the
-    reason (one failure: the run exits with 1) and saves no video.json, so the next run searches
-    it again."""
+    reason (one failure: the run exits with 1) and writes no index, so the next run indexes it
+    again (the other videos' indexes are written)."""
     data, half = growing_ts
     path = matrix_dir / "recording.ts"
     message = (f"{path}: changed while it was searched ({half} bytes when it was opened, "
@@ -674,8 +674,11 @@ def test_a_video_still_being_copied_is_incomplete_and_saves_nothing(matrix_run, 
     assert entry["processed_frame_count"] == 60, entry["processed_frame_count"]
     mine = [f for f in matrix_run["results"]["failures"] if f.startswith(f"{path}: ")]
     assert mine == [message] and f"    - {message}" in matrix_run["stdout"], mine
-    saved = matrix_run["out"] / entry["output_folder"] / "video.json"
-    assert not saved.exists(), "an incomplete video was saved for reuse"
+    indexes = matrix_run["out"].with_name("out_index")
+    assert not (indexes / f"{entry['output_folder']}.parquet").exists(), \
+        "an incomplete video's index was written for reuse"
+    ok = [v["output_folder"] for v in matrix_run["results"]["videos"] if v["status"] == "ok"]
+    assert ok and all((indexes / f"{name}.parquet").is_file() for name in ok), sorted(indexes.iterdir())
 
 
 def fits_the_ring(main_module, width: int, height: int) -> bool:

@@ -236,8 +236,8 @@ def decoder_pid(parent_pid: int, marker: str) -> int:
 
 def test_a_killed_decoder_stops_the_run_and_names_its_video(tmp_path, all_refs_dir):
     """kill -9 of a decoder mid-run: the run stops, names the video that decoder was decoding
-    (marked not finished in results.json), keeps the videos finished before, exits 1, and leaves
-    no process or shared memory."""
+    (marked not finished in results.json, and writes no index of it), keeps the indexes of the
+    videos finished before (for a rerun), exits 1, and leaves no process or shared memory."""
     marker = f"SFV_TEST_{uuid.uuid4().hex}"
     process, output = start_search(tmp_path, all_refs_dir, marker)
     os.kill(decoder_pid(process.pid, marker), signal.SIGKILL)
@@ -251,10 +251,10 @@ def test_a_killed_decoder_stops_the_run_and_names_its_video(tmp_path, all_refs_d
     assert results["complete"] is False
     entry = next(v for v in results["videos"] if Path(v["file"]).name == names[0])
     assert entry["status"] != "ok" and any("decoder-0" in e for e in entry["errors"]), entry["errors"]
-    for video in results["videos"]:
-        if video["status"] == "ok":  # finished before the kill: saved for a rerun
-            saved = json.loads((tmp_path / "out" / video["output_folder"] / "video.json").read_text())
-            assert saved["entry"] == video
+    indexes = {p.stem for p in (tmp_path / "out_index").glob("*.parquet")}
+    assert entry["output_folder"] not in indexes, "the unfinished video's index was written"
+    ok = {video["output_folder"] for video in results["videos"] if video["status"] == "ok"}
+    assert ok <= indexes, f"finished before the kill, but no index for a rerun: {ok - indexes}"
     time.sleep(0.5)
     assert processes_with_marker(marker) == [], "child processes outlived the run"
     assert f"sfv{process.pid}r" not in shm_names(), "shared memory left behind"

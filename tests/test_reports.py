@@ -33,7 +33,7 @@ def two_videos(main_module, tmp_path):
     """Two finished videos: three ranges (one without a clip) in the first, nothing in the second."""
     out = tmp_path / "out"
     first = VideoResult(make_info(main_module), processed_frame_count=60,
-                                    sent_frame_count=60, finished=True)
+                        sent_frame_count=60, finished=True, searched=True)
     first.ranges = [make_range(main_module, "Barack_Obama", 0.0, 4.0, 0.412),
                     make_range(main_module, "Barack_Obama", 10.0, 14.5, 0.5),
                     make_range(main_module, "Michelle_Obama", 2.0, 5.0, 0.55)]
@@ -42,7 +42,7 @@ def two_videos(main_module, tmp_path):
                    (str(out / "obama_whcd" / "clips" / "2.00s_Michelle_Obama_d0.550.mp4"), 2.0)]
     second = VideoResult(
         make_info(main_module, 1, "/videos/crowd.mp4", "crowd"), processed_frame_count=105,
-        sent_frame_count=105, finished=True)
+        sent_frame_count=105, finished=True, searched=True)
     out.mkdir()
     return out, [first, second]
 
@@ -171,23 +171,25 @@ def test_range_report_gives_distance_similarity_and_relative_clip(main_module, t
 
 
 # video_report status -------------------------------------------------------------------------
-@pytest.mark.parametrize("finished, processed, decoded, errors, expected", [
-    (True, 60, 60, [], "ok"),  # every frame came back, nothing went wrong
-    (False, 30, None, [], "incomplete"),  # interrupted halfway through
-    (False, 30, 60, [], "incomplete"),  # decoded, but not every frame came back
-    (True, 30, 30, ["x.mp4: decoding stopped after 30 processed frames"], "incomplete"),
-    (True, 0, 0, ["x.mp4: decoding stopped after 0 processed frames"], "failed"),
-    (False, 0, None, ["x.mp4: cannot be opened"], "failed"),
+@pytest.mark.parametrize("finished, searched, processed, decoded, errors, expected", [
+    (True, True, 60, 60, [], "ok"),  # every frame came back, searched, nothing went wrong
+    (True, False, 60, 60, [], "incomplete"),  # indexed, but not searched yet
+    (False, False, 30, None, [], "incomplete"),  # interrupted halfway through
+    (False, False, 30, 60, [], "incomplete"),  # decoded, but not every frame came back
+    (True, True, 30, 30, ["x.mp4: decoding stopped after 30 processed frames"], "incomplete"),
+    (True, True, 0, 0, ["x.mp4: decoding stopped after 0 processed frames"], "failed"),
+    (False, False, 0, None, ["x.mp4: cannot be opened"], "failed"),
 ])
-def test_video_report_status_says_ok_incomplete_or_failed(main_module, finished, processed,
+def test_video_report_status_says_ok_incomplete_or_failed(main_module, finished, searched, processed,
                                                           decoded, errors, expected):
-    """'ok' = finished without errors; 'incomplete' = some frames processed; 'failed' = none."""
+    """'ok' = indexed to the end, searched, without errors; 'incomplete' = some frames
+    processed; 'failed' = none."""
     result = VideoResult(make_info(main_module), processed_frame_count=processed,
-                                     sent_frame_count=decoded, errors=list(errors),
-                                     finished=finished)
+                         sent_frame_count=decoded, errors=list(errors), finished=finished,
+                         searched=searched)
     status = video_report(result, main_module.Path("."), 1)["status"]
-    assert status == expected, \
-        f"finished={finished} processed={processed} decoded={decoded} errors={errors}: {status!r}"
+    assert status == expected, (f"finished={finished} searched={searched} processed={processed} "
+                                f"decoded={decoded} errors={errors}: {status!r}")
 
 
 @pytest.mark.parametrize("clips_cut, expected", [(0, "incomplete"), (1, "incomplete"), (2, "ok")])
@@ -195,11 +197,25 @@ def test_a_video_is_ok_only_once_every_range_has_its_clip_entry(main_module, cli
     """A searched video whose clips are still being cut (or were stopped by Ctrl-C) is not "ok"
     yet: only once each range has its clip entry (a clip, or none after an error)."""
     result = VideoResult(make_info(main_module), processed_frame_count=60,
-                                     sent_frame_count=60, finished=True)
+                         sent_frame_count=60, finished=True, searched=True)
     result.ranges = [make_range(main_module, "Barack_Obama", 0.0, 4.0, 0.4),
                      make_range(main_module, "Barack_Obama", 10.0, 14.0, 0.4)]
     result.clips = [("/out/a.mp4", 0.0), (None, None)][:clips_cut]
     assert video_report(result, main_module.Path("/out"), 1)["status"] == expected
+
+
+def test_a_video_whose_index_was_reused_says_so_in_its_entry_and_the_summary(main_module, two_videos):
+    """A video whose index was reused (not decoded again) has "index_reused": true in
+    results.json and "(index reused)" after its status in the summary table; the others not."""
+    out, results = two_videos
+    results[1].index_reused = True
+    entries = [video_report(r, out, 1) for r in results]
+    assert [e["index_reused"] for e in entries] == [False, True], entries
+    table = summary_table(entries, {"/videos/crowd.mp4"}).splitlines()
+    crowd = [line for line in table if line.startswith("crowd.mp4")]
+    obama = [line for line in table if line.startswith("obama_whcd.mp4")]
+    assert crowd and all(line.endswith("ok (index reused)") for line in crowd), table
+    assert obama and not any("reused" in line for line in obama), table
 
 
 def test_video_report_lists_detections_in_frame_order(main_module):
@@ -280,15 +296,17 @@ def test_html_report_renders_timelines_in_a_browser(search, tmp_path, main_modul
 
 # Why nobody was found (issue #11) ------------------------------------------------------------
 @pytest.mark.parametrize("counts, expected", [
-    ({"faces": 0, "small_faces": 0, "tracks": 0, "short_tracks": 0}, "no face was detected"),
-    ({"faces": 300, "small_faces": 291, "tracks": 12, "short_tracks": 12},
+    ({"faces": 0, "small_faces": 0, "tracks": 0, "looks_per_track": {}}, "no face was detected"),
+    ({"faces": 300, "small_faces": 291, "tracks": 12, "looks_per_track": {"0": 12}},
      "97 % of its 300 faces were smaller than MIN_FACE_SIZE (32 px)"),
-    ({"faces": 100, "small_faces": 50, "tracks": 4, "short_tracks": 0}, "smaller than MIN_FACE_SIZE"),
-    ({"faces": 3, "small_faces": 0, "tracks": 3, "short_tracks": 3},
+    ({"faces": 100, "small_faces": 50, "tracks": 4, "looks_per_track": {"5": 4}}, "smaller than MIN_FACE_SIZE"),
+    ({"faces": 3, "small_faces": 0, "tracks": 3, "looks_per_track": {"1": 3}},
      "3 of its 3 face tracks were recognised fewer than MIN_TRACK_HITS (2) times"),
-    ({"faces": 90, "small_faces": 10, "tracks": 6, "short_tracks": 2}, None),
-    ({"faces": 90, "small_faces": 44, "tracks": 6, "short_tracks": 2}, None),
-], ids=["no-face", "tiny-faces", "half-small", "short-tracks", "recognised", "some-small"])
+    ({"faces": 40, "small_faces": 0, "tracks": 5, "looks_per_track": {"0": 1, "1": 2, "2": 2}},
+     "3 of its 5 face tracks were recognised fewer than MIN_TRACK_HITS (2) times"),
+    ({"faces": 90, "small_faces": 10, "tracks": 6, "looks_per_track": {"1": 2, "4": 4}}, None),
+    ({"faces": 90, "small_faces": 44, "tracks": 6, "looks_per_track": {"1": 2, "4": 4}}, None),
+], ids=["no-face", "tiny-faces", "half-small", "short-tracks", "short-mixed", "recognised", "some-small"])
 def test_nobody_found_hint_says_when_faces_were_too_small_or_tracks_too_short(main_module, counts,
                                                                            expected):
     """A video that found nobody says why when most of its faces were below MIN_FACE_SIZE (at
@@ -301,25 +319,48 @@ def test_nobody_found_hint_says_when_faces_were_too_small_or_tracks_too_short(ma
         assert hint is not None and expected in hint, f"{counts}: {hint!r}"
 
 
+def test_the_short_track_hint_applies_min_track_hits_at_search_time(main_module):
+    """The index keeps how many looks each track had (looks_per_track, keys as JSON reads them
+    back or as ints), so the hint follows this run's MIN_TRACK_HITS: tracks of 4 looks are
+    short for --min-track-hits 5, not for 4."""
+    counts = {"faces": 60, "small_faces": 0, "tracks": 4, "looks_per_track": {4: 3, "9": 1}}
+    assert nobody_found_hint(counts, main_module.load_settings(["--min-track-hits", "4"])) is None
+    hint = nobody_found_hint(counts, main_module.load_settings(["--min-track-hits", "5"]))
+    assert hint is not None and "3 of its 4 face tracks" in hint and "MIN_TRACK_HITS (5)" in hint, hint
+
+
+def stopped_track(track_id: int, frames: range, look_frames: list, embedding: list) -> dict:
+    """Return the record of an ended face track (tracks.track_record) at 15 fps: a 100 px box
+    per frame, and a look with this embedding at each of look_frames."""
+    faces = np.array([[f, f / 15, 100, 100, 200, 200, 0.9] for f in frames], np.float64)
+    return {"track": track_id, "faces": faces,
+            "looks": {"frame_idx": np.array(look_frames, np.int64),
+                      "kps": np.zeros((len(look_frames), 10), np.float32),
+                      "face_size_px": np.full(len(look_frames), 100, np.float32),
+                      "embedding": np.array([embedding] * len(look_frames), np.float16)}}
+
+
 def test_an_interrupted_video_shows_what_was_found_marked_incomplete(main_module, tmp_path):
-    """A video stopped midway (Ctrl-C) keeps its detections as ranges without clips, and the
-    summary table and index.html show the person found, with the status 'incomplete', never
-    'nobody found' (issue #11)."""
+    """A video stopped midway (Ctrl-C) is searched with the tracks it has ended so far: their
+    sightings are ranges without clips, and the summary table and index.html show the person
+    found, with the status 'incomplete', never 'nobody found' (issue #11)."""
     settings = main_module.load_settings(["--output", str(tmp_path / "out")])
     (tmp_path / "out").mkdir()
     from conftest import TESTDATA
+    from findpeople.runstate import SearchInputs
     people = [Reference(n, [str(TESTDATA / "refs" / f"{n}.jpg")], np.zeros((1, 4), np.float32))
               for n in ("Barack_Obama", "Michelle_Obama")]
-    state = RunState([make_info(main_module)], settings, None, run_header(settings, people, None))
+    search = SearchInputs(np.eye(2, 4, dtype=np.float32), np.array([0, 1]), [p.name for p in people])
+    state = RunState([make_info(main_module)], settings, None, run_header(settings, people, None), search)
     result = state.results[0]
     result.processed_frame_count = 30
-    result.detections = [{"frame": f, "time": f / 15, "name": "Barack_Obama", "distance": 0.45}
-                         for f in range(10, 25)]
+    state.record_track(0, stopped_track(0, range(10, 25), [10, 14, 18, 24], [1, 0, 0, 0]))
     mark_unfinished(state, "interrupted")
     state.save_reports()
     entry = video_report(result, state.output_dir, 1)
     assert entry["status"] == "incomplete" and [r["name"] for r in entry["ranges"]] == ["Barack_Obama"], entry
     assert entry["ranges"][0]["clip"] is None, entry["ranges"]
+    assert {d["frame"] for d in entry["detections"]} == set(range(10, 25)), entry["detections"]
     table = summary_table([entry], set())
     assert "Barack_Obama" in table and "incomplete" in table and "nobody" not in table, table
     page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")

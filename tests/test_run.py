@@ -13,7 +13,7 @@ import pytest
 
 from conftest import MODEL_PACK, MODEL_ROOT, REPO, TESTDATA, run_main, search_command, video_folder
 from findpeople.folders import list_videos
-from findpeople.resume import reuse_problem
+from findpeople.resume import read_made
 from findpeople.run import videos_outside_output
 
 
@@ -207,8 +207,9 @@ def test_a_corrupt_model_file_stops_the_run_naming_it(tmp_path, damage):
 
 def test_without_any_ffmpeg_the_search_still_runs_and_reports_clips_not_cut(main_module, tmp_path):
     """No ffmpeg in FFMPEG_DIR, none on PATH, and imageio-ffmpeg missing: every video is still
-    searched and reported, the ranges have no clip, the problem is listed, and the exit code is 1.
-    Such a video is not complete, so a later run with ffmpeg searches it again."""
+    indexed, searched and reported, the ranges have no clip, the problem is listed, and the exit
+    code is 1. made.json lists no clip, so a later run with ffmpeg reuses the index (decodes
+    nothing) and cuts the clips."""
     shim, empty = tmp_path / "shim", tmp_path / "empty"
     shim.mkdir()
     empty.mkdir()
@@ -224,21 +225,30 @@ def test_without_any_ffmpeg_the_search_still_runs_and_reports_clips_not_cut(main
     assert results["ffmpeg"] is None and entry["detections"] and entry["ranges"], entry["ranges"]
     assert [r["clip"] for r in entry["ranges"]] == [None] * len(entry["ranges"])
     assert not list(out.rglob("*.mp4")), "no ffmpeg, yet a clip exists"
-    saved = json.loads((out / "obama_whcd" / "video.json").read_text())
-    problem = reuse_problem(saved, saved["fingerprint"], out / "obama_whcd", out)
-    assert problem and "clips were not cut" in problem, problem
+    made = read_made(out / "obama_whcd")
+    assert made and not [name for name in made if name.startswith("clips/")], made
+    code, text = run_main(search_command(videos, TESTDATA / "refs", out), tmp_path)
+    assert code == 0 and "1 video(s) reused, 0 to index" in text, text[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["stats"]["processed_frames"] == 0, results["stats"]
+    clips = [r["clip"] for r in results["videos"][0]["ranges"]]
+    assert clips and all(clip and (out / clip).is_file() for clip in clips), clips
 
 
+@pytest.mark.parametrize("which", ["output", "index"])
 @pytest.mark.parametrize("where", ["below a file", "a file"])
-def test_an_output_folder_that_cannot_be_made_stops_the_run_before_any_work(tmp_path, where):
-    """OUTPUT_DIR below a regular file, or a file itself: exit code 2 with a message naming the
-    folder, before the models are loaded or any video is opened."""
+def test_a_folder_that_cannot_be_made_stops_the_run_before_any_work(tmp_path, which, where):
+    """OUTPUT_DIR or INDEX_DIR below a regular file, or a file itself: exit code 2 with a message
+    naming that folder and its flag, before the models are loaded or any video is opened."""
     blocker = tmp_path / "a_file"
-    blocker.write_text("a file where the output folder should be")
-    out = blocker / "out" if where == "below a file" else blocker
-    code, text = run_main(search_command(TESTDATA / "videos", TESTDATA / "refs", out), tmp_path)
+    blocker.write_text("a file where the folder should be")
+    folder = blocker / which if where == "below a file" else blocker
+    out, index = (folder, tmp_path / "index") if which == "output" else (tmp_path / "out", folder)
+    code, text = run_main(search_command(TESTDATA / "videos", TESTDATA / "refs", out,
+                                         "--index-dir", str(index)), tmp_path)
     assert code == 2, text[-3000:]
-    assert f"error: output folder {out} " in text and "--output" in text, text[-3000:]
+    flag = "--output" if which == "output" else "--index-dir"
+    assert f"error: {which} folder {folder} " in text and flag in text, text[-3000:]
     assert "[*] people:" not in text, "the models were loaded before the folder was checked"
 
 
@@ -252,7 +262,10 @@ def test_an_output_folder_without_write_permission_stops_the_run_before_any_work
         out = base / "out"
         out.mkdir(mode=0o555)
         out.chmod(0o555)
-        cmd = search_command(TESTDATA / "videos", TESTDATA / "refs", out)
+        index = base / "index"  # writable: only the output folder is refused
+        index.mkdir()
+        index.chmod(0o777)
+        cmd = search_command(TESTDATA / "videos", TESTDATA / "refs", out, "--index-dir", str(index))
         if os.geteuid() == 0:
             cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
         code, text = run_main(cmd, base)
@@ -314,23 +327,25 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_stops_the_run_and_keeps_what_was_saved_before(small_disk, tmp_path):
-    """The disk fills up while a second video is searched: exit code 1, 'No space left on device'
+    """The disk fills up while a second video is indexed: exit code 1, 'No space left on device'
     naming the file; the previous results.json stays whole, no .part file is left, and the video
-    finished before (video.json, clip, snapshots) survives unchanged."""
+    finished before (its index, made.json, clip, snapshots) survives unchanged and is reused."""
     folder, fill, kind = small_disk
     out = folder / "out"
     code, text = run_main(search_command(video_folder(tmp_path / "a", "obama_whcd.mp4"),
                                          TESTDATA / "refs", out), tmp_path)
     assert code == 0, text[-3000:]
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    index = out.with_name("out_index") / "obama_whcd.parquet"
+    before = {p: p.read_bytes() for p in [*out.rglob("*"), index] if p.is_file()}
+    assert index in before, sorted(before)
     env = fill()
     videos = video_folder(tmp_path / "b", "obama_whcd.mp4", "short_hamilton_clip.mp4")
     code, text = run_main(search_command(videos, TESTDATA / "refs", out), tmp_path, env)
     assert code == 1, f"{kind}: {text[-3000:]}"
-    assert "[*] reused: obama_whcd.mp4" in text, f"{kind}: {text[-3000:]}"
+    assert "1 video(s) reused, 1 to index" in text, f"{kind}: {text[-3000:]}"
     message = f"cannot write {out / 'results.json'}: No space left on device"
     assert message in text, f"{kind}: {text[-3000:]}"
-    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    after = {p: p.read_bytes() for p in [*out.rglob("*"), index] if p.is_file()}
     assert not [p for p in after if p.name.endswith(".part")], f"{kind}: .part files left"
     changed = [p for p, data in before.items() if after.get(p) != data]
     assert changed == [], f"{kind}: files saved before were changed or lost: {changed}"

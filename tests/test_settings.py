@@ -193,6 +193,27 @@ def test_changed_settings_are_exactly_the_overridden_ones(main_module, argv, exp
     assert changed == expected, f"{argv}: changed_settings gave {changed}, expected {expected}"
 
 
+@pytest.mark.parametrize("argv, index_only, reindex, resume", [
+    ([], False, False, True),
+    (["--index-only"], True, False, True),
+    (["--reindex"], False, True, True),
+    (["--force"], False, False, False),  # RESUME off: reindex and remake every snapshot and clip
+    (["--index-only", "--reindex", "--index-dir", "idx"], True, True, True),
+])
+def test_index_only_and_reindex_are_run_modes_not_settings(main_module, help_text, argv, index_only,
+                                                           reindex, resume):
+    """--index-only and --reindex are listed in --help and say how this run goes, but are no
+    settings (not saved in results.json, not changes of the block); --force is RESUME off."""
+    args = main_module.parse_command_line(argv)
+    settings = main_module.load_settings(argv)
+    assert (args.index_only, args.reindex, settings.RESUME) == (index_only, reindex, resume), argv
+    assert not {"index_only", "reindex"} & set(settings.values), sorted(settings.values)
+    changed = changed_settings(settings, main_module.default_settings())
+    assert set(changed) <= {"RESUME", "INDEX_DIR"}, changed
+    entries = help_entries(help_text)
+    assert {"--index-only", "--reindex", "--force", "--index-dir"} <= set(entries), sorted(entries)
+
+
 def test_settings_cannot_be_changed_after_loading(main_module):
     """Settings is frozen: neither an attribute nor an entry of its values can be reassigned."""
     settings = main_module.load_settings([])
