@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +244,19 @@ def test_a_name_whose_person_already_has_photos_is_refused(lin_only, tmp_path, n
                            "--name-person", f"{person}={name}"], tmp_path)
     assert code == 2 and "already has photos of Barack_Obama" in text, text
     assert sorted(p.name for p in refs.iterdir()) == ["Barack_Obama.jpg"]
+
+
+def test_people_before_any_search_or_after_an_interrupted_one_says_what_to_do(tmp_path):
+    """--people with no results.json yet, or one without unnamed_people (an interrupted search),
+    or one that is not JSON: exit code 2 and a message saying to run a search; nothing written."""
+    from conftest import REPO
+    out = tmp_path / "out"
+    out.mkdir()
+    cases = [(None, "no search in"), ({"videos": []}, "lists no unnamed people"), ("{", "cannot be read")]
+    for content, words in cases:
+        if content is not None:
+            (out / "results.json").write_text(content if isinstance(content, str) else json.dumps(content))
+        code, text = run_main([sys.executable, str(REPO / "main.py"), "--output", str(out),
+                               "--people"], tmp_path)
+        assert code == 2 and words in text, (content, text)
+        assert sorted(p.name for p in out.iterdir()) == ([] if content is None else ["results.json"])
