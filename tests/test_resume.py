@@ -710,9 +710,9 @@ def test_force_interrupted_at_once_keeps_the_earlier_results_whole(search, tmp_p
     videos = obama_videos(tmp_path)
     reports = {out / name for name in ("results.json", "results.csv", "index.html")}
 
-    def saved():
+    def saved():  # the reports and the unnamed people's face crops are remade by every search
         return {p: p.read_bytes() for p in [*out.rglob("*"), *index_of(out).glob("*.parquet")]
-                if p.is_file() and p not in reports}
+                if p.is_file() and p not in reports and "unnamed_people" not in p.parts}
     before = saved()
     assert any(p.suffix == ".mp4" for p in before) and any(p.suffix == ".jpg" for p in before)
     process = subprocess.Popen(search_command(videos, search["out"].parent / "refs", out, "--force"),
