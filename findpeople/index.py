@@ -275,18 +275,24 @@ def identity_problem(metadata: dict, expected: dict) -> str | None:
 
 def index_problem(path: Path, expected: dict, read_data: bool = True) -> str | None:
     """Return why the index at path cannot be reused for the expected identity (index_identity),
-    naming the file, or None when it can: missing, truncated, not Parquet, a foreign file,
-    another format, other models, the video changed, settings changed, or (read_data) a damaged
-    page or a row count that disagrees with its metadata."""
+    naming the file, or None when it can (see checked_index)."""
+    return checked_index(path, expected, read_data)[0]
+
+
+def checked_index(path: Path, expected: dict, read_data: bool = True) -> tuple:
+    """Return (why the index at path cannot be reused, naming the file, or None when it can; its
+    metadata, or None when it cannot be read). Why: missing, truncated, not Parquet, a foreign
+    file, another format, other models, the video changed, settings changed, or (read_data) a
+    damaged page or a row count that disagrees with its metadata."""
     try:
         parquet, metadata = open_index(path)
     except IndexProblem as error:
-        return str(error)
+        return str(error), None
     with closing(parquet):
         problem = identity_problem(metadata, expected)
         if problem is None and read_data:
             problem = data_problem(parquet, metadata)
-    return None if problem is None else f"{path}: {problem}; the video is indexed again"
+    return (None if problem is None else f"{path}: {problem}; the video is indexed again"), metadata
 
 
 def data_problem(parquet, metadata: dict) -> str | None:

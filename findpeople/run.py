@@ -25,7 +25,7 @@ from .decode import probe_video
 from .providers import both_onnxruntime_builds_problem
 from .models import classify_pack_models, find_model_pack, load_face_models
 from .references import list_reference_photos, load_references, reference_matrix, scan_reference_folder
-from .index import index_identity, index_path, index_problem, model_sha256, open_index, read_index, remove_abandoned_parts
+from .index import checked_index, index_identity, index_path, model_sha256, read_index, remove_abandoned_parts
 from .search import cached_stamps, file_stamp, open_templates, search_templates
 from .clips import find_ffmpeg
 from .reports import nobody_found_hint, summary_table, video_done, video_report
@@ -215,16 +215,10 @@ def reuse_index(state: RunState, result: VideoResult, checked: dict) -> None:
     path = index_path(Path(state.settings.INDEX_DIR), info.output_name)
     if not path.exists():
         return
-    problem = index_problem(path, state.identities[info.idx],
-                            read_data=checked.get(path.name) != file_stamp(path))
+    problem, metadata = checked_index(path, state.identities[info.idx],
+                                      read_data=checked.get(path.name) != file_stamp(path))
     if problem is not None:
         print(f"[*] {Path(info.path).name}: indexed again: {problem}")
-        return
-    try:
-        parquet, metadata = open_index(path)
-        parquet.close()
-    except BadInput as error:  # replaced meanwhile by another run: index it here too
-        print(f"[*] {Path(info.path).name}: indexed again: {error}")
         return
     counts = metadata.get("counts") or {}
     result.index_reused = result.finished = True
