@@ -172,11 +172,12 @@ def shm_names() -> set:
     return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("sfv")}
 
 
-def search_command(videos: Path, refs: Path, output: Path, *extra: str) -> list:
-    """Return the command of a CPU run of main.py; its index goes beside the output folder
-    (<output>_index), so that runs with the same output folder share it."""
+def search_command(videos: Path, refs: Path, output: Path, *extra: str, index: Path | None = None) -> list:
+    """Return the command of a CPU run of main.py; its index goes in index, by default beside
+    the output folder (<output>_index), so that runs with the same output folder share it."""
+    index = index or output.with_name(output.name + "_index")
     return [sys.executable, str(REPO / "main.py"), "--videos", str(videos), "--refs", str(refs),
-            "--output", str(output), "--index-dir", str(output.with_name(output.name + "_index")),
+            "--output", str(output), "--index-dir", str(index),
             "--model-root", str(MODEL_ROOT), "--model-pack", MODEL_PACK,
             "--custom-threshold", str(TEST_THRESHOLD), "--providers", "cpu",
             "--num-cpu-loaders", "1", "--gpu-worker-threads", "2", "--batch-size", "4",

@@ -314,28 +314,27 @@ def indexed_run(tmp_path_factory, ffmpeg_exe):
     videos.mkdir()
     os.symlink(TESTDATA / "videos" / "obama_whcd.mp4", videos / "obama_whcd.mp4")
     make_video(ffmpeg_exe, videos / "pattern.mp4", "320x240", "-c:v", "libx264", seconds=1, audio=False)
-    cmd = search_command(videos, link_all_refs(base / "refs"), base / "out")
-    code, text = run_main(cmd, base)
+    refs = link_all_refs(base / "refs")
+    code, text = run_main(search_command(videos, refs, base / "out"), base)
     assert code == 0, text[-3000:]
     results = json.loads((base / "out" / "results.json").read_text())
     assert any(v["ranges"] for v in results["videos"]), "the base run found nobody"
-    return {"base": base, "cmd": cmd, "answers": run_answers(results), "index": base / "out_index"}
+    return {"base": base, "videos": videos, "refs": refs, "answers": run_answers(results),
+            "index": base / "out_index"}
 
 
 def rerun_with(indexed_run, name: str, spoil) -> tuple:
     """Copy the base run's index, spoil obama_whcd's index file with spoil(path), run again with
     that index; return (exit code, output, results.json, the index file)."""
     import shutil
-    from conftest import run_main
+    from conftest import run_main, search_command
     base = indexed_run["base"]
     index = base / f"index_{name}"
     shutil.copytree(indexed_run["index"], index)
     path = index / "obama_whcd.parquet"
     spoil(path)
-    cmd = list(indexed_run["cmd"])
-    cmd[cmd.index("--index-dir") + 1] = str(index)
-    cmd[cmd.index("--output") + 1] = str(base / f"out_{name}")
-    code, text = run_main(cmd, base)
+    code, text = run_main(search_command(indexed_run["videos"], indexed_run["refs"], base / f"out_{name}",
+                                         index=index), base)
     return code, text, json.loads((base / f"out_{name}" / "results.json").read_text()), path
 
 
@@ -394,18 +393,15 @@ def test_an_index_whose_video_changed_is_rebuilt_for_the_new_content(indexed_run
     """The same video name with other content (a new version of the file): its index is named as
     outdated ("its video file changed") and made again from the new content."""
     import shutil
-    from conftest import make_video, run_main
+    from conftest import make_video, run_main, search_command
     videos = tmp_path / "videos"
     videos.mkdir()
     make_video(ffmpeg_exe, videos / "obama_whcd.mp4", "320x240", "-c:v", "libx264", seconds=1, audio=False)
     os.symlink(indexed_run["base"] / "videos" / "pattern.mp4", videos / "pattern.mp4")
     index = tmp_path / "index"
     shutil.copytree(indexed_run["index"], index)
-    cmd = list(indexed_run["cmd"])
-    cmd[cmd.index("--videos") + 1] = str(videos)
-    cmd[cmd.index("--index-dir") + 1] = str(index)
-    cmd[cmd.index("--output") + 1] = str(tmp_path / "out")
-    code, text = run_main(cmd, tmp_path)
+    code, text = run_main(search_command(videos, indexed_run["refs"], tmp_path / "out", index=index),
+                          tmp_path)
     assert code == 0, text[-3000:]
     assert f"{index / 'obama_whcd.parquet'}: its video file changed since it was indexed" in text, text[-2000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())

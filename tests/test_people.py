@@ -29,9 +29,7 @@ GROUND_TRUTH = json.loads((TESTDATA / "ground_truth.json").read_text())
 def run_with(base: Path, refs: Path, index: Path, *extra: str) -> tuple:
     """Run main.py on the shared clips with these photos and index; return (code, text, results)."""
     output = base / "out"
-    cmd = search_command(TESTDATA / "videos", refs, output, *extra)
-    cmd[cmd.index("--index-dir") + 1] = str(index)
-    code, text = run_main(cmd, base)
+    code, text = run_main(search_command(TESTDATA / "videos", refs, output, *extra, index=index), base)
     results = output / "results.json"
     return code, text, json.loads(results.read_text()) if results.is_file() else None
 

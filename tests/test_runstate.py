@@ -34,9 +34,7 @@ def search_again(base: Path, refs: Path, index: Path, name: str) -> tuple:
     """Run main.py on the shared clips with these photos and this index folder; return (exit
     code, output, results.json)."""
     output = base / name
-    cmd = search_command(TESTDATA / "videos", refs, output)
-    cmd[cmd.index("--index-dir") + 1] = str(index)
-    code, text = run_main(cmd, base)
+    code, text = run_main(search_command(TESTDATA / "videos", refs, output, index=index), base)
     return code, text, json.loads((output / "results.json").read_text())
 
 
