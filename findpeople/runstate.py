@@ -232,8 +232,10 @@ class RunState:
         search, settings = self.search, self.settings
         path = index_path(self.index_dir, result.info.output_name)
         if result.index is None:  # reused: found by the search over every reused index
-            faces = read_faces(path)[0]
             looks = self.reused_looks.get(path.name, [])
+            if not looks:  # no track near anybody: its faces need not be read
+                return []
+            faces = read_faces(path)[0]
         else:
             faces = faces_with_boxes(result.index.faces)
             looks = video_track_looks(result.index, path, search.ref_embeddings, search.ref_owners,
