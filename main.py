@@ -98,6 +98,8 @@ RESUME = True  # reuse the indexes in INDEX_DIR and the snapshots and clips in O
 MODEL_ROOT = "~/.insightface"  # holds models/<MODEL_PACK_NAME>/ (a folder holding <pack>/ also works)
 TRT_CACHE_DIR = "insightface_trt_cache"  # TensorRT engines and timing cache
 FFMPEG_DIR = "ffmpeg"  # optional local ffmpeg binary (ffmpeg or ffmpeg.exe); then PATH; then imageio-ffmpeg
+# Cluster (docs/cluster.md; pip install -r requirements-ray.txt)
+RAY_ADDRESS = ""  # "" = this machine | local = a Ray instance here | auto or ray://host:10001 = a running Ray cluster
 # Advanced
 PROVIDERS = "auto"  # auto | tensorrt | cuda | cpu; auto takes the best that really loads
 GPU_DEVICE_IDS = ()  # GPUs for the workers, each 0..63, e.g. (0, 1); () = all visible; worker i takes the (i mod n)-th
@@ -115,7 +117,7 @@ SETTING_NAMES = (
     "CLIP_DURATION_AFTER", "MERGE_GAP_TOLERANCE", "CLIP_MODE", "UNNAMED_MIN_FACE_SIZE",
     "UNNAMED_MIN_LOOKS", "UNNAMED_MIN_TRACKS", "VIDEO_DIR", "REFERENCE_DIR", "OUTPUT_DIR",
     "INDEX_DIR", "RESUME", "MODEL_ROOT", "TRT_CACHE_DIR", "FFMPEG_DIR", "PROVIDERS", "GPU_DEVICE_IDS",
-    "FRAMES_ON_DEVICE", "TRT_FP16", "debug_det", "debug_det_dir", "debug_rec",
+    "FRAMES_ON_DEVICE", "TRT_FP16", "RAY_ADDRESS", "debug_det", "debug_det_dir", "debug_rec",
 )
 
 

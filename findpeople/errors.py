@@ -26,3 +26,6 @@ class PipelineBroken(Exception):
         how = "failed" if exitcode is None else f"stopped (exit code {exitcode})"
         super().__init__(f"{name} {how}\n{remote_traceback}".rstrip())
         self.name, self.exitcode, self.remote_traceback = name, exitcode, remote_traceback
+
+    def __reduce__(self):  # pickled whole (a Ray task's error reaches the driver so)
+        return PipelineBroken, (self.name, self.exitcode, self.remote_traceback)

@@ -237,11 +237,12 @@ def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) 
         bars["videos"].update(finished - bars["videos"].n)
 
 
-def run_pipeline(state: RunState) -> None:
+def run_pipeline(state: RunState, progress=None) -> None:
     """Index every video whose index is not reused (decoders and workers, until all children are
     done), while the finisher thread searches and finishes each video as it comes (the reused
     ones first). Everything after the children are started is inside the `finally` that stops
-    them: a Ctrl-C at any moment leaves no child behind."""
+    them: a Ctrl-C at any moment leaves no child behind. progress(state, jobs) returns the two
+    bars (default: progress_bars; a Ray task relays them to the driver, see cluster.py)."""
     jobs = [r.info for r in state.results if not r.index_reused]
     started = time.monotonic()
     pipe = start_pipeline(state.settings, [r.info for r in state.results], jobs) if jobs else None
@@ -250,7 +251,7 @@ def run_pipeline(state: RunState) -> None:
         finisher = threading.Thread(target=state.finish_videos, name="finisher", daemon=True)
         finisher.start()
         if pipe is not None:
-            bars = progress_bars(state, jobs)
+            bars = (progress or progress_bars)(state, jobs)
             follow_children(state, pipe, bars)
         finished = True
     finally:

@@ -12,10 +12,12 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import re
 import shutil
 import signal
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -224,10 +226,43 @@ def sigint_held():
         raise KeyboardInterrupt
 
 
+def remove_dead_rings(folder: Path = Path("/dev/shm"), older_than_s: float = 60.0) -> list:
+    """Remove the rings (sfv<pid>r) of owners that died without unlinking them (killed with
+    their whole process tree, as when a Ray node's raylet is killed); return their names. Only
+    blocks of this user, older than older_than_s, whose pid no process has (a pid of another PID
+    namespace sharing /dev/shm looks dead: hence the age). Nothing on systems without /dev/shm."""
+    removed = []
+    for path in folder.glob(f"{_SHM_PREFIX}*r") if folder.is_dir() else []:
+        match = re.fullmatch(rf"{_SHM_PREFIX}(\d+)r", path.name)
+        try:
+            info = path.stat()
+            if (match is None or info.st_uid != os.getuid() or time.time() - info.st_mtime < older_than_s
+                    or pid_alive(int(match.group(1)))):
+                continue
+            path.unlink()
+            removed.append(path.name)
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Return True when a process with this pid exists (ours or another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def create_ring(layout: RingLayout) -> shared_memory.SharedMemory:
-    """Create the ring's shared memory (parent only; the parent also unlinks it). A Ctrl-C
-    meanwhile cannot leave a block behind that nobody owns: it is held until the block is made
-    (shm_open, then sizing it), and the block is unlinked before the Ctrl-C goes on."""
+    """Create the ring's shared memory (parent only; the parent also unlinks it), after removing
+    the rings dead owners left (remove_dead_rings). A Ctrl-C meanwhile cannot leave a block
+    behind that nobody owns: it is held until the block is made (shm_open, then sizing it), and
+    the block is unlinked before the Ctrl-C goes on."""
+    remove_dead_rings()
     shm = None
     try:
         with sigint_held():

@@ -34,6 +34,7 @@ from .snapshots import frames_at
 from .people import people_report, people_table, read_last_people, save_best_faces, save_person_photo, unnamed_people
 from .runstate import RunState, SearchInputs, VideoResult
 from .pipeline import run_pipeline
+from .cluster import import_ray, index_on_cluster, node_label, ray_cluster
 
 
 def prepare_references(settings: Settings) -> tuple:
@@ -160,8 +161,9 @@ def check_index_dir(folder: Path) -> None:
 
 
 def start_run(settings: Settings, video_paths: list, references: list, problems: list,
-              model_paths: list, reindex: bool = False) -> RunState:
-    """Return the run's state: ffmpeg found, videos probed, current indexes reused."""
+              model_paths: list, reindex: bool = False, cluster=None) -> RunState:
+    """Return the run's state: ffmpeg found, videos probed, current indexes reused (those made
+    on any of the cluster's kinds of node, with --ray)."""
     if references:
         print(f"[*] people: {', '.join(f'{r.name} ({len(r.photos)} photo(s))' for r in references)}")
     ffmpeg = find_ffmpeg(settings.FFMPEG_DIR)
@@ -177,18 +179,21 @@ def start_run(settings: Settings, video_paths: list, references: list, problems:
     if ffmpeg is None and references:
         state.failures.append(f"no ffmpeg in {settings.FFMPEG_DIR}/, on PATH or from "
                               f"imageio-ffmpeg: clips were not cut")
-    plan_indexes(state, model_paths, reindex)
+    plan_indexes(state, model_paths, reindex, cluster.executions if cluster else None)
     return state
 
 
-def plan_indexes(state: RunState, model_paths: list, reindex: bool) -> None:
+def plan_indexes(state: RunState, model_paths: list, reindex: bool,
+                 executions: list | None = None) -> None:
     """Take every video's index in INDEX_DIR that is current (same video content, model files,
-    INDEX_SETTINGS and providers; readable) unless reindex or RESUME is off; say why each other
-    one is indexed again. A reused video is finished: it is not decoded again."""
+    INDEX_SETTINGS and providers, this machine's or any of executions; readable) unless reindex
+    or RESUME is off; say why each other one is indexed again. A reused video is finished: it is
+    not decoded again."""
     settings = state.settings
     index_dir = Path(settings.INDEX_DIR)
     remove_abandoned_parts(index_dir)
-    models, execution = model_sha256(model_paths), execution_fingerprint(settings)
+    executions = executions or [execution_fingerprint(settings)]
+    models, execution = model_sha256(model_paths), executions[0]
     checked = cached_stamps(index_dir)  # read whole when cached: then only the metadata is checked
     for result in state.results:
         info = result.info
@@ -201,22 +206,28 @@ def plan_indexes(state: RunState, model_paths: list, reindex: bool) -> None:
         state.identities[info.idx] = index_identity(state.fingerprints[info.idx], models, settings,
                                                     execution)
         if not reindex and settings.RESUME:
-            reuse_index(state, result, checked)
+            reuse_index(state, result, checked, executions)
     reused = sum(r.index_reused for r in state.results)
     why = " (--reindex)" if reindex else " (--force: RESUME off)" if not settings.RESUME else ""
     print(f"[*] index {index_dir}: {reused} video(s) reused, {len(state.results) - reused} to "
           f"index{why}")
 
 
-def reuse_index(state: RunState, result: VideoResult, checked: dict) -> None:
-    """Mark a video finished from its index if that is current (its pages are checked unless
-    the search cache read it whole as it is: checked); else say why it is indexed again."""
+def reuse_index(state: RunState, result: VideoResult, checked: dict,
+                executions: list | None = None) -> None:
+    """Mark a video finished from its index if that is current, made on any of executions (its
+    pages are checked unless the search cache read it whole as it is: checked); else say why it
+    is indexed again."""
     info = result.info
     path = index_path(Path(state.settings.INDEX_DIR), info.output_name)
     if not path.exists():
         return
-    problem, metadata = checked_index(path, state.identities[info.idx],
-                                      read_data=checked.get(path.name) != file_stamp(path))
+    identity = state.identities[info.idx]
+    read_data = checked.get(path.name) != file_stamp(path)
+    problem, metadata = checked_index(path, identity, read_data)
+    for execution in (executions or [])[1:]:  # made on another kind of node of the cluster
+        if problem is not None and metadata is not None and metadata.get("execution") == execution:
+            problem, metadata = checked_index(path, {**identity, "execution": execution}, read_data)
     if problem is not None:
         print(f"[*] {Path(info.path).name}: indexed again: {problem}")
         return
@@ -247,16 +258,19 @@ def search_reused(state: RunState) -> None:
         state.clip_jobs.put(result)
 
 
-def search_videos(state: RunState) -> int:
-    """Search the reused indexes, index (and search) the other videos and save the reports,
-    also after a broken pipeline or Ctrl-C; return 0, 1 (broken, or a file could not be
-    written) or 130 (interrupted)."""
+def search_videos(state: RunState, cluster=None) -> int:
+    """Search the reused indexes, index (and search) the other videos (on this machine, or on
+    the Ray cluster) and save the reports, also after a broken pipeline or Ctrl-C; return 0, 1
+    (broken, or a file could not be written) or 130 (interrupted)."""
     exit_code, why = 0, "the search ended without it"
     if state.settings.debug_rec and state.search is not None:
         state.debug_rec_file = open(state.output_dir / "debug_rec.tsv", "w", encoding="utf-8")
     try:
         search_reused(state)
-        run_pipeline(state)
+        if cluster is None:
+            run_pipeline(state)
+        else:
+            index_on_cluster(state, cluster)
         find_unnamed_people(state)
     except BadInput as error:  # a setting the workers cannot follow (GPU_DEVICE_IDS), a damaged index
         print(f"error: {error}", file=sys.stderr)
@@ -405,6 +419,21 @@ def print_timing(state: RunState) -> None:
           f"frames processed in {stats['wall_s']:.1f} s ({stats['frames_per_s'] or 0:.1f} frames/s)")
     print(f"[*] index stage {stats['index_s'] or 0:.1f} s, search {stats['search_s']:.2f} s, "
           f"snapshots {stats['snapshots_s']:.1f} s, clips {stats['clips_s']:.1f} s")
+    if stats.get("cluster"):
+        print_cluster(stats["cluster"])
+
+
+def print_cluster(report: dict) -> None:
+    """Print which Ray nodes and GPUs indexed the videos (cluster.cluster_report)."""
+    used = report["nodes_used"]
+    print(f"[*] Ray {report['address']}: {len(used)} of {report['nodes_in_cluster']} node(s) and "
+          f"{report['gpus_used']} GPU(s) indexed videos")
+    for node in used:
+        gpus = f", GPU {', '.join(node['gpus'])}" if node["gpus"] else ""
+        print(f"    - {node_label(node)}: {len(node['videos'])} video(s){gpus}")
+    if report["retried_videos"]:
+        print(f"[*] indexed again on another try (a node or process was lost): "
+              f"{', '.join(Path(p).name for p in report['retried_videos'])}")
 
 
 def finish_index_only(state: RunState, exit_code: int) -> int:
@@ -441,12 +470,18 @@ def run_search(settings: Settings, changed: dict, index_only: bool = False,
 def run_locked_search(settings: Settings, changed: dict, held: contextlib.ExitStack,
                       index_only: bool = False, reindex: bool = False) -> int:
     """Run the whole search; the output folder's lock goes into held (see run_search)."""
+    cluster = None
     try:
         for name, value in changed.items():
             print(f"[*] {name} = {value!r}")
+        if settings.RAY_ADDRESS:
+            import_ray(settings.RAY_ADDRESS)  # before anything else: the pip command, exit 2
         if both_onnxruntime_builds_problem():
             print(f"[!] {both_onnxruntime_builds_problem()}")
-        state = start_run(settings, *prepare_search(settings, held, index_only), reindex=reindex)
+        inputs = prepare_search(settings, held, index_only)
+        if settings.RAY_ADDRESS:
+            cluster = held.enter_context(ray_cluster(settings, inputs[3]))
+        state = start_run(settings, *inputs, reindex=reindex, cluster=cluster)
     except (BadInput, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -454,7 +489,7 @@ def run_locked_search(settings: Settings, changed: dict, held: contextlib.ExitSt
         print("\n[!] interrupted before the search started", file=sys.stderr)
         return 130
     try:
-        return finish_run(state, search_videos(state))
+        return finish_run(state, search_videos(state, cluster))
     except KeyboardInterrupt:  # just before the search, or again while the reports are written
         print("\n[!] interrupted: the reports are those of the last finished video",
               file=sys.stderr)

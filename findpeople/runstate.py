@@ -96,6 +96,7 @@ class RunState:
         self.search_s = 0.0  # s spent matching the references and naming tracks
         self.snapshots_s = 0.0  # s spent making snapshots
         self.people_s = None  # s spent grouping the unnamed tracks (people.py)
+        self.cluster = None  # with --ray: the nodes that indexed (cluster.cluster_report)
 
     def stats(self) -> dict:
         """Return the run's timing: wall time, frames/s and seconds per stage and process."""
@@ -109,7 +110,7 @@ class RunState:
                 "frames_per_s_after_models_ready": round(frames / working_s, 3) if working_s > 0 else None,
                 "index_s": self.index_s, "search_s": round(self.search_s, 3),
                 "snapshots_s": round(self.snapshots_s, 3), "unnamed_people_s": self.people_s,
-                "clips_s": round(self.clips_s, 3), "stages": self.stages,
+                "clips_s": round(self.clips_s, 3), "stages": self.stages, "cluster": self.cluster,
                 "index_reused_videos": [r.info.path for r in self.results if r.index_reused],
                 "indexed_videos": [r.info.path for r in self.results if r.index_written]}
 

@@ -64,7 +64,8 @@ _LIMITS = {  # name -> (minimum, maximum) for numbers; choices for strings
 }
 _FLAG_ALIASES = {"VIDEO_DIR": ["--videos"], "REFERENCE_DIR": ["--refs"], "OUTPUT_DIR": ["--output"],
                  "INDEX_DIR": [],
-                 "MODEL_ROOT": [], "MODEL_PACK_NAME": ["--model-pack"], "PROVIDERS": []}
+                 "MODEL_ROOT": [], "MODEL_PACK_NAME": ["--model-pack"], "PROVIDERS": [],
+                 "RAY_ADDRESS": ["--ray"]}
 _NEGATING_FLAGS = {"RESUME": ("--force", "index every video again and make every snapshot and clip "
                                           "again (the same as --no-resume)")}
 
@@ -170,6 +171,16 @@ def validate_settings(values: dict) -> None:
                 raise ValueError(f"{flag_name(name)} must be within {low}..{high}, got {value!r}")
     if any(side % 32 for side in values["DET_SIZE"]):
         raise ValueError(f"--det-size must be multiples of 32, got {values['DET_SIZE']}")
+    if not valid_ray_address(values.get("RAY_ADDRESS", "")):
+        raise ValueError(f"--ray must be empty (this machine), local, auto, ray://host:port or "
+                         f"host:port, got {values['RAY_ADDRESS']!r}")
+
+
+def valid_ray_address(address: str) -> bool:
+    """Return True for a RAY_ADDRESS Ray can be given: '' (no Ray), 'local', 'auto',
+    'ray://host[:port]' (Ray Client) or 'host:port' (a head node's GCS)."""
+    return address in ("", "local", "auto") or bool(
+        re.fullmatch(r"(ray://[^\s:/]+(:\d+)?|[^\s:/]+:\d+)", address))
 
 
 def settings_from_args(args: argparse.Namespace, names: tuple) -> Settings:

@@ -172,6 +172,20 @@ def shm_names() -> set:
     return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("sfv")}
 
 
+def answers(results: dict) -> list:
+    """Return what a run found, per video: its ranges (name, times, best distance) and every
+    sighting (frame, time, name, distance, box, track), without clip paths or timings."""
+    found = []
+    for video in results["videos"]:
+        ranges = [{k: r[k] for k in ("name", "start", "end", "first_sighting", "last_sighting",
+                                     "best_distance")} for r in video["ranges"]]
+        sightings = [{k: d[k] for k in ("frame", "time", "name", "distance", "bbox", "track",
+                                        "recognized")} for d in video["detections"]]
+        found.append({"file": Path(video["file"]).name, "status": video["status"],
+                      "ranges": ranges, "detections": sightings})
+    return found
+
+
 def search_command(videos: Path, refs: Path, output: Path, *extra: str, index: Path | None = None) -> list:
     """Return the command of a CPU run of main.py; its index goes in index, by default beside
     the output folder (<output>_index), so that runs with the same output folder share it."""

@@ -43,7 +43,7 @@ def test_index_settings_are_settings_and_none_applies_only_at_search_time(main_m
     assert {"FRAME_INTERVAL", "MIN_FACE_SIZE", "DET_SIZE", "det_prob_threshold"} <= set(INDEX_SETTINGS)
     assert not SEARCH_TIME_SETTINGS & set(INDEX_SETTINGS), SEARCH_TIME_SETTINGS & set(INDEX_SETTINGS)
     neutral = {"NUM_GPU_PROCESSES", "BATCH_SIZE", "OUTPUT_DIR", "INDEX_DIR", "VIDEO_DIR",
-               "REFERENCE_DIR", "RESUME", "debug_det", "debug_rec", "PROVIDERS", "MODEL_ROOT"}
+               "REFERENCE_DIR", "RESUME", "debug_det", "debug_rec", "PROVIDERS", "MODEL_ROOT", "RAY_ADDRESS"}
     assert not neutral & set(INDEX_SETTINGS), neutral & set(INDEX_SETTINGS)
 
 

@@ -279,3 +279,20 @@ def test_a_ctrl_c_while_the_ring_is_created_leaves_no_block_behind(main_module, 
         create_ring(layout)
     monkeypatch.undo()
     assert layout.name not in shm_entries("sfv"), "the half-made ring was left in /dev/shm"
+
+
+def test_remove_dead_rings_removes_only_old_rings_of_dead_owners(tmp_path):
+    """A ring whose owner died without unlinking it (its whole process tree killed, as with a
+    lost Ray node) is removed by the next ring made; a live owner's, a young one's and anything
+    not named like a ring stay."""
+    import os
+    import time
+    from findpeople.ring import remove_dead_rings
+    names = ["sfv999999r", f"sfv{os.getpid()}r", "sfv999998r", "sfvabcr", "sfv12x"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    old = time.time() - 120
+    for name in ("sfv999999r", f"sfv{os.getpid()}r", "sfvabcr", "sfv12x"):
+        os.utime(tmp_path / name, (old, old))
+    assert remove_dead_rings(tmp_path) == ["sfv999999r"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])

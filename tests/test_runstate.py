@@ -13,21 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TESTDATA, link_all_refs, run_main, search_command
-
-
-def answers(results: dict) -> list:
-    """Return what a run found, per video: its ranges (name, times, best distance) and every
-    sighting (frame, time, name, distance, box, track), without clip paths or timings."""
-    found = []
-    for video in results["videos"]:
-        ranges = [{k: r[k] for k in ("name", "start", "end", "first_sighting", "last_sighting",
-                                     "best_distance")} for r in video["ranges"]]
-        sightings = [{k: d[k] for k in ("frame", "time", "name", "distance", "bbox", "track",
-                                        "recognized")} for d in video["detections"]]
-        found.append({"file": Path(video["file"]).name, "status": video["status"],
-                      "ranges": ranges, "detections": sightings})
-    return found
+from conftest import TESTDATA, answers, link_all_refs, run_main, search_command
 
 
 def search_again(base: Path, refs: Path, index: Path, name: str) -> tuple:

@@ -1,0 +1,238 @@
+"""The index stage on a Ray cluster (--ray, issue #13), with real Ray on this machine.
+
+A cluster of several real nodes (ray.cluster_utils.Cluster: a head without CPUs, so that no
+video runs there, and worker nodes of 2 CPUs each, each its own raylet) indexes the three shared
+clips and must give exactly the answers of the session's local run (conftest `search`, same
+settings); a worker node killed while it indexes a video must not change them; Ctrl-C with
+--ray local must stop everything it started; and --ray without Ray says how to install it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from conftest import (
+    REPO, TESTDATA, answers, link_all_refs, processes_with_marker, run_main, search_command, shm_names,
+    start_logged)
+
+NODE_STORE_BYTES = 100 * 2**20  # each node's object store: the tracks of a clip are far smaller
+KILL_AFTER_S = 3.0  # after the driver says a video is being indexed on a node
+
+
+@contextlib.contextmanager
+def ray_nodes(workers: int):
+    """Start a cluster of a CPU-less head and `workers` nodes of 2 CPUs; yield it, then stop it."""
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 0, "object_store_memory": NODE_STORE_BYTES})
+    try:
+        for _ in range(workers):
+            cluster.add_node(num_cpus=2, object_store_memory=NODE_STORE_BYTES)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def pipeline_processes() -> set:
+    """PIDs of the pipeline's processes and their resource trackers (spawned children)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                command = (entry / "cmdline").read_bytes()
+                if b"spawn_main" in command or b"resource_tracker" in command:
+                    found.add(int(entry.name))
+    return found
+
+
+def wait_until_gone(pids: set, timeout_s: float = 30.0) -> set:
+    """Wait for these processes to end; return those still alive."""
+    deadline = time.monotonic() + timeout_s
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = {pid for pid in alive if Path(f"/proc/{pid}").exists()}
+    return alive
+
+
+def read_results(output: Path) -> dict:
+    return json.loads((output / "results.json").read_text())
+
+
+def test_a_three_node_cluster_gives_the_local_runs_answers_and_its_indexes_serve_a_local_run(
+        search, tmp_path):
+    """Two worker nodes index the three clips (one video at a time each: a task asks 2 CPUs):
+    names, ranges and sightings equal the local run's; both nodes took part; the indexes the
+    driver wrote are current for a later local run, which decodes nothing."""
+    refs = link_all_refs(tmp_path / "refs")
+    with ray_nodes(2) as cluster:
+        code, output = run_main(search_command(TESTDATA / "videos", refs, tmp_path / "out", "--ray",
+                                               cluster.address), tmp_path, timeout=900)
+    assert code == 0, output[-4000:]
+    results = read_results(tmp_path / "out")
+    assert answers(results) == answers(search["results"])
+    report = results["stats"]["cluster"]
+    assert report["nodes_in_cluster"] == 2 and len(report["nodes_used"]) == 2, report
+    assert sorted(Path(v).name for n in report["nodes_used"] for v in n["videos"]) == \
+        sorted(p.name for p in (TESTDATA / "videos").iterdir())
+    for video in ("obama_whcd.mp4", "short_hamilton_clip.mp4", "crowd_royal_opera_house.mp4"):
+        assert re.search(rf"{re.escape(video)}: indexing on \S+ \(node [0-9a-f]{{8}}\)", output), output[-4000:]
+    assert "2 of 2 node(s) and 0 GPU(s) indexed videos" in output
+    code, again = run_main(search_command(TESTDATA / "videos", refs, tmp_path / "local",
+                                          index=tmp_path / "out_index"), tmp_path)
+    assert code == 0, again[-3000:]
+    assert "3 video(s) reused, 0 to index" in again
+    assert answers(read_results(tmp_path / "local")) == answers(search["results"])
+
+
+def test_a_worker_node_killed_mid_video_is_indexed_again_elsewhere_with_the_same_answers(
+        search, tmp_path):
+    """The raylet of the node indexing the first (longest) video is killed a few seconds into
+    it: Ray runs that video again on the other node, the run ends with exit code 0 and the local
+    run's answers, the index folder holds only whole indexes, and no pipeline process or ring
+    of the lost try is left (its ring is swept by the next ring made on this machine)."""
+    refs = link_all_refs(tmp_path / "refs")
+    before_pids, before_rings = pipeline_processes(), shm_names()
+    with ray_nodes(2) as cluster:
+        process, lines, reader = start_logged(search_command(
+            TESTDATA / "videos", refs, tmp_path / "out", "--ray", cluster.address), tmp_path, {})
+        try:
+            victim = None
+            deadline = time.monotonic() + 300
+            while victim is None and time.monotonic() < deadline and process.poll() is None:
+                found = [re.search(r"(\S+\.mp4): indexing on \S+ \(node ([0-9a-f]{8})\)", line)
+                         for line in list(lines)]
+                found = [m for m in found if m]
+                if found:
+                    victim = found[0]
+                time.sleep(0.2)
+            assert victim is not None, "".join(lines)[-4000:]
+            time.sleep(KILL_AFTER_S)
+            node = next(n for n in list(cluster.worker_nodes) if n.node_id.startswith(victim.group(2)))
+            cluster.remove_node(node, allow_graceful=False)
+            code = process.wait(timeout=900)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            reader.join(timeout=10)
+        left = wait_until_gone(pipeline_processes() - before_pids)
+    output = "".join(lines)
+    assert code == 0, output[-4000:]
+    assert f"{victim.group(1)}: indexing on" in output and "try 2 (the try before was lost)" in output
+    results = read_results(tmp_path / "out")
+    assert answers(results) == answers(search["results"])
+    assert [Path(p).name for p in results["stats"]["cluster"]["retried_videos"]] == [victim.group(1)]
+    index = tmp_path / "out_index"
+    assert sorted(p.name for p in index.iterdir() if not p.name.startswith(".search")) == \
+        sorted(f"{p.stem}.parquet" for p in (TESTDATA / "videos").iterdir())
+    assert not left, f"processes of the lost try still running: {left}"
+    from findpeople.ring import remove_dead_rings
+    remove_dead_rings(older_than_s=0)  # what the next run on this machine does
+    assert shm_names() <= before_rings, shm_names() - before_rings
+
+
+def test_ctrl_c_with_ray_local_stops_the_run_and_the_ray_instance_it_started(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while a video is being indexed on a
+    `--ray local` instance: exit code 130, the reports saved, and no process of the run (Ray's
+    own included: they carry the run's environment) nor ring left."""
+    refs = link_all_refs(tmp_path / "refs")
+    marker = f"SFV_RAY_TEST_{os.getpid()}_{time.monotonic_ns()}"
+    before_rings = shm_names()
+    process, lines, reader = start_logged(search_command(
+        TESTDATA / "videos", refs, tmp_path / "out", "--ray", "local"), tmp_path, {marker: "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not any("indexing on" in line for line in list(lines)) and time.monotonic() < deadline:
+            assert process.poll() is None, "".join(lines)[-4000:]
+            time.sleep(0.2)
+        time.sleep(KILL_AFTER_S)
+        os.killpg(process.pid, signal.SIGINT)
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        reader.join(timeout=10)
+    output = "".join(lines)
+    assert code == 130, output[-4000:]
+    assert "interrupted" in output and (tmp_path / "out" / "results.json").is_file()
+    deadline = time.monotonic() + 30
+    while processes_with_marker(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not processes_with_marker(marker), output[-3000:]
+    assert shm_names() <= before_rings
+
+
+def test_ray_without_ray_installed_gives_the_pip_command_and_exit_code_2(tmp_path):
+    """A Python in which `import ray` fails (a stand-in package first on the path): exit code
+    2 at once, with the pip command, and nothing written."""
+    stand_in = tmp_path / "no_ray" / "ray"
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'ray'\")\n")
+    code, output = run_main(search_command(TESTDATA / "videos", link_all_refs(tmp_path / "refs"),
+                                           tmp_path / "out", "--ray", "local"), tmp_path,
+                            {"PYTHONPATH": str(tmp_path / "no_ray")}, timeout=120)
+    assert code == 2, output
+    assert "needs Ray, which is not installed" in output and "pip install -r requirements-ray.txt" in output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out_index").exists()
+    assert (REPO / "requirements-ray.txt").read_text().count("ray") >= 1
+
+
+def test_a_bad_ray_address_is_refused_before_anything_runs(tmp_path):
+    """--ray with something that is no address: exit code 2 naming the flag and what it takes."""
+    code, output = run_main(search_command(TESTDATA / "videos", link_all_refs(tmp_path / "refs"),
+                                           tmp_path / "out", "--ray", "my cluster"), tmp_path, timeout=120)
+    assert code == 2 and "--ray must be empty (this machine), local, auto" in output, output
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray instance in this process (one node, 2 CPUs), for the failure reporting test."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"py_modules": [str(REPO / "findpeople")]})
+    yield ray
+    ray.shutdown()
+
+
+def test_a_video_whose_task_fails_on_every_try_is_reported_and_the_run_goes_on(local_ray, tmp_path,
+                                                                               main_module):
+    """A task that fails as a broken pipeline every time is tried 1 + TASK_RETRIES times; the
+    video gets one error naming its file, the failure and the tries, in the run's failures
+    (exit code 1), and is not finished (no index); the cluster's bookkeeping marks it done."""
+    from findpeople import cluster as cluster_module
+    from findpeople.runstate import RunState
+    from conftest import make_info
+
+    def broken_every_time(count_file: str):  # nested: Ray sends it by value
+        from findpeople.errors import PipelineBroken
+        with open(count_file, "a", encoding="utf-8") as file:
+            file.write("x")
+        raise PipelineBroken("worker-0", -9, "killed")
+
+    count_file = tmp_path / "tries"
+    task = ray.remote(broken_every_time).options(
+        num_cpus=1, max_retries=cluster_module.TASK_RETRIES,
+        retry_exceptions=[cluster_module.PipelineBroken])
+    ref = task.remote(str(count_file))
+    settings = main_module.load_settings(["--output", str(tmp_path / "out"), "--index-dir", str(tmp_path / "idx")])
+    state = RunState([make_info(main_module, path="/videos/obama_whcd.mp4")], settings, None, {"people": []})
+    board = cluster_module.start_board(ray)
+    cluster = cluster_module.Cluster(ray, "local", [], board)
+    written = []
+    bars = {"frames": type("Bar", (), {"write": lambda self, text: written.append(text)})()}
+    ray.wait([ref], timeout=120)
+    cluster_module.take_outcome(state, cluster, state.results[0], ref, bars)
+    assert count_file.read_text() == "x" * (cluster_module.TASK_RETRIES + 1)
+    result = state.results[0]
+    assert len(result.errors) == 1 and result.errors == state.failures, result.errors
+    assert result.errors[0].startswith("/videos/obama_whcd.mp4: not indexed: worker-0 stopped (exit code -9)")
+    assert f"({cluster_module.TASK_RETRIES + 1} tries)" in result.errors[0]
+    assert not result.finished and result.info.idx in cluster.done and written == [f"[!] {result.errors[0]}"]
