@@ -1,39 +1,38 @@
-"""Cluster: the index stage on a Ray cluster (RAY_ADDRESS, --ray), one Ray task per video.
+"""Cluster: the index stage on a Ray cluster (RAY_ADDRESS, --ray), driven from the parent.
 
-Runs in the parent (the Ray driver) and, for `index_on_node` and `node_facts`, in Ray workers on
-any node. Each video that needs an index is one Ray task, which runs this package's own pipeline
-(pipeline.run_pipeline: decoders, workers, ring, tracker) for that one video on its node and
-returns the video's face tracks through Ray's object store. The driver then makes, writes and
-searches the index exactly as a local run does (runstate.finish_index and the finisher thread),
-so the driver is the only writer of INDEX_DIR and OUTPUT_DIR: a node lost midway has written
-nothing, and Ray runs the task again on another node. Progress reaches the driver through a
-small actor on the driver's node (ProgressBoard).
+Runs in the parent, which is the Ray driver. It joins (or starts) Ray, checks every node
+(indexer.node_facts), starts as many indexer actors as the nodes have room for (each asks a GPU
+per worker process, or CPUs) and gives each the next video, one Ray call per video; an indexer
+keeps its pipeline and models loaded from one video to the next (indexer.NodeIndexer). A video's
+face tracks come back through Ray's object store and the driver makes, writes and searches its
+index exactly as a local run does (runstate.finish_index and the finisher thread): the driver is
+the only writer of INDEX_DIR and OUTPUT_DIR, so a node lost midway has written nothing; its
+video goes to another indexer. Progress reaches the driver through a small actor on the
+driver's node (indexer.ProgressBoard).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import logging
+import os
 import re
-import socket
 import threading
 import time
-import uuid
 from pathlib import Path
 
 from .errors import BadInput, OutputError, PipelineBroken
 from .settings import Settings
-from .models import classify_pack_models, find_model_pack
 from .index import model_sha256
-from .resume import execution_fingerprint, execution_text
+from .resume import execution_text
 from .runstate import RunState
-from .pipeline import finish_clips, progress_bars, run_pipeline
+from .pipeline import finish_clips, progress_bars
+from .indexer import NodeIndexer, ProgressBoard, node_facts, node_label, node_settings
 
 RAY_INSTALL = "pip install -r requirements-ray.txt"
-TASK_RETRIES = 3  # more tries of a video whose node, worker process or pipeline process was lost
-POLL_S = 0.5  # how often the driver looks at the tasks and the progress board
-CANCEL_WAIT_S = 20.0  # how long Ctrl-C waits for the cancelled tasks to stop their processes
-RELAY_EVERY_S = 0.5  # a task sends its frame count at most this often
+TASK_RETRIES = 3  # more tries of a video whose node, indexer process or pipeline process was lost
+POLL_S = 0.25  # how often the driver looks at the indexers and the progress board
+CANCEL_WAIT_S = 20.0  # how long the end of a run waits for the indexers to stop their pipelines
 
 
 def import_ray(address: str):
@@ -61,6 +60,10 @@ class Cluster:
     notes_seen: set = dataclasses.field(default_factory=set)
     done: set = dataclasses.field(default_factory=set)  # video_idx whose task has ended
     connect_s: float = 0.0  # s to join (or start) Ray and check the nodes
+    indexers: list = dataclasses.field(default_factory=list)  # NodeIndexer actors started
+    starting: dict = dataclasses.field(default_factory=dict)  # node() ObjectRef -> indexer not yet placed
+    calls: dict = dataclasses.field(default_factory=dict)  # index() ObjectRef -> (indexer, VideoResult)
+    failed_tries: dict = dataclasses.field(default_factory=dict)  # video_idx -> tries that failed
     times: dict = dataclasses.field(default_factory=dict)  # video_idx -> {event: driver's monotonic s}
 
     @property
@@ -97,12 +100,16 @@ def connect(ray, address: str) -> None:
     print(f"[*] Ray: {'starting a Ray instance on this machine' if address == 'local' else f'joining {address}'}")
     try:
         if address == "local":
-            ray.init(include_dashboard=False, **options)
+            ray.init(address="local", include_dashboard=False, **options)  # a new one, never a running one
         else:
             ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
+        token = "" if address in ("local", "auto") or os.environ.get("RAY_AUTH_MODE") else (
+            "; a cluster with token authentication (Ray's default) also needs RAY_AUTH_MODE=token "
+            "here, and its token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
         raise BadInput(f"no Ray cluster at --ray {address} ({str(error).splitlines()[0]}): start one "
-                       f"(ray start --head; docs/cluster.md), check the address, or use --ray local") from None
+                       f"(ray start --head; docs/cluster.md), check the address, or use --ray "
+                       f"local{token}") from None
 
 
 def check_nodes(ray, settings: Settings, model_paths: list) -> list:
@@ -133,119 +140,6 @@ def check_nodes(ray, settings: Settings, model_paths: list) -> list:
     return nodes
 
 
-def node_settings(settings: Settings) -> Settings:
-    """Return the settings a node receives: relative folders resolved against this machine's
-    working directory (a node's differs: every node needs the same absolute paths, see
-    docs/cluster.md), '~' left for the node's home, and every GPU Ray gives the task."""
-    values = dict(settings.values)
-    for name in ("VIDEO_DIR", "MODEL_ROOT", "TRT_CACHE_DIR", "debug_det_dir"):
-        if not str(values[name]).startswith("~"):
-            values[name] = str(Path(values[name]).resolve())
-    values["GPU_DEVICE_IDS"] = ()
-    return Settings(tuple(values.items()))
-
-
-def this_node() -> dict:
-    """Return which node this Ray worker runs on: its id, host name, IP and the GPUs Ray gave it."""
-    import ray
-    return {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-            "ip": ray.util.get_node_ip_address(), "task_gpus": [str(g) for g in ray.get_gpu_ids()]}
-
-
-def node_label(facts: dict) -> str:
-    """Return a node as people read it: 'host (node 1a2b3c4d)' (nodes on one machine share a host)."""
-    return f"{facts['host']} (node {facts['node'][:8]})"
-
-
-def node_facts(settings: Settings) -> dict:
-    """Ray task on one node: what it is and what it lacks to index (the model pack, the video
-    folder), with its model files' SHA-256 and what runs the models there."""
-    facts = {**this_node(), "problems": [], "models": None}
-    try:
-        facts["models"] = model_sha256(list(classify_pack_models(
-            find_model_pack(settings.MODEL_ROOT, settings.MODEL_PACK_NAME))))
-    except BadInput as error:
-        facts["problems"].append(str(error))
-    if not Path(settings.VIDEO_DIR).is_dir():
-        facts["problems"].append(f"the video folder {settings.VIDEO_DIR} is not there: every node "
-                                 f"needs it at the same path (a shared folder)")
-    facts["execution"] = execution_fingerprint(settings)
-    return facts
-
-
-class NodeRunState(RunState):
-    """The run state of one video's task on a node: its tracks are kept for the driver, which
-    makes and writes the index (no INDEX_DIR on the node)."""
-
-    def finish_index(self, result) -> None:
-        """Keep the tracks (the driver's RunState.finish_index makes the index of them)."""
-
-
-class ProgressBoard:
-    """Ray actor on the driver's node: the tasks post their events here, the driver takes them."""
-
-    def __init__(self):
-        self.events = []
-
-    def post(self, event: tuple) -> None:
-        self.events.append(event)
-
-    def take(self) -> list:
-        events, self.events = self.events, []
-        return events
-
-
-class RelayBar:
-    """Stands in for one of run_pipeline's tqdm bars in a Ray task: the frames bar posts its new
-    frames (at most every RELAY_EVERY_S) and every note to the ProgressBoard."""
-
-    def __init__(self, board, key: tuple | None):
-        self.board, self.key, self.n, self.desc = board, key, 0, ""
-        self.unsent, self.sent_at = 0, time.monotonic()
-
-    def set_description_str(self, text: str, refresh: bool = False) -> None:
-        self.desc = text
-
-    def update(self, count: int) -> None:
-        self.n += count
-        self.unsent += count
-        if self.key is not None and time.monotonic() - self.sent_at >= RELAY_EVERY_S:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.unsent and self.key is not None:
-            self.board.post.remote(("frames", *self.key, self.unsent))
-        self.unsent, self.sent_at = 0, time.monotonic()
-
-    def write(self, text: str) -> None:
-        if self.key is not None:
-            self.board.post.remote(("note", *self.key, text))
-
-    def close(self) -> None:
-        self.flush()
-
-
-def index_on_node(settings: Settings, info, board) -> dict:
-    """Ray task: index one video with the pipeline on this node; return its tracks and counts
-    (what the driver's RunState needs to make its index), which node did it and how it ran the
-    models. A video file missing there is BadInput (not retried)."""
-    node, attempt = this_node(), uuid.uuid4().hex[:12]
-    board.post.remote(("start", info.idx, attempt, node))
-    if not Path(info.path).is_file():
-        raise BadInput(f"{info.path}: not found on node {node_label(node)}: every node needs the "
-                       f"video folder at the same path (docs/cluster.md)")
-    state = NodeRunState([dataclasses.replace(info, idx=0)], settings, None, {"people": []})
-    run_pipeline(state, lambda *_: {"videos": RelayBar(board, None),
-                                    "frames": RelayBar(board, (info.idx, attempt))})
-    result = state.results[0]
-    return {"attempt": attempt, "node": node, "tracks": result.tracks,
-            "processed_frames": result.processed_frame_count, "sent_frames": result.sent_frame_count,
-            "face_counts": result.face_counts, "errors": result.errors, "stages": state.stages,
-            "models": model_sha256(list(classify_pack_models(
-                find_model_pack(settings.MODEL_ROOT, settings.MODEL_PACK_NAME)))),
-            "execution": execution_fingerprint(settings)}
-
-
 def task_resources(settings: Settings, nodes: list) -> dict:
     """Return what one video's task asks Ray for: a GPU per worker process where the nodes run
     the models on GPUs, else a CPU per decoder and worker process; never more than the largest
@@ -271,62 +165,128 @@ def start_board(ray):
 
 
 def index_on_cluster(state: RunState, cluster: Cluster) -> None:
-    """Index every video whose index is not reused, one Ray task each, while the finisher thread
-    searches and finishes each video as its tracks arrive (the reused ones first): the cluster's
-    run_pipeline. On Ctrl-C or an error the tasks still running are cancelled and waited for."""
+    """Index every video whose index is not reused on the cluster's indexers, while the
+    finisher thread searches and finishes each video as its tracks arrive (the reused ones
+    first): the cluster's run_pipeline. On Ctrl-C or an error the calls still running are
+    cancelled and waited for; the indexers always stop their pipelines and end."""
     jobs = [r for r in state.results if not r.index_reused]
-    started, pending, bars, finished = time.monotonic(), {}, {}, False
+    started, bars, finished = time.monotonic(), {}, False
     finisher = threading.Thread(target=state.finish_videos, name="finisher", daemon=True)
     finisher.start()
     try:
         if jobs:
             bars = progress_bars(state, [r.info for r in jobs])
             cluster.board = start_board(cluster.ray)
-            pending = submit_videos(state, cluster, jobs)
-            follow_tasks(state, cluster, pending, bars)
+            start_indexers(state, cluster, len(jobs))
+            dispatch(state, cluster, sorted(jobs, key=lambda r: -r.info.frame_count), bars)
         finished = True
     finally:
         if jobs:
             state.index_s = round(time.monotonic() - started, 3)
         if not finished:
             state.stop_clips.set()
-            stop_tasks(cluster.ray, pending)
+        stop_indexers(cluster)
         for bar in bars.values():
             bar.close()
         state.cluster = cluster_report(state, cluster)
         finish_clips(state, finisher)
 
 
-def submit_videos(state: RunState, cluster: Cluster, jobs: list) -> dict:
-    """Submit one task per video, longest first (a long video started last would finish
-    alone); return {ObjectRef: VideoResult}."""
+def start_indexers(state: RunState, cluster: Cluster, videos: int) -> None:
+    """Start as many indexer actors as the nodes have room for (task_resources each, at most
+    one per video), spread over the nodes; each is used once its node() call answers."""
     resources = task_resources(state.settings, cluster.nodes)
-    task = cluster.ray.remote(index_on_node).options(
-        max_retries=TASK_RETRIES, retry_exceptions=[PipelineBroken], **resources)
-    settings = node_settings(state.settings)
-    refs = {}
-    for result in sorted(jobs, key=lambda r: -r.info.frame_count):
-        info = dataclasses.replace(result.info, path=str(Path(result.info.path).resolve()))
-        refs[task.remote(settings, info, cluster.board)] = result
-        cluster.times[result.info.idx] = {"submitted": time.monotonic()}
-    return refs
+    room = sum(min(int(n["cpus"] // max(resources["num_cpus"], 1)),
+                   int(n["gpus"] // resources["num_gpus"]) if resources.get("num_gpus") else 1 << 30)
+               for n in cluster.nodes)
+    for _ in range(max(1, min(room, videos))):
+        add_indexer(state, cluster)
 
 
-def follow_tasks(state: RunState, cluster: Cluster, pending: dict, bars: dict) -> None:
-    """Until every task has ended: show the board's events, hand each finished video to the
-    run state; raise OutputError when a file in OUTPUT_DIR could not be written."""
-    ray = cluster.ray
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
+def add_indexer(state: RunState, cluster: Cluster) -> None:
+    """Start one indexer actor (Ray places it where its resources are free)."""
+    resources = task_resources(state.settings, cluster.nodes)
+    actor = cluster.ray.remote(NodeIndexer).options(max_restarts=0, scheduling_strategy="SPREAD",
+                                                    **resources)
+    videos = [dataclasses.replace(r.info, path=str(Path(r.info.path).resolve())) for r in state.results]
+    indexer = actor.remote(node_settings(state.settings), videos, cluster.board)
+    cluster.indexers.append(indexer)
+    cluster.starting[indexer.node.remote()] = indexer
+
+
+def dispatch(state: RunState, cluster: Cluster, waiting: list, bars: dict) -> None:
+    """Give each idle indexer the next video (longest first) until every video has ended: its
+    tracks handed to the run state, or failed for good. A video whose indexer died (its node
+    lost) or whose pipeline broke goes back to the front of the queue, up to TASK_RETRIES more
+    times; a dead indexer is replaced. Raise OutputError when OUTPUT_DIR cannot be written."""
+    ray, idle, calls = cluster.ray, [], cluster.calls
+    while waiting or calls:
+        while idle and waiting:
+            indexer, result = idle.pop(0), waiting.pop(0)
+            calls[indexer.index.remote(result.info.idx)] = (indexer, result)
+            cluster.times.setdefault(result.info.idx, {})["submitted"] = time.monotonic()
+        refs = [*calls, *cluster.starting]
+        ready = ray.wait(refs, num_returns=1, timeout=POLL_S)[0] if refs else []
+        if ready:
+            ready = ray.wait(refs, num_returns=len(refs), timeout=0)[0]
         show_events(state, cluster, ray.get(cluster.board.take.remote()), bars)
         for ref in ready:
-            take_outcome(state, cluster, pending.pop(ref), ref, bars)
+            if ref in cluster.starting:
+                indexer = cluster.starting.pop(ref)
+                idle += [indexer] if started_ok(ray, ref) else []
+            else:
+                indexer, result = calls.pop(ref)
+                idle += [indexer] if take_outcome(state, cluster, indexer, result, ref, waiting, bars) else []
         if state.write_error:
             raise OutputError(state.write_error)
 
 
+def started_ok(ray, ref) -> bool:
+    """Return True when an indexer answered its node() call (it is placed and alive)."""
+    try:
+        ray.get(ref)
+        return True
+    except ray.exceptions.RayError:
+        return False
+
+
+def take_outcome(state: RunState, cluster: Cluster, indexer, result, ref, waiting: list,
+                 bars: dict) -> bool:
+    """Hand an indexed video's tracks to the run state (which writes its index and queues its
+    search), or queue it again, or record why it failed for good; return whether the indexer
+    can take another video."""
+    ray, idx = cluster.ray, result.info.idx
+    try:
+        outcome = ray.get(ref)
+    except ray.exceptions.RayError as error:
+        lost = not isinstance(error, ray.exceptions.RayTaskError)  # the actor died: its node or process
+        broken = isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, PipelineBroken)
+        cluster.failed_tries[idx] = cluster.failed_tries.get(idx, 0) + 1
+        if (lost or broken) and cluster.failed_tries[idx] <= TASK_RETRIES:
+            waiting.insert(0, result)
+        else:
+            cluster.done.add(idx)
+            fail_video(state, result, task_failure(ray, error, cluster.failed_tries[idx]), bars)
+        if lost:
+            add_indexer(state, cluster)
+        return not lost
+    show_events(state, cluster, ray.get(cluster.board.take.remote()), bars)
+    cluster.done.add(idx)
+    cluster.times[idx]["done"] = time.monotonic()
+    shown = sum(n for (v, _), n in cluster.frames.items() if v == idx)
+    bars["frames"].update(outcome["processed_frames"] - shown)  # a lost try's, and unsent frames
+    with state.lock:
+        apply_outcome(state, result, outcome)
+    entry = cluster.used.setdefault(outcome["node"]["node"], {"node": outcome["node"], "videos": []})
+    entry["videos"].append(result.info.path)
+    tries = len(cluster.tries.get(idx, [])) or 1
+    bars["frames"].write(f"[*] {Path(result.info.path).name}: indexed on {node_label(outcome['node'])}"
+                         f" ({outcome['processed_frames']} frames{f', {tries} tries' if tries > 1 else ''})")
+    return True
+
+
 def show_events(state: RunState, cluster: Cluster, events: list, bars: dict) -> None:
-    """Apply the tasks' events: a try started (the per-video line, with its node; a new try
+    """Apply the indexers' events: a try started (the per-video line, with its node; a new try
     takes back the frames of the lost one), frames processed, notes (each once per node)."""
     for kind, video_idx, attempt, payload in events:
         name = Path(state.results[video_idx].info.path).name
@@ -335,48 +295,31 @@ def show_events(state: RunState, cluster: Cluster, events: list, bars: dict) -> 
             for lost, _ in tries:
                 bars["frames"].update(-cluster.frames.pop((video_idx, lost), 0))
             tries.append((attempt, payload))
-            cluster.times[video_idx].update(started=time.monotonic(), first_frames=None)
+            cluster.times.setdefault(video_idx, {}).update(started=time.monotonic(), first_frames=None)
             again = f", try {len(tries)} (the try before was lost)" if len(tries) > 1 else ""
             bars["frames"].write(f"[{'!' if again else '*'}] {name}: indexing on {node_label(payload)}{again}")
-        elif kind == "frames" and video_idx not in cluster.done:  # a late post after the outcome
+        elif kind == "frames" and video_idx not in cluster.done:  # not a late post after the outcome
             cluster.frames[(video_idx, attempt)] = cluster.frames.get((video_idx, attempt), 0) + payload
-            cluster.times[video_idx]["first_frames"] = cluster.times[video_idx].get("first_frames") or time.monotonic()
+            times = cluster.times.setdefault(video_idx, {})
+            times["first_frames"] = times.get("first_frames") or time.monotonic()
             bars["frames"].update(payload)
         elif kind == "note":
-            node = dict(cluster.tries.get(video_idx, [])).get(attempt)
-            where = node_label(node) if node else "a node"
-            mark, text = (payload[:3], payload[4:]) if re.match(r"\[.\] ", payload) else ("[*]", payload)
-            if (where, text) not in cluster.notes_seen:
-                cluster.notes_seen.add((where, text))
-                bars["frames"].write(f"{mark} {where}: {text}")
+            show_note(cluster, video_idx, attempt, payload, bars)
 
 
-def take_outcome(state: RunState, cluster: Cluster, result, ref, bars: dict) -> None:
-    """Hand a finished task's tracks to the run state (which writes the index and queues the
-    search), or record why the video could not be indexed."""
-    try:
-        outcome = cluster.ray.get(ref)
-    except cluster.ray.exceptions.RayError as error:
-        cluster.done.add(result.info.idx)
-        fail_video(state, result, task_failure(cluster.ray, error), bars)
-        return
-    show_events(state, cluster, cluster.ray.get(cluster.board.take.remote()), bars)
-    cluster.done.add(result.info.idx)
-    cluster.times[result.info.idx]["done"] = time.monotonic()
-    shown = sum(n for (v, _), n in cluster.frames.items() if v == result.info.idx)
-    bars["frames"].update(outcome["processed_frames"] - shown)  # a lost try's, and unsent frames
-    with state.lock:
-        apply_outcome(state, result, outcome)
-    entry = cluster.used.setdefault(outcome["node"]["node"], {"node": outcome["node"], "videos": []})
-    entry["videos"].append(result.info.path)
-    tries = len(cluster.tries.get(result.info.idx, [])) or 1
-    bars["frames"].write(f"[*] {Path(result.info.path).name}: indexed on {node_label(outcome['node'])}"
-                         f" ({outcome['processed_frames']} frames{f', {tries} tries' if tries > 1 else ''})")
+def show_note(cluster: Cluster, video_idx: int, attempt: str, text: str, bars: dict) -> None:
+    """Print a node's note once per node ('[*] host (node 1a2b3c4d): worker-0: ...')."""
+    node = dict(cluster.tries.get(video_idx, [])).get(attempt)
+    where = node_label(node) if node else "a node"
+    mark, text = (text[:3], text[4:]) if re.match(r"\[.\] ", text) else ("[*]", text)
+    if (where, text) not in cluster.notes_seen:
+        cluster.notes_seen.add((where, text))
+        bars["frames"].write(f"{mark} {where}: {text}")
 
 
 def apply_outcome(state: RunState, result, outcome: dict) -> None:
-    """Put a task's tracks into the video's result as a local worker's messages would, with the
-    node's model files and providers in the index's identity (the truth of who made it)."""
+    """Put an indexer's tracks into the video's result as a local worker's messages would, with
+    the node's model files and providers in the index's identity (the truth of who made it)."""
     idx = result.info.idx
     if idx in state.identities:
         state.identities[idx] = {**state.identities[idx], "models": outcome["models"],
@@ -393,17 +336,17 @@ def apply_outcome(state: RunState, result, outcome: dict) -> None:
     state.video_decoded(idx, outcome["sent_frames"], None)
 
 
-def task_failure(ray, error) -> str:
-    """Return why a video's task failed for good, in words: the video's own error (BadInput, a
-    broken pipeline after every try), or what Ray says was lost."""
+def task_failure(ray, error, tries: int) -> str:
+    """Return why a video failed for good, in words: its own error (BadInput: a missing file),
+    a broken pipeline, or what Ray says was lost, with the number of tries."""
     if isinstance(error, ray.exceptions.RayTaskError):
         cause = error.cause
         if isinstance(cause, BadInput):
             return str(cause)
         text = str(cause).strip().splitlines()
-        return f"{text[0] if text else type(cause).__name__} ({TASK_RETRIES + 1} tries)"
+        return f"{text[0] if text else type(cause).__name__} ({tries} {'try' if tries == 1 else 'tries'})"
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''} ({TASK_RETRIES + 1} tries)"
+    return f"{type(error).__name__}: {text[0] if text else ''} ({tries} tries)"
 
 
 def fail_video(state: RunState, result, why: str, bars: dict) -> None:
@@ -415,16 +358,26 @@ def fail_video(state: RunState, result, why: str, bars: dict) -> None:
     bars["frames"].write(f"[!] {message}")
 
 
-def stop_tasks(ray, pending: dict) -> None:
-    """Cancel the tasks still running (a KeyboardInterrupt in each: its pipeline stops its
-    processes and frees its ring) and wait for them a little; the cluster stays usable."""
-    if not pending:
-        return
-    for ref in pending:
+def stop_indexers(cluster: Cluster) -> None:
+    """Cancel the calls still running (the indexer stops its pipeline), have every indexer
+    close its pipeline (its processes end, its ring is freed), wait for that a little, then
+    end the actors; the cluster stays usable."""
+    ray = cluster.ray
+    for ref in cluster.calls:
         with contextlib.suppress(Exception):
             ray.cancel(ref)
+    closing, unplaced = [], set(cluster.starting.values())
+    for indexer in cluster.indexers:
+        if indexer not in unplaced:  # placed (or dead: then it answers at once)
+            with contextlib.suppress(Exception):
+                closing.append(indexer.close.remote())
     with contextlib.suppress(Exception):
-        ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=CANCEL_WAIT_S)
+    for indexer in cluster.indexers:
+        with contextlib.suppress(Exception):
+            ray.kill(indexer)
+    cluster.indexers.clear()
 
 
 def cluster_report(state: RunState, cluster: Cluster) -> dict:

@@ -51,14 +51,16 @@ class Pipeline:
     reader_stop: threading.Event = field(default_factory=threading.Event)
 
 
-def start_pipeline(settings: Settings, videos: list, jobs: list | None = None) -> Pipeline:
+def start_pipeline(settings: Settings, videos: list, jobs: list | None = None,
+                   open_ended: bool = False) -> Pipeline:
     """Create the queues and ring, then start the decoder and worker processes; if a start
     fails, stop what was started and release the ring before re-raising. The decoders take the
-    jobs (default: every video); the workers know every video by its index."""
+    jobs (default: every video); the workers know every video by its index. open_ended: the
+    ring fits every video, and more jobs come later (feed_job) until end_jobs."""
     gpus = worker_gpus(settings)
     ctx = mp.get_context("spawn")
     jobs = videos if jobs is None else jobs
-    layout = plan_ring(jobs, settings, str(os.getpid()))
+    layout = plan_ring(videos if open_ended else jobs, settings, str(os.getpid()))
     shm = create_ring(layout)
     try:
         # filled queues need no bound of their own: at most slot_count frames exist at once.
@@ -71,8 +73,10 @@ def start_pipeline(settings: Settings, videos: list, jobs: list | None = None) -
         raise
     try:
         start_result_reader(pipe)
-        for item in (*jobs, *[None] * settings.NUM_CPU_LOADERS):
+        for item in jobs:
             pipe.jobs_q.put(item)
+        if not open_ended:
+            end_jobs(pipe, settings)
         for i in range(settings.NUM_CPU_LOADERS):
             start_child(pipe, f"decoder-{i}", decoder_main, layout, pipe.jobs_q, pipe.free_q,
                         pipe.filled_qs, pipe.result_q, pipe.stop_event, settings.FRAME_INTERVAL)
@@ -86,6 +90,13 @@ def start_pipeline(settings: Settings, videos: list, jobs: list | None = None) -
         shutdown_pipeline(pipe)
         raise
     return pipe
+
+
+def end_jobs(pipe: Pipeline, settings: Settings) -> None:
+    """Tell the decoders that no more videos come (one stop sentinel each): once they are done,
+    the workers are stopped too (handle_message), and every child ends."""
+    for _ in range(settings.NUM_CPU_LOADERS):
+        pipe.jobs_q.put(None)
 
 
 def worker_gpus(settings: Settings) -> list:
@@ -291,9 +302,10 @@ def finish_clips(state: RunState, cutter: threading.Thread) -> None:
         raise
 
 
-def follow_children(state: RunState, pipe: Pipeline, bars: dict) -> None:
-    """Apply the children's messages until every child is done; raise PipelineBroken when one
-    dies or fails, OutputError when a file in OUTPUT_DIR could not be written."""
+def follow_children(state: RunState, pipe: Pipeline, bars: dict, until=None) -> None:
+    """Apply the children's messages until every child is done (or until() is true); raise
+    PipelineBroken when one dies or fails, OutputError when a file in OUTPUT_DIR could not be
+    written."""
     def receive():
         try:
             message = pipe.inbox.get(timeout=QUEUE_TIMEOUT_S)
@@ -303,7 +315,7 @@ def follow_children(state: RunState, pipe: Pipeline, bars: dict) -> None:
             handle_message(message, state, pipe, bars)
 
     next_check = time.monotonic()
-    while len(pipe.finished_children) < len(pipe.processes):
+    while len(pipe.finished_children) < len(pipe.processes) and not (until and until()):
         receive()
         if time.monotonic() >= next_check:  # also while messages keep coming
             check_children(pipe, receive)

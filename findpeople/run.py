@@ -34,7 +34,8 @@ from .snapshots import frames_at
 from .people import people_report, people_table, read_last_people, save_best_faces, save_person_photo, unnamed_people
 from .runstate import RunState, SearchInputs, VideoResult
 from .pipeline import run_pipeline
-from .cluster import import_ray, index_on_cluster, node_label, ray_cluster
+from .indexer import node_label
+from .cluster import import_ray, index_on_cluster, ray_cluster
 
 
 def prepare_references(settings: Settings) -> tuple:

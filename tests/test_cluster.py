@@ -202,36 +202,33 @@ def local_ray():
     ray.shutdown()
 
 
-def test_a_video_whose_task_fails_on_every_try_is_reported_and_the_run_goes_on(local_ray, tmp_path,
-                                                                               main_module):
-    """A task that fails as a broken pipeline every time is tried 1 + TASK_RETRIES times; the
-    video gets one error naming its file, the failure and the tries, in the run's failures
-    (exit code 1), and is not finished (no index); the cluster's bookkeeping marks it done."""
+def test_a_video_whose_pipeline_breaks_on_every_try_is_reported_and_the_run_goes_on(
+        local_ray, tmp_path, main_module):
+    """An indexer call that fails as a broken pipeline goes back to the front of the queue, up
+    to TASK_RETRIES more times; then the video gets one error naming its file, the failure and
+    the tries, in the run's failures (exit code 1), and is not finished (no index); the indexer
+    may take the next video."""
     from findpeople import cluster as cluster_module
     from findpeople.runstate import RunState
     from conftest import make_info
 
-    def broken_every_time(count_file: str):  # nested: Ray sends it by value
+    def broken_pipeline():  # nested: Ray sends it by value
         from findpeople.errors import PipelineBroken
-        with open(count_file, "a", encoding="utf-8") as file:
-            file.write("x")
         raise PipelineBroken("worker-0", -9, "killed")
 
-    count_file = tmp_path / "tries"
-    task = ray.remote(broken_every_time).options(
-        num_cpus=1, max_retries=cluster_module.TASK_RETRIES,
-        retry_exceptions=[cluster_module.PipelineBroken])
-    ref = task.remote(str(count_file))
+    task = ray.remote(broken_pipeline).options(num_cpus=1, max_retries=0)
     settings = main_module.load_settings(["--output", str(tmp_path / "out"), "--index-dir", str(tmp_path / "idx")])
     state = RunState([make_info(main_module, path="/videos/obama_whcd.mp4")], settings, None, {"people": []})
-    board = cluster_module.start_board(ray)
-    cluster = cluster_module.Cluster(ray, "local", [], board)
-    written = []
+    cluster = cluster_module.Cluster(ray, "local", [], cluster_module.start_board(ray))
+    written, result, waiting = [], state.results[0], []
     bars = {"frames": type("Bar", (), {"write": lambda self, text: written.append(text)})()}
-    ray.wait([ref], timeout=120)
-    cluster_module.take_outcome(state, cluster, state.results[0], ref, bars)
-    assert count_file.read_text() == "x" * (cluster_module.TASK_RETRIES + 1)
-    result = state.results[0]
+    for attempt in range(cluster_module.TASK_RETRIES + 1):
+        ref = task.remote()
+        ray.wait([ref], timeout=120)
+        assert cluster_module.take_outcome(state, cluster, None, result, ref, waiting, bars)
+        retried = attempt < cluster_module.TASK_RETRIES
+        assert waiting == ([result] if retried else []) and (result.errors == []) == retried
+        waiting.clear()
     assert len(result.errors) == 1 and result.errors == state.failures, result.errors
     assert result.errors[0].startswith("/videos/obama_whcd.mp4: not indexed: worker-0 stopped (exit code -9)")
     assert f"({cluster_module.TASK_RETRIES + 1} tries)" in result.errors[0]

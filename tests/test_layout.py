@@ -15,7 +15,7 @@ from conftest import REPO
 # doctor come last, so no stage module can import them; nothing in the package imports main.
 LAYERS = ("errors", "settings", "outputs", "ring", "folders", "decode", "gpulibs", "providers",
           "detect", "device", "models", "references", "tracks", "worker", "index", "naming", "search",
-          "clips", "reports", "resume", "snapshots", "people", "runstate", "pipeline", "cluster", "run", "doctor")
+          "clips", "reports", "resume", "snapshots", "people", "runstate", "pipeline", "indexer", "cluster", "run", "doctor")
 HEAVY_MODULES = ("onnxruntime", "insightface", "tensorrt", "av", "cv2", "onnx", "pyarrow", "duckdb",
                  "faiss", "usearch")
 MAX_MODULE_LINES = 600
