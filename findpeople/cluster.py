@@ -33,6 +33,7 @@ RAY_INSTALL = "pip install -r requirements-ray.txt"
 TASK_RETRIES = 3  # more tries of a video whose node, indexer process or pipeline process was lost
 POLL_S = 0.25  # how often the driver looks at the indexers and the progress board
 CANCEL_WAIT_S = 20.0  # how long the end of a run waits for the indexers to stop their pipelines
+CALLS_PER_INDEXER = 2  # videos given to an indexer at once: the next one is decoded meanwhile
 
 
 def import_ray(address: str):
@@ -55,7 +56,8 @@ class Cluster:
     nodes: list  # node_facts of every alive node that can run a video, when the run started
     board: object = None  # the ProgressBoard actor
     tries: dict = dataclasses.field(default_factory=dict)  # video_idx -> [(attempt, node facts)]
-    frames: dict = dataclasses.field(default_factory=dict)  # (video_idx, attempt) -> frames shown
+    frames: dict = dataclasses.field(default_factory=dict)  # video_idx -> frames of its live try
+    shown: int = 0  # frames the bar shows
     used: dict = dataclasses.field(default_factory=dict)  # node id -> {"node": facts, "videos": []}
     notes_seen: set = dataclasses.field(default_factory=set)
     done: set = dataclasses.field(default_factory=set)  # video_idx whose task has ended
@@ -64,6 +66,8 @@ class Cluster:
     starting: dict = dataclasses.field(default_factory=dict)  # node() ObjectRef -> indexer not yet placed
     calls: dict = dataclasses.field(default_factory=dict)  # index() ObjectRef -> (indexer, VideoResult)
     failed_tries: dict = dataclasses.field(default_factory=dict)  # video_idx -> tries that failed
+    placed: list = dataclasses.field(default_factory=list)  # indexers that answered node()
+    dead: list = dataclasses.field(default_factory=list)  # indexers lost (replaced once)
     times: dict = dataclasses.field(default_factory=dict)  # video_idx -> {event: driver's monotonic s}
 
     @property
@@ -206,8 +210,9 @@ def start_indexers(state: RunState, cluster: Cluster, videos: int) -> None:
 def add_indexer(state: RunState, cluster: Cluster) -> None:
     """Start one indexer actor (Ray places it where its resources are free)."""
     resources = task_resources(state.settings, cluster.nodes)
-    actor = cluster.ray.remote(NodeIndexer).options(max_restarts=0, scheduling_strategy="SPREAD",
-                                                    **resources)
+    actor = cluster.ray.remote(NodeIndexer).options(
+        max_restarts=0, max_concurrency=CALLS_PER_INDEXER + 1, scheduling_strategy="SPREAD",
+        **resources)  # + 1: close() runs beside the videos in progress
     videos = [dataclasses.replace(r.info, path=str(Path(r.info.path).resolve())) for r in state.results]
     indexer = actor.remote(node_settings(state.settings), videos, cluster.board)
     cluster.indexers.append(indexer)
@@ -215,16 +220,14 @@ def add_indexer(state: RunState, cluster: Cluster) -> None:
 
 
 def dispatch(state: RunState, cluster: Cluster, waiting: list, bars: dict) -> None:
-    """Give each idle indexer the next video (longest first) until every video has ended: its
-    tracks handed to the run state, or failed for good. A video whose indexer died (its node
-    lost) or whose pipeline broke goes back to the front of the queue, up to TASK_RETRIES more
-    times; a dead indexer is replaced. Raise OutputError when OUTPUT_DIR cannot be written."""
-    ray, idle, calls = cluster.ray, [], cluster.calls
+    """Keep every placed indexer busy with up to CALLS_PER_INDEXER videos (longest first) until
+    every video has ended: its tracks handed to the run state, or failed for good. A video whose
+    indexer died (its node lost) or whose pipeline broke goes back to the front of the queue, up
+    to TASK_RETRIES more times; a dead indexer is replaced. Raise OutputError when OUTPUT_DIR
+    cannot be written."""
+    ray, calls = cluster.ray, cluster.calls
     while waiting or calls:
-        while idle and waiting:
-            indexer, result = idle.pop(0), waiting.pop(0)
-            calls[indexer.index.remote(result.info.idx)] = (indexer, result)
-            cluster.times.setdefault(result.info.idx, {})["submitted"] = time.monotonic()
+        give_videos(cluster, waiting)
         refs = [*calls, *cluster.starting]
         ready = ray.wait(refs, num_returns=1, timeout=POLL_S)[0] if refs else []
         if ready:
@@ -233,12 +236,26 @@ def dispatch(state: RunState, cluster: Cluster, waiting: list, bars: dict) -> No
         for ref in ready:
             if ref in cluster.starting:
                 indexer = cluster.starting.pop(ref)
-                idle += [indexer] if started_ok(ray, ref) else []
+                cluster.placed += [indexer] if started_ok(ray, ref) else []
             else:
                 indexer, result = calls.pop(ref)
-                idle += [indexer] if take_outcome(state, cluster, indexer, result, ref, waiting, bars) else []
+                if not take_outcome(state, cluster, indexer, result, ref, waiting, bars) \
+                        and indexer in cluster.placed:
+                    cluster.placed.remove(indexer)
+        refresh_frames(cluster, bars)
         if state.write_error:
             raise OutputError(state.write_error)
+
+
+def give_videos(cluster: Cluster, waiting: list) -> None:
+    """Give the waiting videos to the placed indexers, one each before a second each."""
+    for level in range(CALLS_PER_INDEXER):
+        for indexer in cluster.placed:
+            busy = sum(1 for owner, _ in cluster.calls.values() if owner is indexer)
+            if waiting and busy <= level:
+                result = waiting.pop(0)
+                cluster.calls[indexer.index.remote(result.info.idx)] = (indexer, result)
+                cluster.times.setdefault(result.info.idx, {})["submitted"] = time.monotonic()
 
 
 def started_ok(ray, ref) -> bool:
@@ -267,14 +284,14 @@ def take_outcome(state: RunState, cluster: Cluster, indexer, result, ref, waitin
         else:
             cluster.done.add(idx)
             fail_video(state, result, task_failure(ray, error, cluster.failed_tries[idx]), bars)
-        if lost:
+        if lost and indexer not in cluster.dead:
+            cluster.dead.append(indexer)
             add_indexer(state, cluster)
         return not lost
     show_events(state, cluster, ray.get(cluster.board.take.remote()), bars)
     cluster.done.add(idx)
     cluster.times[idx]["done"] = time.monotonic()
-    shown = sum(n for (v, _), n in cluster.frames.items() if v == idx)
-    bars["frames"].update(outcome["processed_frames"] - shown)  # a lost try's, and unsent frames
+    cluster.frames[idx] = outcome["processed_frames"]
     with state.lock:
         apply_outcome(state, result, outcome)
     entry = cluster.used.setdefault(outcome["node"]["node"], {"node": outcome["node"], "videos": []})
@@ -287,34 +304,48 @@ def take_outcome(state: RunState, cluster: Cluster, indexer, result, ref, waitin
 
 def show_events(state: RunState, cluster: Cluster, events: list, bars: dict) -> None:
     """Apply the indexers' events: a try started (the per-video line, with its node; a new try
-    takes back the frames of the lost one), frames processed, notes (each once per node)."""
-    for kind, video_idx, attempt, payload in events:
-        name = Path(state.results[video_idx].info.path).name
-        if kind == "start":
-            tries = cluster.tries.setdefault(video_idx, [])
-            for lost, _ in tries:
-                bars["frames"].update(-cluster.frames.pop((video_idx, lost), 0))
-            tries.append((attempt, payload))
-            cluster.times.setdefault(video_idx, {}).update(started=time.monotonic(), first_frames=None)
-            again = f", try {len(tries)} (the try before was lost)" if len(tries) > 1 else ""
-            bars["frames"].write(f"[{'!' if again else '*'}] {name}: indexing on {node_label(payload)}{again}")
-        elif kind == "frames" and video_idx not in cluster.done:  # not a late post after the outcome
-            cluster.frames[(video_idx, attempt)] = cluster.frames.get((video_idx, attempt), 0) + payload
-            times = cluster.times.setdefault(video_idx, {})
-            times["first_frames"] = times.get("first_frames") or time.monotonic()
-            bars["frames"].update(payload)
-        elif kind == "note":
-            show_note(cluster, video_idx, attempt, payload, bars)
+    starts the video's frames again), frame counts of the live tries, notes (once per node)."""
+    for event in events:
+        if event[0] == "start":
+            show_start(state, cluster, *event[1:], bars)
+        elif event[0] == "frames":
+            for video_idx, (attempt, count) in event[1].items():
+                tries = cluster.tries.get(video_idx) or [(None, None)]
+                if video_idx not in cluster.done and tries[-1][0] == attempt:
+                    cluster.frames[video_idx] = count
+                    times = cluster.times.setdefault(video_idx, {})
+                    times["first_frames"] = times.get("first_frames") or (time.monotonic() if count else None)
+        elif event[0] == "note":
+            show_note(cluster, *event[1:], bars)
 
 
-def show_note(cluster: Cluster, video_idx: int, attempt: str, text: str, bars: dict) -> None:
+def show_start(state: RunState, cluster: Cluster, video_idx: int, attempt: str, node: dict,
+               bars: dict) -> None:
+    """Print that a video is being indexed on a node ('try 2' after a lost try)."""
+    name = Path(state.results[video_idx].info.path).name
+    tries = cluster.tries.setdefault(video_idx, [])
+    tries.append((attempt, node))
+    cluster.frames[video_idx] = 0
+    cluster.times.setdefault(video_idx, {}).update(started=time.monotonic(), first_frames=None)
+    again = f", try {len(tries)} (the try before was lost)" if len(tries) > 1 else ""
+    bars["frames"].write(f"[{'!' if again else '*'}] {name}: indexing on {node_label(node)}{again}")
+
+
+def show_note(cluster: Cluster, node: dict, text: str, bars: dict) -> None:
     """Print a node's note once per node ('[*] host (node 1a2b3c4d): worker-0: ...')."""
-    node = dict(cluster.tries.get(video_idx, [])).get(attempt)
-    where = node_label(node) if node else "a node"
+    where = node_label(node)
     mark, text = (text[:3], text[4:]) if re.match(r"\[.\] ", text) else ("[*]", text)
     if (where, text) not in cluster.notes_seen:
         cluster.notes_seen.add((where, text))
         bars["frames"].write(f"{mark} {where}: {text}")
+
+
+def refresh_frames(cluster: Cluster, bars: dict) -> None:
+    """Move the frames bar to the frames of the finished videos and of the live tries."""
+    total = sum(cluster.frames.values())
+    if total != cluster.shown:
+        bars["frames"].update(total - cluster.shown)
+        cluster.shown = total
 
 
 def apply_outcome(state: RunState, result, outcome: dict) -> None:

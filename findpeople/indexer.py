@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -96,99 +97,121 @@ class ProgressBoard:
 
 
 class RelayBar:
-    """Stands in for one of the pipeline's tqdm bars on a node: the frames bar posts its new
-    frames (at most every RELAY_EVERY_S) and every note to the ProgressBoard."""
+    """Stands in for one of the pipeline's tqdm bars in an indexer: the frames bar posts the
+    frame counts of the indexer's videos in progress (at most every RELAY_EVERY_S), and notes,
+    to the ProgressBoard; the videos bar (indexer None) posts nothing."""
 
-    def __init__(self, board, key: tuple | None = None):
-        self.board, self.key, self.n, self.desc = board, key, 0, ""
-        self.unsent, self.sent_at = 0, time.monotonic()
+    def __init__(self, board, indexer=None):
+        self.board, self.indexer, self.n, self.desc = board, indexer, 0, ""
+        self.sent_at = time.monotonic()
 
     def set_description_str(self, text: str, refresh: bool = False) -> None:
         self.desc = text
 
     def update(self, count: int) -> None:
         self.n += count
-        self.unsent += count
         if time.monotonic() - self.sent_at >= RELAY_EVERY_S:
             self.flush()
 
     def flush(self) -> None:
-        if self.unsent and self.key is not None:
-            self.board.post.remote(("frames", *self.key, self.unsent))
-        self.unsent, self.sent_at = 0, time.monotonic()
+        if self.indexer is not None:
+            self.board.post.remote(("frames", self.indexer.progress()))
+        self.sent_at = time.monotonic()
 
     def write(self, text: str) -> None:
-        if self.key is not None:
-            self.board.post.remote(("note", *self.key, text))
+        if self.indexer is not None:
+            self.board.post.remote(("note", self.indexer.where, text))
 
     def close(self) -> None:
         self.flush()
 
 
 class NodeIndexer:
-    """Ray actor: one pipeline on its node, started at the first video and kept (its processes
-    and loaded models) for the next ones, until close(). A video whose pipeline breaks stops
-    the pipeline (the next video starts a new one) and raises PipelineBroken."""
+    """Ray actor (threaded: a call per video in progress, and close): one pipeline on its node,
+    started at the first video and kept, its processes and loaded models, for the next ones
+    until close(). Two videos in progress overlap as in a local run (one is decoded while the
+    other's last frames are processed). A broken pipeline is stopped (the next video starts a
+    new one) and each video in it raises PipelineBroken."""
 
     def __init__(self, settings: Settings, videos: list, board):
-        self.settings, self.board = settings, board
+        self.settings, self.board, self.where = settings, board, this_node()
         self.state = NodeRunState(videos, settings, None, {"people": []})
-        self.pipe, self.bars = None, {"videos": RelayBar(board), "frames": RelayBar(board)}
+        self.pipe, self.lock, self.attempts, self.closing = None, threading.Lock(), {}, False
+        self.bars = {"videos": RelayBar(board), "frames": RelayBar(board, self)}
 
     def node(self) -> dict:
         """Return this_node() (the driver's sign that the actor is placed and started)."""
-        return this_node()
+        return self.where
+
+    def progress(self) -> dict:
+        """Return {video_idx: (attempt, frames processed)} of the videos in progress."""
+        return {idx: (attempt, self.state.results[idx].processed_frame_count)
+                for idx, attempt in list(self.attempts.items())}
 
     def index(self, video_idx: int) -> dict:
         """Index one video (its frames through this actor's pipeline); return its tracks and
         counts, which node did it and how it ran the models. Its file missing here is BadInput;
-        ray.cancel stops it (KeyboardInterrupt) and the pipeline."""
-        result, node, attempt = self.state.results[video_idx], this_node(), uuid.uuid4().hex[:12]
-        self.board.post.remote(("start", video_idx, attempt, node))
-        if not Path(result.info.path).is_file():
-            raise BadInput(f"{result.info.path}: not found on node {node_label(node)}: every node "
+        ray.cancel or close() stop it (KeyboardInterrupt) and the pipeline."""
+        attempt, info = uuid.uuid4().hex[:12], self.state.results[video_idx].info
+        self.board.post.remote(("start", video_idx, attempt, self.where))
+        if not Path(info.path).is_file():
+            raise BadInput(f"{info.path}: not found on node {node_label(self.where)}: every node "
                            f"needs the video folder at the same path (docs/cluster.md)")
-        self.state.results[video_idx] = result = dataclasses.replace(
-            result, tracks=[], errors=[], finished=False, tracked=False, sent_frame_count=None,
-            processed_frame_count=0)
-        self.bars["frames"] = RelayBar(self.board, (video_idx, attempt))
-        try:
+        with self.lock:
+            self.state.results[video_idx] = result = dataclasses.replace(
+                self.state.results[video_idx], tracks=[], errors=[], finished=False, tracked=False,
+                sent_frame_count=None, processed_frame_count=0)
+            self.attempts[video_idx] = attempt
             if self.pipe is None:
                 self.pipe = start_pipeline(self.settings, [r.info for r in self.state.results], [],
                                            open_ended=True)
-            self.pipe.jobs_q.put(result.info)
-            follow_children(self.state, self.pipe, self.bars, until=lambda: stopped(result))
+            pipe = self.pipe
+            pipe.jobs_q.put(info)
+        try:
+            follow_children(self.state, pipe, self.bars, until=lambda: self.stopped(result))
         except BaseException:
-            self.close()
+            self.stop(pipe)
             raise
         finally:
-            self.bars["frames"].close()
-        outcome = {"attempt": attempt, "node": node, "tracks": result.tracks,
+            self.bars["frames"].flush()
+            self.attempts.pop(video_idx, None)
+        outcome = {"attempt": attempt, "node": self.where, "tracks": result.tracks,
                    "processed_frames": result.processed_frame_count, "sent_frames": result.sent_frame_count,
-                   "face_counts": result.face_counts, "errors": result.errors, "stages": self.state.stages,
+                   "face_counts": result.face_counts, "errors": result.errors, "stages": dict(self.state.stages),
                    "models": pack_sha256(self.settings), "execution": execution_fingerprint(self.settings)}
         result.tracks = []
         return outcome
 
+    def stop(self, pipe) -> None:
+        """Stop a broken or interrupted pipeline at once (once, whichever call sees it first)."""
+        with self.lock:
+            if pipe is None or self.pipe is not pipe:
+                return
+            self.pipe = None
+        shutdown_pipeline(pipe)
+
+    def stopped(self, result) -> bool:
+        """Return True once result's video is indexed; raise KeyboardInterrupt once the driver
+        has cancelled the call or closes the actor (a flag in an actor: nothing interrupts it)."""
+        import ray
+        if self.closing or ray.get_runtime_context().is_canceled():
+            raise KeyboardInterrupt
+        return result.finished
+
     def close(self) -> None:
-        """Stop the pipeline: its children end after their last video, then are joined (and
-        terminated if they linger); its ring is freed."""
-        pipe, self.pipe = self.pipe, None
+        """Stop the pipeline: after the last video its children end and are joined (terminated
+        if they linger); while videos are in progress (a run stopped midway) at once, and those
+        calls end with KeyboardInterrupt. Its ring is freed either way."""
+        self.closing = True
+        with self.lock:
+            pipe, self.pipe, busy = self.pipe, None, bool(self.attempts)
         if pipe is None:
             return
         try:
-            end_jobs(pipe, self.settings)
-            follow_children(self.state, pipe, self.bars, until=lambda: stopped(None))
-        except BaseException:  # broken or interrupted: shutdown_pipeline stops what is left
+            if not busy:
+                end_jobs(pipe, self.settings)
+                follow_children(self.state, pipe, self.bars)
+        except BaseException:  # broken: shutdown_pipeline stops what is left
             pass
         finally:
             shutdown_pipeline(pipe)
-
-
-def stopped(result) -> bool:
-    """Return True when result's video is indexed; raise KeyboardInterrupt once the driver has
-    cancelled the call (ray.cancel sets a flag in an actor: nothing interrupts it)."""
-    import ray
-    if ray.get_runtime_context().is_canceled():
-        raise KeyboardInterrupt
-    return result is not None and result.finished
