@@ -120,16 +120,12 @@ def check_nodes(ray, settings: Settings, model_paths: list) -> list:
     """Return node_facts of every alive node with a CPU, printing one line per node; raise
     BadInput naming each node that lacks what indexing needs (the models, the same model files
     as this machine, the video folder), or when no node can run a video."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     alive = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1]
     if not alive:
         raise BadInput(f"the Ray cluster at {settings.RAY_ADDRESS} has no node with a CPU to index on")
-    probe = ray.remote(num_cpus=0)(node_facts)
-    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(node_settings(settings)) for n in alive]
     nodes, problems = [], []
     expected = model_sha256(model_paths)
-    for node, facts in zip(alive, ray.get(refs)):
+    for node, facts in zip(alive, probe_nodes(ray, settings, alive)):
         facts["cpus"], facts["gpus"] = node["Resources"].get("CPU", 0), node["Resources"].get("GPU", 0)
         if facts.get("models") not in (None, expected):
             facts["problems"].append(f"its model files differ from this machine's in "
@@ -142,6 +138,17 @@ def check_nodes(ray, settings: Settings, model_paths: list) -> list:
         raise BadInput("Ray nodes that cannot index (fix them or take them out of the cluster; "
                        "docs/cluster.md):\n    - " + "\n    - ".join(problems))
     return nodes
+
+
+def probe_nodes(ray, settings: Settings, alive: list) -> list:
+    """Return node_facts of each node, from a task on it (with --ray local, of this machine,
+    looked at here: its one node is this machine)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    if settings.RAY_ADDRESS == "local":
+        return [node_facts(node_settings(settings))]
+    probe = ray.remote(num_cpus=0)(node_facts)
+    return ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(node_settings(settings)) for n in alive])
 
 
 def task_resources(settings: Settings, nodes: list) -> dict:
