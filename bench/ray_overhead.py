@@ -61,6 +61,9 @@ def run_once(variant: str, address: str, work: Path) -> dict:
     cluster = stats.get("cluster") or {}
     ranges = [(Path(v["file"]).name, [(r["name"], r["start"], r["end"]) for r in v["ranges"]])
               for v in json.loads((folder / "out" / "results.json").read_text())["videos"]]
+    kept = REPO / "bench" / "_work" / "ray_overhead_index"  # for call_overhead's payload size
+    if not kept.exists():
+        shutil.copytree(folder / "index", kept)
     shutil.rmtree(folder, ignore_errors=True)
     return {"variant": variant, "wall_s": round(wall_s, 3), "index_s": stats["index_s"],
             "connect_s": cluster.get("connect_s"), "videos": cluster.get("videos", []),
@@ -82,6 +85,39 @@ def start_cluster(work: Path) -> tuple:
     if done.returncode != 0 or address is None:
         raise SystemExit(f"ray start failed:\n{text[-3000:]}")
     return address, [ray, "stop", "--force"], env
+
+
+def call_overhead(address: str, calls: int = 200) -> dict:
+    """Time what Ray adds per video on the running cluster, apart from the pipeline: a call to an
+    actor that returns at once (each video is one such call), and one that returns tracks of the
+    size of a shared clip's index (the payload a video's call carries back)."""
+    import numpy as np
+    import ray
+    os.environ["RAY_AUTH_MODE"] = "token"
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        @ray.remote(num_cpus=0)
+        class Echo:
+            def nothing(self):
+                return None
+
+            def payload(self, size: int):
+                return np.zeros(size, dtype=np.uint8)
+
+        echo = Echo.remote()
+        ray.get(echo.nothing.remote())
+        size = max(p.stat().st_size for p in (REPO / "bench" / "_work" / "ray_overhead_index").glob("*.parquet"))
+        times = {"call_s": [], "payload_s": []}
+        for _ in range(calls):
+            started = time.perf_counter()
+            ray.get(echo.nothing.remote())
+            times["call_s"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            ray.get(echo.payload.remote(size))
+            times["payload_s"].append(time.perf_counter() - started)
+        return {"payload_bytes": size, **{k: spread(v) for k, v in times.items()}}
+    finally:
+        ray.shutdown()
 
 
 def summary(runs: list) -> dict:
@@ -118,6 +154,7 @@ def main() -> int:
     args = parser.parse_args()
     work = REPO / "bench" / "_work" / "ray_overhead"
     shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(REPO / "bench" / "_work" / "ray_overhead_index", ignore_errors=True)
     work.mkdir(parents=True)
     address, stop, env = start_cluster(work)
     runs = []
@@ -132,10 +169,14 @@ def main() -> int:
                 print(f"round {round_idx} {variant:8s} wall {run['wall_s']:6.1f} s  index stage "
                       f"{run['index_s']:6.1f} s  connect {run['connect_s'] or 0:4.1f} s  "
                       f"task start->first frames: {startups or '-'}", flush=True)
+        calls = call_overhead(address)
+        print(f"per video: actor call {calls['call_s']['median'] * 1000:.1f} ms, with a "
+              f"{calls['payload_bytes'] / 1e6:.2f} MB payload {calls['payload_s']['median'] * 1000:.1f} ms "
+              f"(median of {calls['call_s']['n']})", flush=True)
     finally:
         subprocess.run(stop, capture_output=True, env=env, timeout=120)
     same = all(r["ranges"] == runs[0]["ranges"] for r in runs)
-    result = {"runs": runs, "summary": summary(runs), "same_ranges_in_every_run": same,
+    result = {"runs": runs, "summary": summary(runs), "calls": calls, "same_ranges_in_every_run": same,
               "cpus": os.cpu_count()}
     OUT.write_text(json.dumps(result, indent=1))
     print(json.dumps(result["summary"], indent=1))

@@ -2,7 +2,7 @@
 
 main.py holds the settings block and main(); it hands a frozen Settings record to this package,
 which never reads main.py's constants. Importing any module here does no work and loads no heavy
-library (onnxruntime, insightface, cv2, av are imported inside the functions that need them),
+library (onnxruntime, insightface, cv2, av, ray are imported inside the functions that need them),
 because every `spawn` child re-imports the modules of its target.
 
 The modules, in import order: each imports only modules above it (tests/test_layout.py checks).
@@ -32,6 +32,8 @@ The modules, in import order: each imports only modules above it (tests/test_lay
     runstate    the parent's record of a run, filled from the children's messages; the finisher
                 thread (index written, search, snapshots, clips)
     pipeline    start the processes and queues, read messages, notice dead children, shut down
+    indexer     on a Ray node (--ray): the actor that keeps a pipeline for video after video
+    cluster     the index stage on a Ray cluster: join, check the nodes, give out videos, retry
     run         one run from start to end: inputs, indexes reused or made, search, reports, exit code
     doctor      --check and --demo
 
@@ -49,6 +51,7 @@ Where a change goes:
     a new field in results.json / results.csv / HTML    reports.py
     a new setting                                       main.py's block, then settings.py's limits
     a new process, queue or message                     pipeline.py and runstate.py
+    how videos are given to Ray nodes, retried          cluster.py (on the node: indexer.py)
     a new line in --check                               doctor.py
     how unnamed faces are grouped into people           people.py
     a new onnxruntime-gpu, CUDA or TensorRT version       requirements-gpu*.txt + docs/gpu.md's table

@@ -47,6 +47,9 @@ def check_lines(settings: Settings) -> tuple:
     for name in ("insightface", "onnxruntime", "onnxruntime-gpu", "av", "opencv-python",
                  "numpy", "tensorrt", "imageio-ffmpeg"):
         lines.append(f"  {name}: {package_version(name) or 'not installed'}")
+    lines.append(f"  ray: {package_version('ray') or 'not installed (only --ray needs it: pip install -r requirements-ray.txt)'}")
+    if settings.RAY_ADDRESS and not package_version("ray"):
+        say(False, f"RAY_ADDRESS is {settings.RAY_ADDRESS!r} but Ray is not installed: pip install -r requirements-ray.txt")
     gpus = visible_gpus()
     where = "nvidia-smi lists none" if shutil.which("nvidia-smi") else "no nvidia-smi on PATH"
     lines.append(f"GPUs: {', '.join(gpus) if gpus else f'none found ({where})'}")

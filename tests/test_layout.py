@@ -17,7 +17,7 @@ LAYERS = ("errors", "settings", "outputs", "ring", "folders", "decode", "gpulibs
           "detect", "device", "models", "references", "tracks", "worker", "index", "naming", "search",
           "clips", "reports", "resume", "snapshots", "people", "runstate", "pipeline", "indexer", "cluster", "run", "doctor")
 HEAVY_MODULES = ("onnxruntime", "insightface", "tensorrt", "av", "cv2", "onnx", "pyarrow", "duckdb",
-                 "faiss", "usearch")
+                 "faiss", "usearch", "ray")
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 45
 PACKAGE = REPO / "findpeople"
