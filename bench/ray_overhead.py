@@ -74,10 +74,11 @@ def start_cluster(work: Path) -> tuple:
     """Start a one-node Ray cluster (`ray start --head`) with its own temporary folder; return
     (its address, the environment to stop it with)."""
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    env = {**os.environ, "RAY_TMPDIR": str(work / "ray_tmp")}
+    temp = Path(tempfile.mkdtemp(prefix="rayb-"))  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": str(temp)}
     done = subprocess.run([ray, "start", "--head", f"--num-cpus={os.cpu_count()}", "--num-gpus=0",
                            "--include-dashboard=false", "--disable-usage-stats",
-                           f"--temp-dir={work / 'ray_tmp'}", "--port=0"],
+                           f"--temp-dir={temp}", "--port=0"],
                           capture_output=True, text=True, env=env, timeout=300)
     text = done.stdout + done.stderr
     address = next((line.split("--address=")[1].split()[0].strip("'\"") for line in text.splitlines()
@@ -91,9 +92,9 @@ def call_overhead(address: str, calls: int = 200) -> dict:
     """Time what Ray adds per video on the running cluster, apart from the pipeline: a call to an
     actor that returns at once (each video is one such call), and one that returns tracks of the
     size of a shared clip's index (the payload a video's call carries back)."""
+    os.environ["RAY_AUTH_MODE"] = "token"  # read when ray is imported
     import numpy as np
     import ray
-    os.environ["RAY_AUTH_MODE"] = "token"
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
         @ray.remote(num_cpus=0)
@@ -144,8 +145,8 @@ def spread(values: list) -> dict | None:
     """Return {median, min, max} of values, or None for none."""
     if not values:
         return None
-    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
-            "max": round(max(values), 3), "n": len(values)}
+    return {"median": round(statistics.median(values), 5), "min": round(min(values), 5),
+            "max": round(max(values), 5), "n": len(values)}
 
 
 def main() -> int:
