@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ TASK_RETRIES = 3  # more tries of a video whose node, indexer process or pipelin
 POLL_S = 0.25  # how often the driver looks at the indexers and the progress board
 CANCEL_WAIT_S = 20.0  # how long the end of a run waits for the indexers to stop their pipelines
 CALLS_PER_INDEXER = 2  # videos given to an indexer at once: the next one is decoded meanwhile
+PLACEMENT_WAIT_S = 600.0  # the waiting videos fail when no indexer could be placed for this long
 
 
 def import_ray(address: str):
@@ -68,6 +70,11 @@ class Cluster:
     failed_tries: dict = dataclasses.field(default_factory=dict)  # video_idx -> tries that failed
     placed: list = dataclasses.field(default_factory=list)  # indexers that answered node()
     dead: list = dataclasses.field(default_factory=list)  # indexers lost (replaced once)
+    node_of: dict = dataclasses.field(default_factory=dict)  # id(indexer) -> its node's id
+    solo: dict = dataclasses.field(default_factory=dict)  # video_idx tried again -> its indexer, alone
+    avoid: dict = dataclasses.field(default_factory=dict)  # video_idx -> node ids that could not index it
+    start_error: str | None = None  # why the last indexer that failed to start failed
+    waiting_since: float = 0.0  # since when no indexer has been placed or busy
     times: dict = dataclasses.field(default_factory=dict)  # video_idx -> {event: driver's monotonic s}
 
     @property
@@ -87,8 +94,8 @@ def ray_cluster(settings: Settings, model_paths: list):
     a running cluster as it was."""
     ray = import_ray(settings.RAY_ADDRESS)
     started = time.monotonic()
-    connect(ray, settings.RAY_ADDRESS)
-    try:
+    try:  # a Ctrl-C while a 'local' instance starts still stops it
+        connect(ray, settings.RAY_ADDRESS)
         cluster = Cluster(ray, settings.RAY_ADDRESS, check_nodes(ray, settings, model_paths))
         cluster.connect_s = round(time.monotonic() - started, 3)
         yield cluster
@@ -102,18 +109,22 @@ def connect(ray, address: str) -> None:
     options = {"logging_level": logging.WARNING, "log_to_driver": False,
                "runtime_env": {"py_modules": [str(Path(__file__).resolve().parent)]}}
     print(f"[*] Ray: {'starting a Ray instance on this machine' if address == 'local' else f'joining {address}'}")
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         if address == "local":
             ray.init(address="local", include_dashboard=False, **options)  # a new one, never a running one
         else:
             ray.init(address=address, **options)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError, ray.exceptions.RayError) as error:
         token = "" if address in ("local", "auto") or os.environ.get("RAY_AUTH_MODE") else (
             "; a cluster with token authentication (Ray's default) also needs RAY_AUTH_MODE=token "
             "here, and its token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
         raise BadInput(f"no Ray cluster at --ray {address} ({str(error).splitlines()[0]}): start one "
                        f"(ray start --head; docs/cluster.md), check the address, or use --ray "
                        f"local{token}") from None
+    finally:  # ray.init makes SIGTERM exit at once; it stops the run cleanly, as Ctrl-C does
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 def check_nodes(ray, settings: Settings, model_paths: list) -> list:
@@ -147,20 +158,37 @@ def probe_nodes(ray, settings: Settings, alive: list) -> list:
     if settings.RAY_ADDRESS == "local":
         return [node_facts(node_settings(settings))]
     probe = ray.remote(num_cpus=0)(node_facts)
-    return ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        n["NodeID"], soft=False)).remote(node_settings(settings)) for n in alive])
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(node_settings(settings)) for n in alive]
+    found = []
+    for node, ref in zip(alive, refs):
+        try:
+            found.append(ray.get(ref))
+        except ray.exceptions.RayError as error:  # no package, a broken Python, the node lost
+            raise BadInput(f"Ray node {node.get('NodeManagerHostname', '?')} (node {node['NodeID'][:8]}) "
+                           f"cannot run this tool: {first_line(error)}; install the requirements "
+                           f"there (docs/cluster.md)") from None
+    return found
+
+
+def first_line(error) -> str:
+    """Return what a Ray error says, in one line: the message of the error raised on the node
+    (a task's cause), else the first line of Ray's own message."""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"
 
 
 def task_resources(settings: Settings, nodes: list) -> dict:
-    """Return what one video's task asks Ray for: a GPU per worker process where the nodes run
-    the models on GPUs, else a CPU per decoder and worker process; never more than the largest
-    node has (Ray would wait for ever)."""
-    on_gpu = any(n["gpus"] and n["execution"]["providers"][0] != "CPUExecutionProvider" for n in nodes)
+    """Return what one indexer asks Ray for: a GPU per worker process and a CPU per decoder
+    where the nodes run the models on GPUs, else a CPU per decoder and worker process; shaped
+    to fit the node with the most GPUs (or CPUs), so that at least one node can hold it."""
+    gpu_nodes = [n for n in nodes if n["gpus"] and n["execution"]["providers"][0] != "CPUExecutionProvider"]
+    if gpu_nodes:
+        best = max(gpu_nodes, key=lambda n: (n["gpus"], n["cpus"]))
+        return {"num_gpus": min(settings.NUM_GPU_PROCESSES, int(best["gpus"])),
+                "num_cpus": min(settings.NUM_CPU_LOADERS, int(best["cpus"]))}
     most_cpus = max(int(n["cpus"]) for n in nodes)
-    if on_gpu:
-        most_gpus = max(int(n["gpus"]) for n in nodes)
-        return {"num_gpus": min(settings.NUM_GPU_PROCESSES, most_gpus),
-                "num_cpus": min(settings.NUM_CPU_LOADERS, most_cpus)}
     return {"num_cpus": min(settings.NUM_CPU_LOADERS + settings.NUM_GPU_PROCESSES, most_cpus)}
 
 
@@ -196,11 +224,13 @@ def index_on_cluster(state: RunState, cluster: Cluster) -> None:
             state.index_s = round(time.monotonic() - started, 3)
         if not finished:
             state.stop_clips.set()
-        stop_indexers(cluster)
-        for bar in bars.values():
-            bar.close()
-        state.cluster = cluster_report(state, cluster)
-        finish_clips(state, finisher)
+        try:
+            stop_indexers(cluster)
+        finally:
+            for bar in bars.values():
+                bar.close()
+            state.cluster = cluster_report(state, cluster)
+            finish_clips(state, finisher)
 
 
 def start_indexers(state: RunState, cluster: Cluster, videos: int) -> None:
@@ -220,7 +250,7 @@ def add_indexer(state: RunState, cluster: Cluster) -> None:
     actor = cluster.ray.remote(NodeIndexer).options(
         max_restarts=0, max_concurrency=CALLS_PER_INDEXER + 1, scheduling_strategy="SPREAD",
         **resources)  # + 1: close() runs beside the videos in progress
-    videos = [dataclasses.replace(r.info, path=str(Path(r.info.path).resolve())) for r in state.results]
+    videos = [dataclasses.replace(r.info, path=os.path.abspath(r.info.path)) for r in state.results]
     indexer = actor.remote(node_settings(state.settings), videos, cluster.board)
     cluster.indexers.append(indexer)
     cluster.starting[indexer.node.remote()] = indexer
@@ -228,50 +258,90 @@ def add_indexer(state: RunState, cluster: Cluster) -> None:
 
 def dispatch(state: RunState, cluster: Cluster, waiting: list, bars: dict) -> None:
     """Keep every placed indexer busy with up to CALLS_PER_INDEXER videos (longest first) until
-    every video has ended: its tracks handed to the run state, or failed for good. A video whose
-    indexer died (its node lost) or whose pipeline broke goes back to the front of the queue, up
-    to TASK_RETRIES more times; a dead indexer is replaced. Raise OutputError when OUTPUT_DIR
-    cannot be written."""
+    every video has ended: its tracks handed to the run state, or failed for good (take_outcome
+    says when a video is tried again). Raise OutputError when OUTPUT_DIR cannot be written."""
     ray, calls = cluster.ray, cluster.calls
+    cluster.waiting_since = time.monotonic()
     while waiting or calls:
         give_videos(cluster, waiting)
         refs = [*calls, *cluster.starting]
         ready = ray.wait(refs, num_returns=1, timeout=POLL_S)[0] if refs else []
         if ready:
             ready = ray.wait(refs, num_returns=len(refs), timeout=0)[0]
-        show_events(state, cluster, ray.get(cluster.board.take.remote()), bars)
+        show_events(state, cluster, take_events(cluster), bars)
         for ref in ready:
-            if ref in cluster.starting:
-                indexer = cluster.starting.pop(ref)
-                cluster.placed += [indexer] if started_ok(ray, ref) else []
-            else:
-                indexer, result = calls.pop(ref)
-                if not take_outcome(state, cluster, indexer, result, ref, waiting, bars) \
-                        and indexer in cluster.placed:
-                    cluster.placed.remove(indexer)
+            take_ready(state, cluster, ref, waiting, bars)
+        fail_unplaceable(state, cluster, waiting, bars)
         refresh_frames(cluster, bars)
+        finished = sum(r.finished for r in state.results)
+        bars["videos"].update(finished - bars["videos"].n)
         if state.write_error:
             raise OutputError(state.write_error)
 
 
-def give_videos(cluster: Cluster, waiting: list) -> None:
-    """Give the waiting videos to the placed indexers, one each before a second each."""
-    for level in range(CALLS_PER_INDEXER):
-        for indexer in cluster.placed:
-            busy = sum(1 for owner, _ in cluster.calls.values() if owner is indexer)
-            if waiting and busy <= level:
-                result = waiting.pop(0)
-                cluster.calls[indexer.index.remote(result.info.idx)] = (indexer, result)
-                cluster.times.setdefault(result.info.idx, {})["submitted"] = time.monotonic()
-
-
-def started_ok(ray, ref) -> bool:
-    """Return True when an indexer answered its node() call (it is placed and alive)."""
+def take_events(cluster: Cluster) -> list:
+    """Return the board's events; none when it cannot be reached (only progress is lost)."""
     try:
-        ray.get(ref)
-        return True
-    except ray.exceptions.RayError:
-        return False
+        return cluster.ray.get(cluster.board.take.remote(), timeout=10)
+    except Exception:
+        return []
+
+
+def give_videos(cluster: Cluster, waiting: list) -> None:
+    """Give the waiting videos to the placed indexers, one each before a second each. A video
+    tried before goes alone to an idle indexer (a video that breaks its pipeline takes no other
+    down with it), on another node than those that could not index it, where there is one."""
+    for level in range(CALLS_PER_INDEXER):
+        for indexer in list(cluster.placed):
+            busy = sum(1 for owner, _ in cluster.calls.values() if owner is indexer)
+            if not waiting or busy > level or any(s is indexer for s in cluster.solo.values()):
+                continue
+            result = waiting[0]
+            retry = cluster.failed_tries.get(result.info.idx, 0) > 0
+            avoided = cluster.avoid.get(result.info.idx, set())
+            elsewhere = any(cluster.node_of.get(id(i)) not in avoided for i in cluster.placed)
+            if retry and (busy or (elsewhere and cluster.node_of.get(id(indexer)) in avoided)):
+                continue
+            waiting.pop(0)
+            if retry:
+                cluster.solo[result.info.idx] = indexer
+            cluster.calls[indexer.index.remote(result.info.idx)] = (indexer, result)
+            cluster.times.setdefault(result.info.idx, {})["submitted"] = time.monotonic()
+
+
+def take_ready(state: RunState, cluster: Cluster, ref, waiting: list, bars: dict) -> None:
+    """Take one finished Ray call: an indexer's node() (placed, or it failed to start) or a
+    video's index() (take_outcome)."""
+    ray = cluster.ray
+    if ref in cluster.starting:
+        indexer = cluster.starting.pop(ref)
+        try:
+            cluster.node_of[id(indexer)] = ray.get(ref)["node"]
+            cluster.placed.append(indexer)
+        except ray.exceptions.RayError as error:
+            cluster.start_error = first_line(error)
+        return
+    indexer, result = cluster.calls.pop(ref)
+    cluster.solo.pop(result.info.idx, None)
+    if not take_outcome(state, cluster, indexer, result, ref, waiting, bars) and indexer in cluster.placed:
+        cluster.placed.remove(indexer)
+
+
+def fail_unplaceable(state: RunState, cluster: Cluster, waiting: list, bars: dict) -> None:
+    """Fail the waiting videos when no indexer can take them: every one failed to start, or
+    none has been placed for PLACEMENT_WAIT_S (no node has room for one)."""
+    if cluster.placed or cluster.calls or not waiting:
+        cluster.waiting_since = time.monotonic()
+        return
+    if cluster.starting and time.monotonic() - cluster.waiting_since < PLACEMENT_WAIT_S:
+        return
+    why = (f"no node had room for an indexer ({task_resources(state.settings, cluster.nodes)}) "
+           f"for {PLACEMENT_WAIT_S:.0f} s" if cluster.starting else
+           f"no indexer could start on the cluster ({cluster.start_error})")
+    while waiting:
+        result = waiting.pop(0)
+        cluster.done.add(result.info.idx)
+        fail_video(state, result, why, bars)
 
 
 def take_outcome(state: RunState, cluster: Cluster, indexer, result, ref, waiting: list,
@@ -284,25 +354,29 @@ def take_outcome(state: RunState, cluster: Cluster, indexer, result, ref, waitin
         outcome = ray.get(ref)
     except ray.exceptions.RayError as error:
         lost = not isinstance(error, ray.exceptions.RayTaskError)  # the actor died: its node or process
-        broken = isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, PipelineBroken)
+        cause = getattr(error, "cause", None)
         cluster.failed_tries[idx] = cluster.failed_tries.get(idx, 0) + 1
-        if (lost or broken) and cluster.failed_tries[idx] <= TASK_RETRIES:
+        if isinstance(cause, BadInput):  # this node cannot index it (its file not there)
+            cluster.avoid.setdefault(idx, set()).add(cluster.node_of.get(id(indexer)))
+        if (lost or isinstance(cause, (PipelineBroken, BadInput))) and cluster.failed_tries[idx] <= TASK_RETRIES:
             waiting.insert(0, result)
         else:
             cluster.done.add(idx)
             fail_video(state, result, task_failure(ray, error, cluster.failed_tries[idx]), bars)
-        if lost and indexer not in cluster.dead:
+        if lost and not any(d is indexer for d in cluster.dead):
             cluster.dead.append(indexer)
             add_indexer(state, cluster)
         return not lost
-    show_events(state, cluster, ray.get(cluster.board.take.remote()), bars)
+    show_events(state, cluster, take_events(cluster), bars)
     cluster.done.add(idx)
     cluster.times[idx]["done"] = time.monotonic()
     cluster.frames[idx] = outcome["processed_frames"]
     with state.lock:
         apply_outcome(state, result, outcome)
-    entry = cluster.used.setdefault(outcome["node"]["node"], {"node": outcome["node"], "videos": []})
+    entry = cluster.used.setdefault(outcome["node"]["node"], {"node": outcome["node"], "videos": [],
+                                                              "gpus": set()})
     entry["videos"].append(result.info.path)
+    entry["gpus"].update(outcome["node"]["task_gpus"])
     tries = len(cluster.tries.get(idx, [])) or 1
     bars["frames"].write(f"[*] {Path(result.info.path).name}: indexed on {node_label(outcome['node'])}"
                          f" ({outcome['processed_frames']} frames{f', {tries} tries' if tries > 1 else ''})")
@@ -328,13 +402,16 @@ def show_events(state: RunState, cluster: Cluster, events: list, bars: dict) -> 
 
 def show_start(state: RunState, cluster: Cluster, video_idx: int, attempt: str, node: dict,
                bars: dict) -> None:
-    """Print that a video is being indexed on a node ('try 2' after a lost try)."""
+    """Print that a video is being indexed on a node ('try 2' after a try that did not finish);
+    nothing for a video already done (a late event)."""
+    if video_idx in cluster.done:
+        return
     name = Path(state.results[video_idx].info.path).name
     tries = cluster.tries.setdefault(video_idx, [])
     tries.append((attempt, node))
     cluster.frames[video_idx] = 0
     cluster.times.setdefault(video_idx, {}).update(started=time.monotonic(), first_frames=None)
-    again = f", try {len(tries)} (the try before was lost)" if len(tries) > 1 else ""
+    again = f", try {len(tries)} (the one before did not finish)" if len(tries) > 1 else ""
     bars["frames"].write(f"[{'!' if again else '*'}] {name}: indexing on {node_label(node)}{again}")
 
 
@@ -423,10 +500,9 @@ def cluster_report(state: RunState, cluster: Cluster) -> dict:
     a video (with their GPUs and videos) and the videos tried more than once."""
     return {"address": cluster.address, "nodes_in_cluster": len(cluster.nodes), "connect_s": cluster.connect_s,
             "nodes_used": [{"node": e["node"]["node"], "host": e["node"]["host"], "ip": e["node"]["ip"],
-                            "gpus": e["node"]["task_gpus"], "videos": e["videos"]}
+                            "gpus": sorted(e["gpus"]), "videos": e["videos"]}
                            for e in cluster.used.values()],
-            "gpus_used": len({(e["node"]["node"], g) for e in cluster.used.values()
-                              for g in e["node"]["task_gpus"]}),
+            "gpus_used": sum(len(e["gpus"]) for e in cluster.used.values()),
             "retried_videos": sorted(state.results[idx].info.path for idx, tries in cluster.tries.items()
                                      if len(tries) > 1),
             "videos": [video_times(state.results[idx].info.path, times) for idx, times in cluster.times.items()]}

@@ -9,7 +9,6 @@ is and lacks before any video is sent.
 """
 from __future__ import annotations
 
-import dataclasses
 import socket
 import threading
 import time
@@ -68,16 +67,29 @@ def node_facts(settings: Settings) -> dict:
     if not Path(settings.VIDEO_DIR).is_dir():
         facts["problems"].append(f"the video folder {settings.VIDEO_DIR} is not there: every node "
                                  f"needs it at the same path (a shared folder)")
-    facts["execution"] = execution_fingerprint(settings)
+    try:
+        facts["execution"] = execution_fingerprint(settings)
+    except Exception as error:  # onnxruntime missing or broken there
+        facts["execution"] = None
+        facts["problems"].append(f"onnxruntime does not load there ({type(error).__name__}: {error}): "
+                                 f"install the requirements")
     return facts
 
 
 class NodeRunState(RunState):
-    """The run state of an indexer: the tracks of each video are kept for the driver, which
-    makes and writes the index (no INDEX_DIR on a node, no search, no outputs)."""
+    """The run state of one pipeline of an indexer: a video is finished when its frames are all
+    tracked, and its tracks are kept for the driver, which makes and writes the index (no
+    INDEX_DIR on a node, no finisher thread, no search, no outputs)."""
 
-    def finish_index(self, result) -> None:
-        """Keep the tracks (the driver's RunState.finish_index makes the index of them)."""
+    def maybe_finish(self, video_idx: int) -> None:
+        """Mark a video finished once every frame its decoder sent has been tracked."""
+        result = self.results[video_idx]
+        if result.sent_frame_count is not None and result.tracked:
+            result.finished = True
+
+
+class Stopped(Exception):
+    """An indexer's call stopped by the driver (ray.cancel, or close() while videos run)."""
 
 
 class ProgressBoard:
@@ -87,7 +99,8 @@ class ProgressBoard:
         self.events = []
 
     def post(self, event: tuple) -> None:
-        """Keep one event: (kind, video_idx, attempt, payload)."""
+        """Keep one event: ("start", video_idx, attempt, node), ("frames", {video_idx: (attempt,
+        frames)}) or ("note", node, text)."""
         self.events.append(event)
 
     def take(self) -> list:
@@ -130,13 +143,15 @@ class NodeIndexer:
     """Ray actor (threaded: a call per video in progress, and close): one pipeline on its node,
     started at the first video and kept, its processes and loaded models, for the next ones
     until close(). Two videos in progress overlap as in a local run (one is decoded while the
-    other's last frames are processed). A broken pipeline is stopped (the next video starts a
-    new one) and each video in it raises PipelineBroken."""
+    other's last frames are processed). A broken pipeline is stopped and each video in it
+    raises PipelineBroken; the next video starts a new pipeline with a run state of its own, so
+    that nothing of the broken one can reach it."""
 
     def __init__(self, settings: Settings, videos: list, board):
-        self.settings, self.board, self.where = settings, board, this_node()
-        self.state = NodeRunState(videos, settings, None, {"people": []})
-        self.pipe, self.lock, self.attempts, self.closing = None, threading.Lock(), {}, False
+        self.settings, self.videos, self.board, self.where = settings, videos, board, this_node()
+        self.models, self.execution = pack_sha256(settings), execution_fingerprint(settings)
+        self.pipe = self.state = None  # the pipeline and its own run state
+        self.lock, self.attempts, self.closing = threading.Lock(), {}, False
         self.bars = {"videos": RelayBar(board), "frames": RelayBar(board, self)}
 
     def node(self) -> dict:
@@ -145,42 +160,48 @@ class NodeIndexer:
 
     def progress(self) -> dict:
         """Return {video_idx: (attempt, frames processed)} of the videos in progress."""
-        return {idx: (attempt, self.state.results[idx].processed_frame_count)
-                for idx, attempt in list(self.attempts.items())}
+        state = self.state
+        return {} if state is None else {idx: (attempt, state.results[idx].processed_frame_count)
+                                         for idx, attempt in list(self.attempts.items())}
 
     def index(self, video_idx: int) -> dict:
         """Index one video (its frames through this actor's pipeline); return its tracks and
         counts, which node did it and how it ran the models. Its file missing here is BadInput;
-        ray.cancel or close() stop it (KeyboardInterrupt) and the pipeline."""
-        attempt, info = uuid.uuid4().hex[:12], self.state.results[video_idx].info
+        ray.cancel or close() stop it (Stopped) and the pipeline."""
+        attempt, info = uuid.uuid4().hex[:12], self.videos[video_idx]
         self.board.post.remote(("start", video_idx, attempt, self.where))
         if not Path(info.path).is_file():
             raise BadInput(f"{info.path}: not found on node {node_label(self.where)}: every node "
                            f"needs the video folder at the same path (docs/cluster.md)")
-        with self.lock:
-            self.state.results[video_idx] = result = dataclasses.replace(
-                self.state.results[video_idx], tracks=[], errors=[], finished=False, tracked=False,
-                sent_frame_count=None, processed_frame_count=0)
-            self.attempts[video_idx] = attempt
-            if self.pipe is None:
-                self.pipe = start_pipeline(self.settings, [r.info for r in self.state.results], [],
-                                           open_ended=True)
-            pipe = self.pipe
-            pipe.jobs_q.put(info)
+        pipe, state = self.pipeline_for(info)
+        result = state.results[video_idx]
+        self.attempts[video_idx] = attempt
         try:
-            follow_children(self.state, pipe, self.bars, until=lambda: self.stopped(result))
+            follow_children(state, pipe, self.bars, until=lambda: self.stopped(result))
         except BaseException:
             self.stop(pipe)
             raise
         finally:
             self.bars["frames"].flush()
             self.attempts.pop(video_idx, None)
-        outcome = {"attempt": attempt, "node": self.where, "tracks": result.tracks,
-                   "processed_frames": result.processed_frame_count, "sent_frames": result.sent_frame_count,
-                   "face_counts": result.face_counts, "errors": result.errors, "stages": dict(self.state.stages),
-                   "models": pack_sha256(self.settings), "execution": execution_fingerprint(self.settings)}
-        result.tracks = []
-        return outcome
+        with state.lock:
+            stages = dict(state.stages)
+        return {"attempt": attempt, "node": self.where, "tracks": result.tracks,
+                "processed_frames": result.processed_frame_count, "sent_frames": result.sent_frame_count,
+                "face_counts": result.face_counts, "errors": result.errors, "stages": stages,
+                "models": self.models, "execution": self.execution}
+
+    def pipeline_for(self, info) -> tuple:
+        """Return (pipeline, its run state) with the video queued to it; start them if none runs."""
+        with self.lock:
+            if self.closing:
+                raise Stopped("the indexer is closing")
+            if self.pipe is None:
+                state = NodeRunState(self.videos, self.settings, None, {"people": []})
+                self.pipe = start_pipeline(self.settings, self.videos, [], open_ended=True)
+                self.state = state
+            self.pipe.jobs_q.put(info)
+            return self.pipe, self.state
 
     def stop(self, pipe) -> None:
         """Stop a broken or interrupted pipeline at once (once, whichever call sees it first)."""
@@ -191,26 +212,26 @@ class NodeIndexer:
         shutdown_pipeline(pipe)
 
     def stopped(self, result) -> bool:
-        """Return True once result's video is indexed; raise KeyboardInterrupt once the driver
-        has cancelled the call or closes the actor (a flag in an actor: nothing interrupts it)."""
+        """Return True once result's video is indexed; raise Stopped once the driver has
+        cancelled the call or closes the actor (in an actor, ray.cancel only sets a flag)."""
         import ray
-        if self.closing or ray.get_runtime_context().is_canceled():
-            raise KeyboardInterrupt
+        if self.closing or getattr(ray.get_runtime_context(), "is_canceled", lambda: False)():
+            raise Stopped("stopped by the driver")
         return result.finished
 
     def close(self) -> None:
         """Stop the pipeline: after the last video its children end and are joined (terminated
         if they linger); while videos are in progress (a run stopped midway) at once, and those
-        calls end with KeyboardInterrupt. Its ring is freed either way."""
-        self.closing = True
+        calls end with Stopped. Its ring is freed either way."""
         with self.lock:
-            pipe, self.pipe, busy = self.pipe, None, bool(self.attempts)
+            self.closing = True
+            pipe, state, self.pipe, busy = self.pipe, self.state, None, bool(self.attempts)
         if pipe is None:
             return
         try:
             if not busy:
                 end_jobs(pipe, self.settings)
-                follow_children(self.state, pipe, self.bars)
+                follow_children(state, pipe, self.bars)
         except BaseException:  # broken: shutdown_pipeline stops what is left
             pass
         finally:

@@ -9,6 +9,7 @@ terminates stragglers, closes the queues and unlinks the ring.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing as mp
 import os
@@ -202,7 +203,8 @@ def shutdown_pipeline(pipe: Pipeline) -> None:
             q.cancel_join_thread()
             q.close()
         pipe.shm.close()
-        pipe.shm.unlink()
+        with contextlib.suppress(FileNotFoundError):  # removed by ring.remove_dead_rings of a
+            pipe.shm.unlink()  # pipeline in another PID namespace sharing /dev/shm
 
 
 def handle_message(message: tuple, state: RunState, pipe: Pipeline, bars: dict) -> None:

@@ -433,7 +433,7 @@ def print_cluster(report: dict) -> None:
         gpus = f", GPU {', '.join(node['gpus'])}" if node["gpus"] else ""
         print(f"    - {node_label(node)}: {len(node['videos'])} video(s){gpus}")
     if report["retried_videos"]:
-        print(f"[*] indexed again on another try (a node or process was lost): "
+        print(f"[*] indexed again after a try that did not finish: "
               f"{', '.join(Path(p).name for p in report['retried_videos'])}")
 
 

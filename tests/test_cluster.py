@@ -13,11 +13,10 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 
-import pytest
-import ray
 from ray.cluster_utils import Cluster
 
 from conftest import (
@@ -25,17 +24,17 @@ from conftest import (
     start_logged)
 
 NODE_STORE_BYTES = 100 * 2**20  # each node's object store: the tracks of a clip are far smaller
-KILL_AFTER_S = 3.0  # after the driver says a video is being indexed on a node
+KILL_AFTER_S = 1.5  # after a node's models are loaded (its first video: 10 s or more here)
 
 
 @contextlib.contextmanager
 def ray_nodes(workers: int):
     """Start a cluster of a CPU-less head and `workers` nodes of 2 CPUs; yield it, then stop it."""
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 0, "object_store_memory": NODE_STORE_BYTES})
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "num_gpus": 0, "object_store_memory": NODE_STORE_BYTES})
     try:
-        for _ in range(workers):
-            cluster.add_node(num_cpus=2, object_store_memory=NODE_STORE_BYTES)
+        for _ in range(workers):  # no GPU even where the machine has one: the same shapes everywhere
+            cluster.add_node(num_cpus=2, num_gpus=0, object_store_memory=NODE_STORE_BYTES)
         cluster.wait_for_nodes()
         yield cluster
     finally:
@@ -117,6 +116,9 @@ def test_a_worker_node_killed_mid_video_is_indexed_again_elsewhere_with_the_same
                     victim = found[0]
                 time.sleep(0.2)
             assert victim is not None, "".join(lines)[-4000:]
+            loaded = f"(node {victim.group(2)}): worker-0: "  # its models loaded: frames come next
+            while not any(loaded in line for line in list(lines)) and time.monotonic() < deadline:
+                time.sleep(0.2)
             time.sleep(KILL_AFTER_S)
             node = next(n for n in list(cluster.worker_nodes) if n.node_id.startswith(victim.group(2)))
             cluster.remove_node(node, allow_graceful=False)
@@ -128,7 +130,7 @@ def test_a_worker_node_killed_mid_video_is_indexed_again_elsewhere_with_the_same
         left = wait_until_gone(pipeline_processes() - before_pids)
     output = "".join(lines)
     assert code == 0, output[-4000:]
-    assert f"{victim.group(1)}: indexing on" in output and "try 2 (the try before was lost)" in output
+    assert f"{victim.group(1)}: indexing on" in output and "try 2 (the one before did not finish)" in output
     results = read_results(tmp_path / "out")
     assert answers(results) == answers(search["results"])
     retried = [Path(p).name for p in results["stats"]["cluster"]["retried_videos"]]
@@ -187,7 +189,7 @@ def test_ray_without_ray_installed_gives_the_pip_command_and_exit_code_2(tmp_pat
     assert code == 2, output
     assert "needs Ray, which is not installed" in output and "pip install -r requirements-ray.txt" in output
     assert not (tmp_path / "out").exists() and not (tmp_path / "out_index").exists()
-    assert (REPO / "requirements-ray.txt").read_text().count("ray") >= 1
+    assert any(line.startswith("ray>=") for line in (REPO / "requirements-ray.txt").read_text().splitlines())
 
 
 def test_a_bad_ray_address_is_refused_before_anything_runs(tmp_path):
@@ -197,43 +199,53 @@ def test_a_bad_ray_address_is_refused_before_anything_runs(tmp_path):
     assert code == 2 and "--ray must be empty (this machine), local, auto" in output, output
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A Ray instance in this process (one node, 2 CPUs), for the failure reporting test."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"py_modules": [str(REPO / "findpeople")]})
-    yield ray
-    ray.shutdown()
+BROKEN_EVERY_TIME = """
+import json, sys
+import ray
+import main
+from conftest import make_info
+from findpeople import cluster as cluster_module
+from findpeople.runstate import RunState
+
+def broken_pipeline():
+    from findpeople.errors import PipelineBroken
+    raise PipelineBroken("worker-0", -9, "killed")
+
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+         runtime_env={"py_modules": [sys.argv[1] + "/findpeople"]})
+task = ray.remote(broken_pipeline).options(num_cpus=1, max_retries=0)
+settings = main.load_settings(["--output", sys.argv[2] + "/out", "--index-dir", sys.argv[2] + "/idx"])
+state = RunState([make_info(main, path="/videos/obama_whcd.mp4")], settings, None, {"people": []})
+cluster = cluster_module.Cluster(ray, "local", [], cluster_module.start_board(ray))
+written, result, waiting, steps = [], state.results[0], [], []
+bars = {"frames": type("Bar", (), {"write": lambda self, text: written.append(text)})()}
+for attempt in range(cluster_module.TASK_RETRIES + 1):
+    ref = task.remote()
+    ray.wait([ref], timeout=120)
+    usable = cluster_module.take_outcome(state, cluster, None, result, ref, waiting, bars)
+    steps.append([usable, len(waiting), len(result.errors)])
+    waiting.clear()
+print(json.dumps({"steps": steps, "errors": result.errors, "failures": state.failures,
+                  "finished": result.finished, "done": sorted(cluster.done), "written": written,
+                  "retries": cluster_module.TASK_RETRIES}))
+ray.shutdown()
+"""
 
 
-def test_a_video_whose_pipeline_breaks_on_every_try_is_reported_and_the_run_goes_on(
-        local_ray, tmp_path, main_module):
+def test_a_video_whose_pipeline_breaks_on_every_try_is_reported_and_the_run_goes_on(tmp_path):
     """An indexer call that fails as a broken pipeline goes back to the front of the queue, up
     to TASK_RETRIES more times; then the video gets one error naming its file, the failure and
     the tries, in the run's failures (exit code 1), and is not finished (no index); the indexer
-    may take the next video."""
-    from findpeople import cluster as cluster_module
-    from findpeople.runstate import RunState
-    from conftest import make_info
-
-    def broken_pipeline():  # nested: Ray sends it by value
-        from findpeople.errors import PipelineBroken
-        raise PipelineBroken("worker-0", -9, "killed")
-
-    task = ray.remote(broken_pipeline).options(num_cpus=1, max_retries=0)
-    settings = main_module.load_settings(["--output", str(tmp_path / "out"), "--index-dir", str(tmp_path / "idx")])
-    state = RunState([make_info(main_module, path="/videos/obama_whcd.mp4")], settings, None, {"people": []})
-    cluster = cluster_module.Cluster(ray, "local", [], cluster_module.start_board(ray))
-    written, result, waiting = [], state.results[0], []
-    bars = {"frames": type("Bar", (), {"write": lambda self, text: written.append(text)})()}
-    for attempt in range(cluster_module.TASK_RETRIES + 1):
-        ref = task.remote()
-        ray.wait([ref], timeout=120)
-        assert cluster_module.take_outcome(state, cluster, None, result, ref, waiting, bars)
-        retried = attempt < cluster_module.TASK_RETRIES
-        assert waiting == ([result] if retried else []) and (result.errors == []) == retried
-        waiting.clear()
-    assert len(result.errors) == 1 and result.errors == state.failures, result.errors
-    assert result.errors[0].startswith("/videos/obama_whcd.mp4: not indexed: worker-0 stopped (exit code -9)")
-    assert f"({cluster_module.TASK_RETRIES + 1} tries)" in result.errors[0]
-    assert not result.finished and result.info.idx in cluster.done and written == [f"[!] {result.errors[0]}"]
+    may take the next video. (Real Ray errors, in a process of its own: Ray leaves threads in
+    the process that starts it, which would take SIGINT from the tests that raise it.)"""
+    env = {"PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+    code, output = run_main([sys.executable, "-c", BROKEN_EVERY_TIME, str(REPO), str(tmp_path)],
+                            tmp_path, env, timeout=300)
+    assert code == 0, output[-3000:]
+    found = json.loads(output.strip().splitlines()[-1])
+    retries = found["retries"]
+    assert found["steps"] == [[True, 1, 0]] * retries + [[True, 0, 1]], found["steps"]
+    assert len(found["errors"]) == 1 and found["errors"] == found["failures"], found
+    assert found["errors"][0].startswith("/videos/obama_whcd.mp4: not indexed: worker-0 stopped (exit code -9)")
+    assert f"({retries + 1} tries)" in found["errors"][0]
+    assert not found["finished"] and found["done"] == [0] and found["written"] == [f"[!] {found['errors'][0]}"]

@@ -286,13 +286,16 @@ def test_remove_dead_rings_removes_only_old_rings_of_dead_owners(tmp_path):
     lost Ray node) is removed by the next ring made; a live owner's, a young one's and anything
     not named like a ring stay."""
     import os
+    import subprocess
     import time
     from findpeople.ring import remove_dead_rings
-    names = ["sfv999999r", f"sfv{os.getpid()}r", "sfv999998r", "sfvabcr", "sfv12x"]
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no process has now
+    names = [f"sfv{dead.pid}r", f"sfv{os.getpid()}r", f"sfv{dead.pid}9r", "sfvabcr", "sfv12x"]
     for name in names:
         (tmp_path / name).write_bytes(b"x")
     old = time.time() - 120
-    for name in ("sfv999999r", f"sfv{os.getpid()}r", "sfvabcr", "sfv12x"):
+    for name in (f"sfv{dead.pid}r", f"sfv{os.getpid()}r", "sfvabcr", "sfv12x"):
         os.utime(tmp_path / name, (old, old))
-    assert remove_dead_rings(tmp_path) == ["sfv999999r"]
+    assert remove_dead_rings(tmp_path) == [f"sfv{dead.pid}r"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
