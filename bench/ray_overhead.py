@@ -6,14 +6,16 @@
 Each round runs the whole search (`python main.py`, fresh output and index folders) on the
 three shared clips three ways, in a rotating order so that a slow moment hits each in turn:
   local:    the local pipeline (RAY_ADDRESS empty);
-  ray-new:  --ray local: starts a Ray instance, indexes each video as a Ray task on it, stops it;
+  ray-new:  --ray local: starts a Ray instance, indexes the videos on indexer actors, stops it;
   ray-up:   --ray <address> of a one-node cluster started before the rounds (`ray start --head`,
             as many CPUs as the machine), the way a cluster is used: already running.
 Prints per run the wall time, the index stage, Ray's connect-and-check time and per video the
-time from a task's start to its first frames (the pipeline's start and model loading on the node,
-which a local run pays once per run instead of once per video) and from its submission to its
-start; then medians, spreads and the ratios to the local run of the same round. Needs Ray
-(requirements-ray.txt). Writes bench/_work/ray_overhead.json.
+driver's view of its task (start to first frames: the first video of an indexer waits for the
+pipeline's start and model loading, the second for the first one's frames to be decoded). Then
+the medians, spreads and ratios to the local run of the same round, and what Ray adds to each
+video on the running cluster: one actor call, and one carrying a clip's tracks back. Needs Ray
+(requirements-ray.txt); at the end `ray stop --force` stops every Ray instance of this user on
+the machine. Writes bench/_work/ray_overhead.json.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from ray.cluster_utils import Cluster
 
 from conftest import (
     REPO, TESTDATA, answers, link_all_refs, processes_with_marker, run_main, search_command, shm_names,
-    start_logged)
+    start_logged, video_folder)
 
 NODE_STORE_BYTES = 100 * 2**20  # each node's object store: the tracks of a clip are far smaller
 KILL_AFTER_S = 1.5  # after a node's models are loaded (its first video: 10 s or more here)
@@ -175,6 +175,22 @@ def test_ctrl_c_with_ray_local_stops_the_run_and_the_ray_instance_it_started(tmp
         time.sleep(0.5)
     assert not processes_with_marker(marker), output[-3000:]
     assert shm_names() <= before_rings
+
+
+def test_index_only_on_ray_local_writes_the_index_and_a_rerun_reuses_it_without_indexers(tmp_path):
+    """--index-only --ray local: the video is indexed by an indexer on the local instance, its
+    index written by the driver, nothing written to OUTPUT_DIR; a second such run reuses the
+    index and starts no indexer (nothing to index)."""
+    videos = video_folder(tmp_path, "obama_whcd.mp4")
+    command = search_command(videos, tmp_path / "no_refs", tmp_path / "out", "--ray", "local",
+                             "--index-only")
+    code, output = run_main(command, tmp_path, timeout=300)
+    assert code == 0, output[-3000:]
+    assert re.search(r"obama_whcd\.mp4: indexed on \S+ \(node [0-9a-f]{8}\) \(60 frames\)", output), output
+    assert (tmp_path / "out_index" / "obama_whcd.parquet").is_file() and not (tmp_path / "out").exists()
+    code, again = run_main(command, tmp_path, timeout=300)
+    assert code == 0 and "1 video(s) reused, 0 to index" in again, again[-3000:]
+    assert "indexing on" not in again and "0 of 1 node(s)" in again
 
 
 def test_ray_without_ray_installed_gives_the_pip_command_and_exit_code_2(tmp_path):
