@@ -265,3 +265,57 @@ def test_a_video_whose_pipeline_breaks_on_every_try_is_reported_and_the_run_goes
     assert found["errors"][0].startswith("/videos/obama_whcd.mp4: not indexed: worker-0 stopped (exit code -9)")
     assert f"({retries + 1} tries)" in found["errors"][0]
     assert not found["finished"] and found["done"] == [0] and found["written"] == [f"[!] {found['errors'][0]}"]
+
+
+def node(cpus: int, gpus: int, provider: str = "CPUExecutionProvider") -> dict:
+    """node_facts of a node as check_nodes completes them."""
+    return {"cpus": cpus, "gpus": gpus, "execution": {"providers": [provider], "gpus": []}}
+
+
+def test_an_indexer_asks_what_one_node_can_hold(main_module):
+    """GPU nodes: a GPU per worker process and a CPU per decoder, shaped on the node with the
+    most GPUs (not its CPUs from another node); CPU nodes: a CPU per decoder and worker, at most
+    the largest node's."""
+    from findpeople.cluster import task_resources
+    settings = main_module.load_settings(["--num-gpu-processes", "2", "--num-cpu-loaders", "8"])
+    gpu = "CUDAExecutionProvider"
+    assert task_resources(settings, [node(4, 1, gpu), node(64, 0)]) == {"num_gpus": 1, "num_cpus": 4}
+    assert task_resources(settings, [node(16, 4, gpu), node(8, 2, gpu)]) == {"num_gpus": 2, "num_cpus": 8}
+    assert task_resources(settings, [node(2, 0), node(6, 0)]) == {"num_cpus": 6}
+    assert task_resources(settings, [node(32, 0), node(2, 1, "CPUExecutionProvider")]) == {"num_cpus": 10}
+
+
+class FakeIndexer:
+    """Stands in for an indexer actor: index.remote(idx) returns a token and is recorded."""
+
+    def __init__(self, name: str, calls: list):
+        self.name, self.index = name, self
+        self.calls = calls
+
+    def remote(self, video_idx: int):
+        self.calls.append((self.name, video_idx))
+        return (self.name, video_idx)
+
+
+def test_videos_go_two_per_indexer_and_a_retried_one_alone_on_another_node(main_module):
+    """give_videos: one video each before a second each; a video tried before goes to an idle
+    indexer alone (no second video beside it), on a node that did not fail it when one is free."""
+    from findpeople.cluster import Cluster, give_videos
+    from conftest import make_info
+    from findpeople.runstate import VideoResult
+    calls = []
+    a, b = FakeIndexer("a", calls), FakeIndexer("b", calls)
+    cluster = Cluster(None, "test", [], placed=[a, b], node_of={id(a): "node-a", id(b): "node-b"})
+    results = [VideoResult(make_info(main_module, idx=i)) for i in range(5)]
+    waiting = list(results)
+    give_videos(cluster, waiting)
+    assert calls == [("a", 0), ("b", 1), ("a", 2), ("b", 3)] and waiting == [results[4]]
+    for ref in [("a", 0), ("a", 2)]:  # a's videos ended; video 4 failed on node-b before
+        cluster.calls.pop(ref)
+    cluster.failed_tries[4], cluster.avoid[4] = 1, {"node-b"}
+    calls.clear()
+    give_videos(cluster, waiting)
+    assert calls == [("a", 4)] and cluster.solo == {4: a}
+    waiting.append(VideoResult(make_info(main_module, idx=5)))
+    give_videos(cluster, waiting)
+    assert calls == [("a", 4)], "a video was given beside a retried one, or to a full indexer"
