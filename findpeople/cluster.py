@@ -219,6 +219,8 @@ def index_on_cluster(state: RunState, cluster: Cluster) -> None:
             start_indexers(state, cluster, len(jobs))
             dispatch(state, cluster, sorted(jobs, key=lambda r: -r.info.frame_count), bars)
         finished = True
+    except cluster.ray.exceptions.RayError as error:  # the cluster itself failed (its head lost)
+        raise PipelineBroken("the Ray cluster", None, first_line(error)) from None
     finally:
         if jobs:
             state.index_s = round(time.monotonic() - started, 3)

@@ -173,9 +173,8 @@ class NodeIndexer:
         if not Path(info.path).is_file():
             raise BadInput(f"{info.path}: not found on node {node_label(self.where)}: every node "
                            f"needs the video folder at the same path (docs/cluster.md)")
-        pipe, state = self.pipeline_for(info)
+        pipe, state = self.pipeline_for(info, attempt)
         result = state.results[video_idx]
-        self.attempts[video_idx] = attempt
         try:
             follow_children(state, pipe, self.bars, until=lambda: self.stopped(result))
         except BaseException:
@@ -186,13 +185,16 @@ class NodeIndexer:
             self.attempts.pop(video_idx, None)
         with state.lock:
             stages = dict(state.stages)
-        return {"attempt": attempt, "node": self.where, "tracks": result.tracks,
-                "processed_frames": result.processed_frame_count, "sent_frames": result.sent_frame_count,
-                "face_counts": result.face_counts, "errors": result.errors, "stages": stages,
-                "models": self.models, "execution": self.execution}
+        outcome = {"attempt": attempt, "node": self.where, "tracks": result.tracks,
+                   "processed_frames": result.processed_frame_count, "sent_frames": result.sent_frame_count,
+                   "face_counts": result.face_counts, "errors": result.errors, "stages": stages,
+                   "models": self.models, "execution": self.execution}
+        result.tracks = []  # the driver has them now: an indexer's memory does not grow per video
+        return outcome
 
-    def pipeline_for(self, info) -> tuple:
-        """Return (pipeline, its run state) with the video queued to it; start them if none runs."""
+    def pipeline_for(self, info, attempt: str) -> tuple:
+        """Return (pipeline, its run state) with the video queued to it (and in progress under
+        this attempt); start them if none runs."""
         with self.lock:
             if self.closing:
                 raise Stopped("the indexer is closing")
@@ -201,6 +203,7 @@ class NodeIndexer:
                 self.pipe = start_pipeline(self.settings, self.videos, [], open_ended=True)
                 self.state = state
             self.pipe.jobs_q.put(info)
+            self.attempts[info.idx] = attempt
             return self.pipe, self.state
 
     def stop(self, pipe) -> None:

@@ -177,6 +177,31 @@ def test_ctrl_c_with_ray_local_stops_the_run_and_the_ray_instance_it_started(tmp
     assert shm_names() <= before_rings
 
 
+def test_ctrl_c_on_a_running_cluster_leaves_it_usable_for_the_next_run(search, tmp_path):
+    """Ctrl-C while a running cluster indexes: exit code 130; the driver's indexers end and the
+    cluster stays up: the next run on it finishes with the local run's answers."""
+    refs = link_all_refs(tmp_path / "refs")
+    with ray_nodes(1) as cluster:
+        command = search_command(TESTDATA / "videos", refs, tmp_path / "out", "--ray", cluster.address)
+        process, lines, reader = start_logged(command, tmp_path, {})
+        try:
+            deadline = time.monotonic() + 300
+            while not any("indexing on" in line for line in list(lines)) and time.monotonic() < deadline:
+                assert process.poll() is None, "".join(lines)[-4000:]
+                time.sleep(0.2)
+            time.sleep(KILL_AFTER_S)
+            os.killpg(process.pid, signal.SIGINT)
+            code = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            reader.join(timeout=10)
+        assert code == 130, "".join(lines)[-4000:]
+        code, output = run_main(command, tmp_path, timeout=900)
+    assert code == 0, output[-4000:]
+    assert answers(read_results(tmp_path / "out")) == answers(search["results"])
+
+
 def test_index_only_on_ray_local_writes_the_index_and_a_rerun_reuses_it_without_indexers(tmp_path):
     """--index-only --ray local: the video is indexed by an indexer on the local instance, its
     index written by the driver, nothing written to OUTPUT_DIR; a second such run reuses the
