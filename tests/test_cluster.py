@@ -13,11 +13,11 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from ray.cluster_utils import Cluster
 
 from conftest import (
     REPO, TESTDATA, answers, link_all_refs, processes_with_marker, run_main, search_command, shm_names,
@@ -27,18 +27,58 @@ NODE_STORE_BYTES = 100 * 2**20  # each node's object store: the tracks of a clip
 KILL_AFTER_S = 1.5  # after a node's models are loaded (its first video: 10 s or more here)
 
 
+CLUSTER_HELPER = """
+import json, os, sys
+from ray.cluster_utils import Cluster
+workers, store = int(sys.argv[1]), int(sys.argv[2])
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 0, "num_gpus": 0, "object_store_memory": store})
+for _ in range(workers):  # no GPU even where the machine has one: the same shapes everywhere
+    cluster.add_node(num_cpus=2, num_gpus=0, object_store_memory=store)
+cluster.wait_for_nodes()
+print(json.dumps({"address": cluster.address, "auth": os.environ.get("RAY_AUTH_MODE")}), flush=True)
+for line in sys.stdin:
+    words = line.split()
+    if words and words[0] == "kill":
+        node = next(n for n in list(cluster.worker_nodes) if n.node_id.startswith(words[1]))
+        cluster.remove_node(node, allow_graceful=False)
+        print("killed", flush=True)
+    elif words and words[0] == "quit":
+        break
+cluster.shutdown()
+"""
+
+
+class ClusterNodes:
+    """A cluster of real Ray nodes on this machine, run by a helper process (so that this test
+    process never loads Ray: its threads would take the SIGINT other tests raise)."""
+
+    def __init__(self, helper, info: dict):
+        self.helper, self.address = helper, info["address"]
+        self.env = {"RAY_AUTH_MODE": info["auth"]} if info["auth"] else {}  # the cluster's token mode
+
+    def kill(self, node_prefix: str) -> None:
+        """Kill the worker node whose id starts so (its raylet and processes, not gracefully)."""
+        self.helper.stdin.write(f"kill {node_prefix}\n")
+        self.helper.stdin.flush()
+        assert self.helper.stdout.readline().strip() == "killed"
+
+
 @contextlib.contextmanager
 def ray_nodes(workers: int):
     """Start a cluster of a CPU-less head and `workers` nodes of 2 CPUs; yield it, then stop it."""
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "num_gpus": 0, "object_store_memory": NODE_STORE_BYTES})
+    helper = subprocess.Popen([sys.executable, "-c", CLUSTER_HELPER, str(workers), str(NODE_STORE_BYTES)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        for _ in range(workers):  # no GPU even where the machine has one: the same shapes everywhere
-            cluster.add_node(num_cpus=2, num_gpus=0, object_store_memory=NODE_STORE_BYTES)
-        cluster.wait_for_nodes()
-        yield cluster
+        yield ClusterNodes(helper, json.loads(helper.stdout.readline()))
     finally:
-        cluster.shutdown()
+        with contextlib.suppress(OSError):
+            helper.stdin.write("quit\n")
+            helper.stdin.close()
+        try:
+            helper.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            helper.kill()
 
 
 def pipeline_processes() -> set:
@@ -75,7 +115,7 @@ def test_a_three_node_cluster_gives_the_local_runs_answers_and_its_indexes_serve
     refs = link_all_refs(tmp_path / "refs")
     with ray_nodes(2) as cluster:
         code, output = run_main(search_command(TESTDATA / "videos", refs, tmp_path / "out", "--ray",
-                                               cluster.address), tmp_path, timeout=900)
+                                               cluster.address), tmp_path, cluster.env, timeout=900)
     assert code == 0, output[-4000:]
     results = read_results(tmp_path / "out")
     assert answers(results) == answers(search["results"])
@@ -104,7 +144,7 @@ def test_a_worker_node_killed_mid_video_is_indexed_again_elsewhere_with_the_same
     before_pids, before_rings = pipeline_processes(), shm_names()
     with ray_nodes(2) as cluster:
         process, lines, reader = start_logged(search_command(
-            TESTDATA / "videos", refs, tmp_path / "out", "--ray", cluster.address), tmp_path, {})
+            TESTDATA / "videos", refs, tmp_path / "out", "--ray", cluster.address), tmp_path, cluster.env)
         try:
             victim = None
             deadline = time.monotonic() + 300
@@ -120,8 +160,7 @@ def test_a_worker_node_killed_mid_video_is_indexed_again_elsewhere_with_the_same
             while not any(loaded in line for line in list(lines)) and time.monotonic() < deadline:
                 time.sleep(0.2)
             time.sleep(KILL_AFTER_S)
-            node = next(n for n in list(cluster.worker_nodes) if n.node_id.startswith(victim.group(2)))
-            cluster.remove_node(node, allow_graceful=False)
+            cluster.kill(victim.group(2))
             code = process.wait(timeout=900)
         finally:
             if process.poll() is None:
@@ -146,15 +185,10 @@ def test_a_worker_node_killed_mid_video_is_indexed_again_elsewhere_with_the_same
     assert shm_names() <= before_rings, shm_names() - before_rings
 
 
-def test_ctrl_c_with_ray_local_stops_the_run_and_the_ray_instance_it_started(tmp_path):
-    """Ctrl-C (SIGINT to the terminal's process group) while a video is being indexed on a
-    `--ray local` instance: exit code 130, the reports saved, and no process of the run (Ray's
-    own included: they carry the run's environment) nor ring left."""
-    refs = link_all_refs(tmp_path / "refs")
-    marker = f"SFV_RAY_TEST_{os.getpid()}_{time.monotonic_ns()}"
-    before_rings = shm_names()
-    process, lines, reader = start_logged(search_command(
-        TESTDATA / "videos", refs, tmp_path / "out", "--ray", "local"), tmp_path, {marker: "1"})
+def interrupt_while_indexing(command: list, cwd: Path, env: dict) -> tuple:
+    """Run main.py and send SIGINT to its process group (a terminal's Ctrl-C) shortly after a
+    video starts to be indexed; return (exit code, output)."""
+    process, lines, reader = start_logged(command, cwd, env)
     try:
         deadline = time.monotonic() + 300
         while not any("indexing on" in line for line in list(lines)) and time.monotonic() < deadline:
@@ -167,7 +201,18 @@ def test_ctrl_c_with_ray_local_stops_the_run_and_the_ray_instance_it_started(tmp
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         reader.join(timeout=10)
-    output = "".join(lines)
+    return code, "".join(lines)
+
+
+def test_ctrl_c_with_ray_local_stops_the_run_and_the_ray_instance_it_started(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while a video is being indexed on a
+    `--ray local` instance: exit code 130, the reports saved, and no process of the run (Ray's
+    own included: they carry the run's environment) nor ring left."""
+    refs = link_all_refs(tmp_path / "refs")
+    marker = f"SFV_RAY_TEST_{os.getpid()}_{time.monotonic_ns()}"
+    before_rings = shm_names()
+    code, output = interrupt_while_indexing(search_command(
+        TESTDATA / "videos", refs, tmp_path / "out", "--ray", "local"), tmp_path, {marker: "1"})
     assert code == 130, output[-4000:]
     assert "interrupted" in output and (tmp_path / "out" / "results.json").is_file()
     deadline = time.monotonic() + 30
@@ -183,21 +228,9 @@ def test_ctrl_c_on_a_running_cluster_leaves_it_usable_for_the_next_run(search, t
     refs = link_all_refs(tmp_path / "refs")
     with ray_nodes(1) as cluster:
         command = search_command(TESTDATA / "videos", refs, tmp_path / "out", "--ray", cluster.address)
-        process, lines, reader = start_logged(command, tmp_path, {})
-        try:
-            deadline = time.monotonic() + 300
-            while not any("indexing on" in line for line in list(lines)) and time.monotonic() < deadline:
-                assert process.poll() is None, "".join(lines)[-4000:]
-                time.sleep(0.2)
-            time.sleep(KILL_AFTER_S)
-            os.killpg(process.pid, signal.SIGINT)
-            code = process.wait(timeout=120)
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-            reader.join(timeout=10)
-        assert code == 130, "".join(lines)[-4000:]
-        code, output = run_main(command, tmp_path, timeout=900)
+        code, output = interrupt_while_indexing(command, tmp_path, cluster.env)
+        assert code == 130, output[-4000:]
+        code, output = run_main(command, tmp_path, cluster.env, timeout=900)
     assert code == 0, output[-4000:]
     assert answers(read_results(tmp_path / "out")) == answers(search["results"])
 
