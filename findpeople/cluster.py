@@ -59,7 +59,7 @@ class Cluster:
     board: object = None  # the ProgressBoard actor
     tries: dict = dataclasses.field(default_factory=dict)  # video_idx -> [(attempt, node facts)]
     frames: dict = dataclasses.field(default_factory=dict)  # video_idx -> frames of its live try
-    shown: int = 0  # frames the bar shows
+    resources: dict = dataclasses.field(default_factory=dict)  # what each indexer asks (task_resources)
     used: dict = dataclasses.field(default_factory=dict)  # node id -> {"node": facts, "videos": []}
     notes_seen: set = dataclasses.field(default_factory=set)
     done: set = dataclasses.field(default_factory=set)  # video_idx whose task has ended
@@ -238,7 +238,7 @@ def index_on_cluster(state: RunState, cluster: Cluster) -> None:
 def start_indexers(state: RunState, cluster: Cluster, videos: int) -> None:
     """Start as many indexer actors as the nodes have room for (task_resources each, at most
     one per video), spread over the nodes; each is used once its node() call answers."""
-    resources = task_resources(state.settings, cluster.nodes)
+    resources = cluster.resources = task_resources(state.settings, cluster.nodes)
     room = sum(min(int(n["cpus"] // max(resources["num_cpus"], 1)),
                    int(n["gpus"] // resources["num_gpus"]) if resources.get("num_gpus") else 1 << 30)
                for n in cluster.nodes)
@@ -248,10 +248,9 @@ def start_indexers(state: RunState, cluster: Cluster, videos: int) -> None:
 
 def add_indexer(state: RunState, cluster: Cluster) -> None:
     """Start one indexer actor (Ray places it where its resources are free)."""
-    resources = task_resources(state.settings, cluster.nodes)
     actor = cluster.ray.remote(NodeIndexer).options(
         max_restarts=0, max_concurrency=CALLS_PER_INDEXER + 1, scheduling_strategy="SPREAD",
-        **resources)  # + 1: close() runs beside the videos in progress
+        **cluster.resources)  # + 1: close() runs beside the videos in progress
     videos = [dataclasses.replace(r.info, path=os.path.abspath(r.info.path)) for r in state.results]
     indexer = actor.remote(node_settings(state.settings), videos, cluster.board)
     cluster.indexers.append(indexer)
@@ -337,7 +336,7 @@ def fail_unplaceable(state: RunState, cluster: Cluster, waiting: list, bars: dic
         return
     if cluster.starting and time.monotonic() - cluster.waiting_since < PLACEMENT_WAIT_S:
         return
-    why = (f"no node had room for an indexer ({task_resources(state.settings, cluster.nodes)}) "
+    why = (f"no node had room for an indexer ({cluster.resources}) "
            f"for {PLACEMENT_WAIT_S:.0f} s" if cluster.starting else
            f"no indexer could start on the cluster ({cluster.start_error})")
     while waiting:
@@ -429,9 +428,8 @@ def show_note(cluster: Cluster, node: dict, text: str, bars: dict) -> None:
 def refresh_frames(cluster: Cluster, bars: dict) -> None:
     """Move the frames bar to the frames of the finished videos and of the live tries."""
     total = sum(cluster.frames.values())
-    if total != cluster.shown:
-        bars["frames"].update(total - cluster.shown)
-        cluster.shown = total
+    if total != bars["frames"].n:
+        bars["frames"].update(total - bars["frames"].n)
 
 
 def apply_outcome(state: RunState, result, outcome: dict) -> None:
